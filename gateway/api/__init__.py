@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API: request decoding, validation, detokenization, SSE, metrics."""

@@ -1,0 +1,59 @@
+"""The starlette application of the OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.routing import Route
+
+from gateway.api.auth import ApiKeyMiddleware
+from gateway.api.chat import create_chat_completion
+from gateway.api.chat_template import ChatTemplate
+from gateway.api.completions import create_completion
+from gateway.api.errors import APIError, api_error_handler, http_error_handler
+from gateway.api.health import health
+from gateway.api.logprobs import TokenStrings
+from gateway.api.metrics import Metrics
+from gateway.api.models import list_models
+from gateway.api.state import ApiState
+from gateway.engine_client import EngineClient
+from shared.tokenizer import Tokenizer
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # room for a full context of token ids as JSON, many times over
+
+
+def build_app(
+    engine: EngineClient,
+    tokenizer: Tokenizer,
+    served_model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> Starlette:
+    metrics = Metrics(engine)
+    routes = [
+        Route("/v1/completions", create_completion, methods=["POST"]),
+        Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
+    ]
+    middleware = [Middleware(ApiKeyMiddleware, api_key=api_key)] if api_key else []
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={APIError: api_error_handler, HTTPException: http_error_handler},
+    )
+    app.state.api = ApiState(
+        engine=engine,
+        tokenizer=tokenizer,
+        served_model_name=served_model_name,
+        metrics=metrics,
+        chat_template=ChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token),
+        token_strings=TokenStrings(tokenizer),
+        max_body_bytes=max_body_bytes,
+        created=int(time.time()),
+    )
+    return app

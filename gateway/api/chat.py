@@ -1,0 +1,137 @@
+"""POST /v1/chat/completions: messages rendered with the chat template, streamed (SSE) or not."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.api.disconnect import cancel_on_disconnect
+from gateway.api.errors import APIError
+from gateway.api.generation import ChoiceUpdate, Generation, GenerationFailed
+from gateway.api.json_response import MsgspecJSONResponse
+from gateway.api.logprobs import chat_logprobs
+from gateway.api.protocol import ChatCompletionRequest, ChatMessage
+from gateway.api.request_body import decode_body, read_body
+from gateway.api.sse import sse_response
+from gateway.api.state import ApiState
+from gateway.api.validation import check_max_tokens, check_model, fit_to_context, sampling_params, stop_strings
+from shared.logging import get_logger
+
+log = get_logger("gateway.api")
+
+
+async def create_chat_completion(request: Request) -> Response:
+    state: ApiState = request.app.state.api
+    body = decode_body(await read_body(request, state.max_body_bytes), ChatCompletionRequest)
+    return await cancel_on_disconnect(request, _chat(state, body))
+
+
+async def _chat(state: ApiState, body: ChatCompletionRequest) -> Response:
+    check_model(body.model, state.served_model_name)
+    state.check_ready()
+    if not body.messages:
+        raise APIError(400, "messages must not be empty", param="messages")
+    text = state.chat_template.render([_template_message(m, i) for i, m in enumerate(body.messages)])
+    prompt = state.tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
+    params = sampling_params(body, (body.top_logprobs or 0) if body.logprobs else None)
+    max_tokens, max_tokens_param = (
+        (body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None
+        else (body.max_tokens, "max_tokens")
+    )
+    check_max_tokens(max_tokens, max_tokens_param)
+    params = fit_to_context(params, max_tokens, len(prompt), state.engine.max_model_len, "messages")
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    generation = Generation(
+        state.engine, state.tokenizer, state.metrics, request_id, [(prompt, params)], stop_strings(body),
+        priority=body.priority, cache_salt=body.cache_salt,
+    )
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        log.info("request.received", endpoint="chat", prompt_tokens=len(prompt), n=params.n, stream=bool(body.stream))
+        await generation.start()
+        formatter = _Formatter(state, request_id, body)
+        if body.stream:
+            return sse_response(request_id, generation, formatter.chunks(generation))
+        return MsgspecJSONResponse(await formatter.collect(generation), headers={"X-Request-Id": request_id})
+
+
+def _template_message(message: ChatMessage, i: int) -> dict[str, Any]:
+    """A message as chat templates expect it: content as one string (text parts joined by newlines)."""
+    content = message.content
+    if isinstance(content, list):
+        if any(part.type != "text" or part.text is None for part in content):
+            raise APIError(400, "only text content parts are supported", param=f"messages[{i}].content")
+        content = "\n".join(part.text for part in content if part.text is not None)
+    rendered: dict[str, Any] = {"role": message.role, "content": content or ""}
+    if message.name is not None:
+        rendered["name"] = message.name
+    return rendered
+
+
+class _Formatter:
+    """OpenAI's chat.completion and chat.completion.chunk objects."""
+
+    def __init__(self, state: ApiState, request_id: str, body: ChatCompletionRequest) -> None:
+        self._state = state
+        self._body = body
+        self._id = request_id
+        self._created = int(time.time())
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self._id, "object": obj, "created": self._created, "model": self._state.served_model_name}
+
+    def _logprobs(self, update: ChoiceUpdate) -> list[dict[str, Any]] | None:
+        if update.logprobs is None:
+            return None
+        return chat_logprobs(self._state.token_strings, update.token_ids, update.logprobs, update.top_logprobs)
+
+    async def chunks(self, generation: Generation) -> AsyncIterator[dict[str, Any]]:
+        usage = {"usage": None} if self._body.include_usage else {}
+        head = self._head("chat.completion.chunk")
+        for index in range(generation.num_choices):
+            role = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            yield {**head, "choices": [role], **usage}
+        async for updates in generation.updates():
+            for update in updates:
+                logprobs = self._logprobs(update)
+                choice = {
+                    "index": update.index,
+                    "delta": {"content": update.text} if update.text else {},
+                    "logprobs": {"content": logprobs} if logprobs is not None else None,
+                    "finish_reason": update.finish_reason,
+                }
+                yield {**head, "choices": [choice], **usage}
+        if self._body.include_usage:
+            yield {**head, "choices": [], "usage": generation.usage()}
+
+    async def collect(self, generation: Generation) -> dict[str, Any]:
+        texts = [""] * generation.num_choices
+        logprobs: list[list[dict[str, Any]] | None] = [None] * generation.num_choices
+        finish: list[str | None] = [None] * generation.num_choices
+        try:
+            async for updates in generation.updates():
+                for update in updates:
+                    texts[update.index] += update.text
+                    finish[update.index] = update.finish_reason
+                    more = self._logprobs(update)
+                    if more is not None:
+                        logprobs[update.index] = (logprobs[update.index] or []) + more
+        except GenerationFailed as e:
+            raise e.error from None
+        finally:
+            await generation.close()
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": texts[i]},
+                "logprobs": {"content": logprobs[i]} if logprobs[i] is not None else None,
+                "finish_reason": finish[i],
+            }
+            for i in range(generation.num_choices)
+        ]
+        return {**self._head("chat.completion"), "choices": choices, "usage": generation.usage()}

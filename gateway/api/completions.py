@@ -1,0 +1,132 @@
+"""POST /v1/completions: text or token-id prompts, streamed (SSE) or not."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.api.disconnect import cancel_on_disconnect
+from gateway.api.errors import APIError
+from gateway.api.generation import ChoiceUpdate, Generation, GenerationFailed
+from gateway.api.json_response import MsgspecJSONResponse
+from gateway.api.logprobs import completion_logprobs
+from gateway.api.protocol import CompletionRequest
+from gateway.api.request_body import decode_body, read_body
+from gateway.api.sse import sse_response
+from gateway.api.state import ApiState
+from gateway.api.validation import check_max_tokens, check_model, fit_to_context, sampling_params, stop_strings
+from shared.logging import get_logger
+from shared.tokenizer import Tokenizer
+
+log = get_logger("gateway.api")
+
+PROMPT_TYPES = "a string, a list of strings, a list of token ids, or a list of token-id lists"
+
+
+async def create_completion(request: Request) -> Response:
+    state: ApiState = request.app.state.api
+    body = decode_body(await read_body(request, state.max_body_bytes), CompletionRequest)
+    return await cancel_on_disconnect(request, _complete(state, body))
+
+
+async def _complete(state: ApiState, body: CompletionRequest) -> Response:
+    check_model(body.model, state.served_model_name)
+    state.check_ready()
+    prompts = completion_prompts(body.prompt, state.tokenizer)
+    params = sampling_params(body, body.logprobs)
+    check_max_tokens(body.max_tokens)
+    max_model_len = state.engine.max_model_len
+    per_prompt = [(p, fit_to_context(params, body.max_tokens, len(p), max_model_len, "prompt")) for p in prompts]
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    generation = Generation(
+        state.engine, state.tokenizer, state.metrics, request_id, per_prompt, stop_strings(body),
+        priority=body.priority, cache_salt=body.cache_salt,
+    )
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        log.info("request.received", endpoint="completions", prompts=len(prompts), n=params.n, stream=bool(body.stream))
+        await generation.start()
+        formatter = _Formatter(state, request_id, body)
+        if body.stream:
+            return sse_response(request_id, generation, formatter.chunks(generation))
+        return MsgspecJSONResponse(await formatter.collect(generation), headers={"X-Request-Id": request_id})
+
+
+def completion_prompts(prompt: str | list[str | int | list[int]], tokenizer: Tokenizer) -> list[list[int]]:
+    """Token ids per prompt. Text gets the tokenizer's special tokens (BOS); ids are used as is."""
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [tokenizer.encode(p) for p in prompt]  # type: ignore[arg-type]
+    if all(isinstance(p, int) for p in prompt):
+        return [_checked_ids(prompt, tokenizer.vocab_size)]  # type: ignore[arg-type]
+    if all(isinstance(p, list) for p in prompt):
+        return [_checked_ids(p, tokenizer.vocab_size) for p in prompt]  # type: ignore[arg-type]
+    raise APIError(400, f"prompt must be {PROMPT_TYPES}, not a mix", param="prompt")
+
+
+def _checked_ids(ids: list[int], vocab_size: int) -> list[int]:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})", param="prompt")
+    return ids
+
+
+class _Formatter:
+    """OpenAI's text_completion objects, streamed or whole."""
+
+    def __init__(self, state: ApiState, request_id: str, body: CompletionRequest) -> None:
+        self._state = state
+        self._body = body
+        self._head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": state.served_model_name}
+        self._text_offsets: dict[int, int] = {}  # per choice: characters emitted so far
+
+    def _logprobs(self, update: ChoiceUpdate) -> dict[str, Any] | None:
+        if update.logprobs is None:
+            return None
+        offset = self._text_offsets.get(update.index, 0)
+        self._text_offsets[update.index] = offset + len(update.text)
+        return completion_logprobs(self._state.token_strings, update.token_ids, update.logprobs, update.top_logprobs, offset)
+
+    async def chunks(self, generation: Generation) -> AsyncIterator[dict[str, Any]]:
+        include_usage = self._body.include_usage
+        async for updates in generation.updates():
+            for update in updates:
+                choice = {"index": update.index, "text": update.text, "logprobs": self._logprobs(update), "finish_reason": update.finish_reason}
+                yield {**self._head, "choices": [choice], **({"usage": None} if include_usage else {})}
+        if include_usage:
+            yield {**self._head, "choices": [], "usage": generation.usage()}
+
+    async def collect(self, generation: Generation) -> dict[str, Any]:
+        choices = [{"index": i, "text": "", "logprobs": None, "finish_reason": None} for i in range(generation.num_choices)]
+        try:
+            async for updates in generation.updates():
+                for update in updates:
+                    choice = choices[update.index]
+                    logprobs = self._logprobs(update)
+                    if logprobs is not None:
+                        choice["logprobs"] = _merged(choice["logprobs"], logprobs)
+                    choice["text"] += update.text
+                    choice["finish_reason"] = update.finish_reason
+        except GenerationFailed as e:
+            raise e.error from None
+        finally:
+            await generation.close()
+        return {**self._head, "choices": choices, "usage": generation.usage()}
+
+
+def _merged(total: dict[str, Any] | None, more: dict[str, Any]) -> dict[str, Any]:
+    if total is None:
+        return more
+    for key in ("tokens", "token_logprobs", "text_offset"):
+        total[key] += more[key]
+    if more["top_logprobs"] is not None:
+        total["top_logprobs"] = (total["top_logprobs"] or []) + more["top_logprobs"]
+    return total

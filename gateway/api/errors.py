@@ -1,0 +1,83 @@
+"""OpenAI's error body, `{"error": {"message", "type", "param", "code"}}`, and the statuses we use."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from gateway.engine_client import AdmissionError
+
+# OpenAI's `type` for each status we send; the openai client picks its exception class by status.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
+
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
+class APIError(Exception):
+    """An error the client sees: raised anywhere while handling a request, rendered by the app."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_admission(cls, error: AdmissionError) -> APIError:
+        code = {429: "rate_limit_exceeded", 503: "server_unavailable"}.get(error.status)
+        retry_after = error.retry_after
+        if retry_after is None and error.status in (429, 503):
+            retry_after = DEFAULT_RETRY_AFTER_S  # clients and proxies back off only when told when to retry
+        return cls(error.status, error.message, code=code, retry_after=retry_after)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": ERROR_TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (unknown path, wrong method) in OpenAI's shape."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return APIError(404, f"{request.method} {request.url.path} not found", code="not_found").response()
+    return APIError(exc.status_code, str(exc.detail)).response()

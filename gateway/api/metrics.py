@@ -1,0 +1,91 @@
+"""Prometheus metrics: per-worker scheduler and page-pool state read from the engine at each
+scrape, plus per-request counters and latency histograms recorded by the HTTP layer.
+
+Every app gets its own registry, so several apps (tests) never share or clash over metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.engine_client import EngineClient, WorkerMetrics
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Seconds; spans a tiny CPU model's milliseconds up to long generations on a loaded server.
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TOKEN_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+# (name, help, WorkerMetrics field); counters get `_total` appended on the wire by prometheus-client.
+WORKER_GAUGES = (
+    ("paged_worker_ready", "1 when the worker is registered and ready", "ready"),
+    ("paged_requests_running", "Requests with sequences in the running batch", "requests_running"),
+    ("paged_requests_waiting", "Requests waiting to be scheduled", "requests_waiting"),
+    ("paged_kv_blocks_total", "KV cache blocks in the pool", "kv_blocks_total"),
+    ("paged_kv_blocks_used", "KV cache blocks held by live requests", "kv_blocks_used"),
+    ("paged_kv_blocks_free", "KV cache blocks neither held nor cached", "kv_blocks_free"),
+    ("paged_kv_blocks_cached", "Unreferenced KV cache blocks kept for prefix-cache hits", "kv_blocks_cached"),
+    ("paged_kv_utilization", "Token slots holding tokens / token slots reserved", "kv_utilization"),
+)
+WORKER_COUNTERS = (
+    ("paged_prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache", "prefix_cache_queries_tokens"),
+    ("paged_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache", "prefix_cache_hits_tokens"),
+    ("paged_preemptions", "Sequences preempted", "preemptions"),
+    ("paged_evictions", "Cached blocks evicted for reuse", "evictions"),
+    ("paged_swaps_out", "Blocks swapped out to host memory", "swaps_out"),
+    ("paged_swaps_in", "Blocks swapped back in from host memory", "swaps_in"),
+)
+
+
+class WorkerCollector(Collector):
+    """Reads engine.worker_metrics() at scrape time: the engine stays the only source of truth."""
+
+    def __init__(self, engine: EngineClient) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        workers = self._engine.worker_metrics()
+        for name, help_text, field in WORKER_GAUGES:
+            yield _family(GaugeMetricFamily(name, help_text, labels=["worker"]), workers, field)
+        for name, help_text, field in WORKER_COUNTERS:
+            yield _family(CounterMetricFamily(name, help_text, labels=["worker"]), workers, field)
+
+
+def _family(family: GaugeMetricFamily | CounterMetricFamily, workers: list[WorkerMetrics], field: str) -> Metric:
+    for worker in workers:
+        family.add_metric([worker.worker], float(getattr(worker, field)))
+    return family
+
+
+class Metrics:
+    def __init__(self, engine: EngineClient) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(WorkerCollector(engine))
+        r = self.registry
+        self.requests_finished = Counter(
+            "paged_requests_finished", "Finished sequences by reason (stop, length, abort, error)", ["reason"], registry=r
+        )
+        self.prompt_tokens = Counter("paged_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("paged_generation_tokens", "Generated tokens", registry=r)
+        self.time_to_first_token = Histogram(
+            "paged_time_to_first_token_seconds", "Arrival to first generated token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.time_per_output_token = Histogram(
+            "paged_time_per_output_token_seconds", "Mean time between a request's output tokens after the first",
+            buckets=TOKEN_LATENCY_BUCKETS, registry=r,
+        )
+        self.e2e_latency = Histogram(
+            "paged_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_time = Histogram(
+            "paged_request_queue_time_seconds", "Arrival to first scheduling", buckets=LATENCY_BUCKETS, registry=r
+        )
+
+    async def endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE)

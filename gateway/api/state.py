@@ -1,0 +1,31 @@
+"""What every API handler needs, kept on `app.state.api`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.api.chat_template import ChatTemplate
+from gateway.api.errors import APIError
+from gateway.api.logprobs import TokenStrings
+from gateway.api.metrics import Metrics
+from gateway.engine_client import EngineClient
+from shared.tokenizer import Tokenizer
+
+
+@dataclass
+class ApiState:
+    engine: EngineClient
+    tokenizer: Tokenizer
+    served_model_name: str
+    metrics: Metrics
+    chat_template: ChatTemplate
+    token_strings: TokenStrings
+    max_body_bytes: int
+    created: int  # unix time the model was loaded, for /v1/models
+
+    def check_ready(self) -> None:
+        """503 before tokenizing anything when no worker could run the request."""
+        if self.engine.is_draining():
+            raise APIError(503, "the server is draining and accepts no new requests", code="server_draining")
+        if not self.engine.is_ready():
+            raise APIError(503, "no worker is ready yet", code="server_starting")

@@ -1,0 +1,118 @@
+"""Turning a decoded request into SamplingParams, with OpenAI-style 400s for values out of range.
+
+Limits chosen here (documented in the API reference):
+- n: 1..MAX_N choices per prompt; each one is a sequence in the KV cache, so it is capped.
+- logprobs / top_logprobs: 0..MAX_LOGPROBS alternatives per token, as OpenAI.
+- max_tokens: at least 1; by default the rest of the context window after the prompt, and a
+  prompt plus max_tokens must fit in the window.
+- temperature >= 0 (0 is greedy), 0 < top_p <= 1, top_k >= -1 (0 and -1 disable it),
+  0 <= min_p <= 1, presence and frequency penalties in [-2, 2], repetition_penalty > 0.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from msgspec import structs
+
+from gateway.api.errors import APIError
+from gateway.api.protocol import SamplingRequest
+from shared.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+MAX_N = 16
+MAX_LOGPROBS = 20
+
+
+def check_model(requested: str | None, served_model_name: str) -> None:
+    if requested is not None and requested != served_model_name:
+        raise APIError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
+
+
+def stop_strings(request: SamplingRequest) -> list[str]:
+    stop = request.stop
+    strings = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(s == "" for s in strings):
+        raise APIError(400, "stop strings must not be empty", param="stop")
+    return strings
+
+
+def sampling_params(request: SamplingRequest, logprobs: int | None) -> SamplingParams:
+    """Everything but max_tokens, which depends on each prompt's length (see fit_to_context)."""
+    temperature = _default(request.temperature, 1.0)
+    top_p = _default(request.top_p, 1.0)
+    top_k = _default(request.top_k, 0)
+    min_p = _default(request.min_p, 0.0)
+    n = _default(request.n, 1)
+    presence_penalty = _default(request.presence_penalty, 0.0)
+    frequency_penalty = _default(request.frequency_penalty, 0.0)
+    repetition_penalty = _default(request.repetition_penalty, 1.0)
+    stop_token_ids = tuple(request.stop_token_ids or ())
+    _require(temperature >= 0, "temperature", f"temperature must be >= 0, got {temperature}")
+    _require(0 < top_p <= 1, "top_p", f"top_p must be in (0, 1], got {top_p}")
+    _require(top_k >= -1, "top_k", f"top_k must be -1, 0 (disabled) or positive, got {top_k}")
+    _require(0 <= min_p <= 1, "min_p", f"min_p must be in [0, 1], got {min_p}")
+    _require(1 <= n <= MAX_N, "n", f"n must be between 1 and {MAX_N}, got {n}")
+    _require(-2 <= presence_penalty <= 2, "presence_penalty", f"presence_penalty must be in [-2, 2], got {presence_penalty}")
+    _require(-2 <= frequency_penalty <= 2, "frequency_penalty", f"frequency_penalty must be in [-2, 2], got {frequency_penalty}")
+    _require(repetition_penalty > 0, "repetition_penalty", f"repetition_penalty must be > 0, got {repetition_penalty}")
+    _require(all(t >= 0 for t in stop_token_ids), "stop_token_ids", "stop_token_ids must be non-negative")
+    if logprobs is not None:
+        _require(0 <= logprobs <= MAX_LOGPROBS, "logprobs", f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}")
+    return SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=max(top_k, 0),
+        min_p=min_p,
+        seed=request.seed,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        repetition_penalty=repetition_penalty,
+        logprobs=logprobs,
+        n=n,
+        stop_token_ids=stop_token_ids,
+        ignore_eos=request.ignore_eos,
+    )
+
+
+def check_max_tokens(max_tokens: int | None, param: str = "max_tokens") -> None:
+    if max_tokens is not None:
+        _require(max_tokens >= 1, param, f"{param} must be at least 1, got {max_tokens}")
+
+
+def fit_to_context(
+    params: SamplingParams, max_tokens: int | None, prompt_len: int, max_model_len: int, prompt_param: str
+) -> SamplingParams:
+    """Set max_tokens for one prompt: as asked if prompt + max_tokens fits the context window,
+    else 400 with the numbers; by default whatever room the prompt leaves."""
+    if prompt_len == 0:
+        raise APIError(400, "the prompt is empty", param=prompt_param)
+    if prompt_len >= max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{prompt_len} tokens, which leaves no room for a completion.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        return structs.replace(params, max_tokens=max_model_len - prompt_len)
+    if prompt_len + max_tokens > max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion).",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return structs.replace(params, max_tokens=max_tokens)
+
+
+def _default(value: T | None, default: T) -> T:
+    return default if value is None else value
+
+
+def _require(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise APIError(400, message, param=param)

@@ -1,0 +1,282 @@
+"""Paged KV allocation: one block table per sequence over a shared BlockPool, with prefix caching,
+fork (n > 1) and copy-on-write, and swapping to a host pool.
+
+The scheduler drives it per sequence; `gateway/contiguous_allocator.py` offers the same interface
+without paging so the scheduler does not care which one it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gateway.block_hash import BlockHash, extend_block_hashes, hash_block
+from gateway.block_pool import BlockPool
+from gateway.request import Sequence
+from shared.protocol import BlockCopy
+
+
+@dataclass(slots=True)
+class CacheHit:
+    """Prefix-cache blocks a sequence would reuse (not yet taken)."""
+
+    blocks: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+@dataclass(slots=True)
+class SeqBlocks:
+    """A sequence's block table and what the worker already knows of it."""
+
+    table: list[int]
+    num_slots: int  # leading token slots in use (computed or being computed)
+    num_sent: int = 0  # leading table entries the worker has; the next delta starts there
+    num_registered: int = 0  # leading full blocks offered to the prefix cache
+    swapped: bool = False  # table holds host block ids
+
+
+@dataclass(slots=True)
+class KVStats:
+    num_blocks: int
+    free_blocks: int  # free, not holding cached content
+    cached_blocks: int  # free but holding reusable cached content
+    used_blocks: int
+    shared_blocks: int  # held by more than one block table
+    slots_reserved: int  # token slots in held blocks
+    slots_filled: int  # of those, slots holding tokens
+    evictions: int
+    host_blocks: int
+    host_free_blocks: int
+
+
+class KVCacheManager:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_host_blocks: int = 0
+    ) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self.host_pool = BlockPool(num_host_blocks)
+        self.seqs: dict[int, SeqBlocks] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def peak_blocks(self, prompt_len: int, max_num_tokens: int, n: int) -> int:
+        """Blocks a request needs at its largest when it runs alone: the full prompt blocks are
+        shared by its n sequences, the rest is each sequence's own."""
+        shared = prompt_len // self.block_size
+        return shared + n * (self._blocks_for(max_num_tokens) - shared)
+
+    # Prefix cache -----------------------------------------------------------------------------
+
+    def probe(self, seq: Sequence) -> CacheHit:
+        """The longest chain of cached blocks matching the sequence's known tokens, leaving at least
+        one token to compute (its logits are needed). No side effects on the pool."""
+        if not self.enable_prefix_caching:
+            return CacheHit()
+        max_blocks = (len(seq.token_ids) - 1) // self.block_size
+        hashes = seq.block_hashes
+        if len(hashes) < max_blocks:
+            extend_block_hashes(
+                hashes, seq.token_ids, max_blocks * self.block_size, self.block_size, seq.request.cache_salt
+            )
+        lookup = self.pool.lookup
+        blocks = []
+        for index in range(max_blocks):
+            block = lookup(hashes[index])
+            if block is None:
+                break
+            blocks.append(block)
+        return CacheHit(blocks, len(blocks) * self.block_size)
+
+    def match_prefix(self, token_ids: list[int], cache_salt: str | None) -> int:
+        """Tokens of this prompt the cache would serve (for routing); hashes only until the first miss."""
+        if not self.enable_prefix_caching:
+            return 0
+        size = self.block_size
+        parent: BlockHash | None = None
+        matched = 0
+        for start in range(0, (len(token_ids) - 1) // size * size, size):
+            parent = hash_block(parent, token_ids[start : start + size], cache_salt)
+            if self.pool.lookup(parent) is None:
+                break
+            matched += size
+        return matched
+
+    def cache_computed(self, seq: Sequence, num_tokens: int) -> None:
+        """Offer to the prefix cache the sequence's full blocks within its first `num_tokens`,
+        which the worker has computed and whose ids are all known."""
+        record = self.seqs.get(seq.seq_id)
+        if record is None or record.swapped or not self.enable_prefix_caching:
+            return
+        num_full = min(num_tokens, len(seq.token_ids), record.num_slots) // self.block_size
+        if num_full <= record.num_registered:
+            return
+        hashes = seq.block_hashes
+        extend_block_hashes(hashes, seq.token_ids, num_full * self.block_size, self.block_size, seq.request.cache_salt)
+        for index in range(record.num_registered, num_full):
+            self.pool.register(record.table[index], hashes[index])
+        record.num_registered = num_full
+
+    # Allocation ---------------------------------------------------------------------------------
+
+    def admit(self, seq: Sequence, hit: CacheHit, num_new_tokens: int, reserve_blocks: int, num_children: int = 0) -> bool:
+        """Give a sequence without blocks its prefix hit plus slots for `num_new_tokens`, if that
+        leaves at least `reserve_blocks` free. Children of n > 1 share the table later (fork)."""
+        num_slots = hit.num_tokens + num_new_tokens
+        num_new_blocks = self._blocks_for(num_slots) - len(hit.blocks)
+        ref_counts = self.pool.ref_counts
+        num_revived = sum(1 for block in hit.blocks if ref_counts[block] == 0)
+        if self.pool.num_free - num_new_blocks - num_revived < reserve_blocks:
+            return False
+        self.pool.touch(hit.blocks)
+        table = hit.blocks + self.pool.allocate(num_new_blocks)
+        record = SeqBlocks(table, hit.num_tokens, num_registered=len(hit.blocks))
+        self.seqs[seq.seq_id] = record
+        self._fill(record, num_slots)
+        return True
+
+    def grow(self, seq: Sequence, num_new_tokens: int) -> list[BlockCopy] | None:
+        """Slots for the sequence's next `num_new_tokens` tokens. Returns the copy-on-write copies
+        the worker must make first, or None (nothing changed) when the pool is short."""
+        record = self.seqs[seq.seq_id]
+        start = record.num_slots
+        end = start + num_new_tokens
+        table = record.table
+        size = self.block_size
+        pool = self.pool
+        offset = start % size
+        if offset and offset + num_new_tokens <= size:
+            # The decode fast path: the tokens land in the last block, which is partly filled.
+            block = table[-1]
+            if pool.ref_counts[block] == 1:
+                pool.fill[block] += num_new_tokens
+                pool.num_filled_slots += num_new_tokens
+                record.num_slots = end
+                return []
+        num_new_blocks = -(-end // size) - len(table)
+        shared_index = start // size
+        # Writing into a partially filled block another table shares (n > 1 after the fork).
+        copy_on_write = start % size != 0 and pool.ref_counts[table[shared_index]] > 1
+        if max(num_new_blocks, 0) + copy_on_write > pool.num_free:
+            return None
+        copies: list[BlockCopy] = []
+        if copy_on_write:
+            src = table[shared_index]
+            (dst,) = pool.allocate(1)
+            pool.set_fill(dst, pool.fill[src])
+            pool.free((src,))
+            table[shared_index] = dst
+            record.num_sent = min(record.num_sent, shared_index)
+            copies.append(BlockCopy(src, dst))
+        if num_new_blocks > 0:
+            table.extend(pool.allocate(num_new_blocks))
+        self._fill(record, end)
+        return copies
+
+    def _fill(self, record: SeqBlocks, end: int) -> None:
+        """Mark slots [record.num_slots, end) as holding tokens."""
+        size = self.block_size
+        table = record.table
+        set_fill = self.pool.set_fill
+        for index in range(record.num_slots // size, -(-end // size)):
+            set_fill(table[index], min(size, end - index * size))
+        record.num_slots = end
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """The child shares the parent's whole table (the worker copies the parent's)."""
+        record = self.seqs[parent.seq_id]
+        self.pool.touch(record.table)
+        self.seqs[child.seq_id] = SeqBlocks(
+            list(record.table), record.num_slots, len(record.table), record.num_registered
+        )
+        child.block_hashes = list(parent.block_hashes)
+
+    def take_table_delta(self, seq: Sequence) -> tuple[int, list[int]]:
+        """(table_from, new_blocks) the worker needs to bring its table up to date."""
+        record = self.seqs[seq.seq_id]
+        table_from = record.num_sent
+        num_blocks = len(record.table)
+        if table_from == num_blocks:
+            return table_from, []
+        record.num_sent = num_blocks
+        return table_from, record.table[table_from:]
+
+    def block_table(self, seq_id: int) -> list[int]:
+        return list(self.seqs[seq_id].table)
+
+    def holds(self, seq: Sequence) -> bool:
+        return seq.seq_id in self.seqs
+
+    def free(self, seq: Sequence) -> None:
+        """Release a sequence's blocks (device or host), tail first so the tail is evicted first."""
+        record = self.seqs.pop(seq.seq_id, None)
+        if record is not None:
+            (self.host_pool if record.swapped else self.pool).free(reversed(record.table))
+
+    # Swapping -----------------------------------------------------------------------------------
+
+    def swap_out(self, seqs: list[Sequence]) -> list[BlockCopy] | None:
+        """Move a group's blocks to the host pool (shared blocks once). None if the host pool is short."""
+        return self._move(seqs, self.pool, self.host_pool, 0, swapped=True)
+
+    def swap_in(self, seqs: list[Sequence], reserve_blocks: int) -> list[BlockCopy] | None:
+        """Bring a swapped group back, if that leaves `reserve_blocks` free. None otherwise."""
+        copies = self._move(seqs, self.host_pool, self.pool, reserve_blocks, swapped=False)
+        if copies is not None:
+            for seq in seqs:
+                record = self.seqs[seq.seq_id]
+                record.num_sent = 0
+                record.num_registered = 0
+                slots, record.num_slots = record.num_slots, 0
+                self._fill(record, slots)
+                self.cache_computed(seq, slots)
+        return copies
+
+    def _move(
+        self, seqs: list[Sequence], src_pool: BlockPool, dst_pool: BlockPool, reserve: int, swapped: bool
+    ) -> list[BlockCopy] | None:
+        records = [self.seqs[seq.seq_id] for seq in seqs]
+        unique = list(dict.fromkeys(block for record in records for block in record.table))
+        if dst_pool.num_free - len(unique) < reserve:
+            return None
+        mapping = dict(zip(unique, dst_pool.allocate(len(unique)), strict=True))
+        for record in records:
+            new_table = [mapping[block] for block in record.table]
+            src_pool.free(reversed(record.table))
+            record.table = new_table
+            record.swapped = swapped
+        # Each destination block was allocated once; take one reference per extra holder.
+        extra = [block for record in records for block in record.table]
+        counts: dict[int, int] = {}
+        for block in extra:
+            counts[block] = counts.get(block, 0) + 1
+        for block, count in counts.items():
+            dst_pool.touch([block] * (count - 1))
+        return [BlockCopy(src, dst) for src, dst in mapping.items()]
+
+    # Statistics ---------------------------------------------------------------------------------
+
+    def stats(self) -> KVStats:
+        pool = self.pool
+        used = pool.num_blocks - pool.num_free
+        return KVStats(
+            num_blocks=pool.num_blocks,
+            free_blocks=pool.num_free - pool.num_cached_free,
+            cached_blocks=pool.num_cached_free,
+            used_blocks=used,
+            shared_blocks=pool.num_shared,
+            slots_reserved=used * self.block_size,
+            slots_filled=pool.num_filled_slots,
+            evictions=pool.num_evictions,
+            host_blocks=self.host_pool.num_blocks,
+            host_free_blocks=self.host_pool.num_free,
+        )

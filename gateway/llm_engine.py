@@ -1,0 +1,84 @@
+"""The scheduler and one worker in a single process, stepped synchronously.
+
+This is paged without the daemon: `pagedd generate`, offline benchmarks and end-to-end tests that
+want the real scheduling path without processes or sockets. The served path (gateway/engine.py)
+runs the same Scheduler against workers over ZeroMQ.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+from gateway.outputs import RequestOutput
+from gateway.request import Request
+from gateway.scheduler import Scheduler
+from shared.config import CacheConfig, ModelConfig, SchedulerConfig
+from shared.sampling_params import SamplingParams
+from shared.tokenizer import Tokenizer, load_tokenizer
+from worker.worker import Worker
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model_config: ModelConfig | None = None,
+        cache_config: CacheConfig | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+    ) -> None:
+        model_config = model_config or ModelConfig()
+        cache_config = cache_config or CacheConfig()
+        scheduler_config = scheduler_config or SchedulerConfig()
+        self.tokenizer: Tokenizer = load_tokenizer(model_config.model)
+        self.worker = Worker(model_config, cache_config, scheduler_config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            scheduler_config, cache_config, self.worker.num_blocks, self.worker.max_model_len, self.worker.num_host_blocks
+        )
+        self._request_ids = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.worker.max_model_len
+
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0, cache_salt: str | None = None
+    ) -> str:
+        """Queue a request (raises AdmissionError when refused) and return its id."""
+        request_id = f"req-{next(self._request_ids)}"
+        request = Request(
+            request_id,
+            list(prompt_token_ids),
+            params,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+            priority=priority,
+            cache_salt=cache_salt,
+        )
+        self.scheduler.add_request(request)
+        return request_id
+
+    def step(self) -> list[RequestOutput]:
+        step = self.scheduler.schedule()
+        return self.scheduler.update(step, self.worker.execute_step(step))
+
+    def run(self) -> Iterator[RequestOutput]:
+        """Step until every queued request has finished, yielding outputs as they come."""
+        while self.scheduler.has_unfinished_requests():
+            yield from self.step()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[list[int]]]:
+        """Token ids generated for each prompt, one list per sampled sequence (n of them)."""
+        ids = [self.add_request(prompt, params) for prompt in prompts]
+        tokens: dict[str, list[list[int]]] = {rid: [[] for _ in range(params.n)] for rid in ids}
+        for output in self.run():
+            if output.error:
+                raise RuntimeError(f"request {output.request_id} failed: {output.error}")
+            for delta in output.deltas:
+                tokens[output.request_id][delta.index].extend(delta.token_ids)
+        return [tokens[rid] for rid in ids]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A text prompt as the model expects it; an empty prompt is the BOS token alone."""
+        ids = self.tokenizer.encode(text)
+        if not ids and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id]
+        return ids

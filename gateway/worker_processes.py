@@ -1,0 +1,111 @@
+"""`pagedd serve`'s worker processes: one per visible CUDA device (or `--workers N` on CPU), each on
+an ipc:// endpoint in a private runtime directory, started with multiprocessing's spawn method (no
+fork: the gateway has threads and sockets a child must not inherit)."""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+import shutil
+import tempfile
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+import msgspec
+
+from gateway.engine import WorkerSpec
+from shared.config import CacheConfig, ModelConfig
+from worker.server import GatewayLossPolicy, run_worker
+
+
+def visible_cuda_devices() -> int:
+    """How many CUDA devices this host shows; torch is imported only where a GPU might exist."""
+    if not Path("/dev/nvidiactl").exists():
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def worker_devices(device: str, num_workers: int | None) -> list[str]:
+    """The device of each worker: every visible GPU for auto/cuda, else `num_workers` (default 1) CPU workers."""
+    if device in ("auto", "cuda"):
+        count = visible_cuda_devices()
+        if count:
+            if num_workers is not None and num_workers != count:
+                raise ValueError(f"--workers {num_workers} on {count} visible CUDA devices: paged runs one worker per GPU")
+            return [f"cuda:{index}" for index in range(count)]
+        if device == "cuda":
+            raise ValueError("--device cuda but no CUDA device is visible")
+        device = "cpu"
+    if device.startswith("cuda:"):
+        return [device]
+    return [device] * (num_workers or 1)
+
+
+class RuntimeDir:
+    """A private directory for ipc endpoints, removed on close."""
+
+    def __init__(self) -> None:
+        base = os.environ.get("XDG_RUNTIME_DIR") or None
+        self.path = Path(tempfile.mkdtemp(prefix="paged-", dir=base))
+
+    def endpoint(self, name: str) -> str:
+        return f"ipc://{self.path / name}"
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def spawn_worker(
+    endpoint: str,
+    model_config: ModelConfig,
+    cache_config: CacheConfig,
+    max_num_batched_tokens: int,
+    *,
+    worker_id: str,
+    null_model: bool,
+    null_step_s: float,
+    on_gateway_loss: GatewayLossPolicy,
+    log_level: str,
+    log_json: bool | None,
+) -> BaseProcess:
+    process = multiprocessing.get_context("spawn").Process(
+        target=run_worker,
+        args=(endpoint, model_config, cache_config, max_num_batched_tokens),
+        kwargs=dict(
+            null_model=null_model, null_step_s=null_step_s, worker_id=worker_id, on_gateway_loss=on_gateway_loss,
+            log_level=log_level, log_json=log_json, ignore_sigint=True,
+        ),
+        name=f"paged-worker-{worker_id}",
+        daemon=True,
+    )
+    process.start()
+    return process
+
+
+def local_workers(
+    runtime_dir: RuntimeDir,
+    model_config: ModelConfig,
+    cache_config: CacheConfig,
+    max_num_batched_tokens: int,
+    *,
+    num_workers: int | None,
+    null_model: bool,
+    log_level: str,
+    log_json: bool | None,
+    null_step_s: float = 0.0,
+) -> list[WorkerSpec]:
+    """One WorkerSpec per device; the engine starts (and, after a crash, restarts) each process."""
+    devices = ["cpu"] * (num_workers or 1) if null_model else worker_devices(model_config.device, num_workers)
+    specs = []
+    for index, device in enumerate(devices):
+        endpoint = runtime_dir.endpoint(f"worker-{index}.sock")
+        config = msgspec.structs.replace(model_config, device=device)
+        spawn = functools.partial(
+            spawn_worker, endpoint, config, cache_config, max_num_batched_tokens,
+            worker_id=str(index), null_model=null_model, null_step_s=null_step_s, on_gateway_loss="exit", log_level=log_level, log_json=log_json,
+        )  # fmt: skip
+        specs.append(WorkerSpec(endpoint, spawn))
+    return specs

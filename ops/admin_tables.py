@@ -1,0 +1,34 @@
+"""Rich tables pagedctl shares between its one-shot commands and the live `top` view."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def pct(value: float) -> str:
+    return f"{value:.1%}"
+
+
+def workers_table(workers: list[dict[str, Any]]) -> Table:
+    table = Table("worker", "state", "running", "waiting", "KV used", "cached", "free", "slot util.", "hit rate", "preempt.", "steps")
+    for w in workers:
+        table.add_row(
+            w["name"], w["state"], str(w["running_seqs"]), str(w["waiting_requests"]),
+            f"{w['used_blocks']}/{w['num_blocks']}", str(w["cached_blocks"]), str(w["free_blocks"]),
+            pct(w["kv_utilization"]), pct(w["prefix_hit_rate"]), str(w["preemptions"]), str(w["steps"]),
+        )  # fmt: skip
+    return table
+
+
+def requests_table(requests: list[dict[str, Any]]) -> Table:
+    """One row per request; `blocks` lists each sequence's block-table length."""
+    table = Table("request", "worker", "state", "prio", "prompt", "generated", "cached", "blocks", "waiting s", "running s", "preempt.")
+    for r in requests:
+        blocks = " ".join(str(len(seq["block_table"])) for seq in r["seqs"])
+        table.add_row(
+            r["id"], r["worker"], r["state"], str(r["priority"]), str(r["prompt_tokens"]), str(r["generated_tokens"]),
+            str(r["cached_tokens"]), blocks or "0", f"{r['waiting_s']:.2f}", f"{r['running_s']:.2f}", str(r["preemptions"]),
+        )  # fmt: skip
+    return table

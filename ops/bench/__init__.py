@@ -1,0 +1,1 @@
+"""`pagedctl bench`: a load generator and report for paged's OpenAI-compatible HTTP API."""

@@ -1,0 +1,95 @@
+"""`pagedctl bench`: the command line of the benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markdown import Markdown
+
+from ops.bench import plots
+from ops.bench.loadgen import LoadShape
+from ops.bench.model_info import resolve_model_info
+from ops.bench.report import markdown_table, sweep_table
+from ops.bench.runner import BASELINES, BenchPlan, run_plan, systems_of
+from ops.bench.workloads import WORKLOADS
+
+
+def _float_list(_: click.Context, __: click.Parameter, value: str | None) -> tuple[float, ...]:
+    try:
+        return tuple(float(item) for item in value.split(",")) if value else ()
+    except ValueError as error:
+        raise click.BadParameter("expected comma-separated request rates, e.g. 1,2,4") from error
+
+
+def _baseline_list(_: click.Context, __: click.Parameter, value: str | None) -> tuple[str, ...]:
+    names = tuple(item.strip() for item in value.split(",")) if value else ()
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown:
+        raise click.BadParameter(f"unknown baseline {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+    return names
+
+
+def write_report(document: dict, output_dir: Path) -> str:
+    """results.md and the PNG plots under output_dir; returns the Markdown."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    systems = systems_of(document)
+    markdown = f"## {document['workload']}: {document['requests_sent']} requests\n\n" + markdown_table(systems)
+    plots.latency_cdfs(systems, output_dir / "latency_cdf.png")
+    plots.kv_utilization(systems, output_dir / "kv_utilization.png")
+    if document["sweep"]:
+        markdown += "\n### request-rate sweep\n\n" + sweep_table(document["sweep"])
+        plots.throughput_vs_rate(document["sweep"], output_dir / "throughput_vs_rate.png")
+    (output_dir / "results.md").write_text(markdown)
+    return markdown
+
+
+@click.command(context_settings={"max_content_width": 110})
+@click.option("--url", help="The paged server under test, e.g. http://127.0.0.1:8000. Omitted: started from --model.")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Checkpoint directory: its tokenizer gives the prompt vocabulary; needed to start servers and for hf-static.")
+@click.option("--workload", type=click.Choice(list(WORKLOADS)), default="mixed", show_default=True)
+@click.option("--num-requests", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--request-rate", type=float, default=float("inf"), show_default=True,
+              help="Open loop: Poisson arrivals per second (inf: all at once).")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Closed loop: requests in flight (instead of --request-rate).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the workload and the arrivals.")
+@click.option("--max-model-len", type=click.IntRange(min=2), help="Context window (default: from the server or the checkpoint).")
+@click.option("--baselines", callback=_baseline_list, help=f"Comma-separated, from: {', '.join(BASELINES)}.")
+@click.option("--compare", "sweep_rates", callback=_float_list, help="Also sweep these request rates, e.g. 1,2,4,8.")
+@click.option("--kv-cache-memory", help="KV memory for every server this tool starts (e.g. 16MiB), so all compare at one budget.")
+@click.option("--server-arg", "server_args", multiple=True, help="Extra option for the servers this tool starts (repeatable).")
+@click.option("--hf-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--metrics-interval", type=float, default=0.25, show_default=True, help="Seconds between /metrics samples.")
+@click.option("--output-json", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Where results.md, the PNGs and server logs go.")
+def bench(url: str | None, model_dir: Path | None, workload: str, num_requests: int, request_rate: float,
+          concurrency: int | None, seed: int, max_model_len: int | None, baselines: tuple[str, ...],
+          sweep_rates: tuple[float, ...], kv_cache_memory: str | None, server_args: tuple[str, ...], hf_batch_size: int,
+          metrics_interval: float, output_json: Path, output_dir: Path | None) -> None:
+    """Benchmark a paged server: throughput, latency and KV memory, optionally against baselines."""
+    if concurrency and request_rate != float("inf"):
+        raise click.UsageError("give --request-rate or --concurrency, not both")
+    if url is None and model_dir is None:
+        raise click.UsageError("give --url of a running server, or --model to start one")
+    if kv_cache_memory:
+        server_args = ("--kv-cache-memory", kv_cache_memory, *server_args)
+    plan = BenchPlan(
+        workload=workload, num_requests=num_requests,
+        shape=LoadShape(request_rate=request_rate, concurrency=concurrency, seed=seed),
+        url=url.rstrip("/") if url else None, model_dir=model_dir, baselines=baselines, sweep_rates=sweep_rates,
+        server_args=server_args, hf_batch_size=hf_batch_size, metrics_interval=metrics_interval,
+        log_dir=(output_dir or output_json.parent) / "logs",
+    )
+    model = resolve_model_info(plan.url, model_dir, max_model_len)
+    document = run_plan(plan, model)
+    output_json.parent.mkdir(parents=True, exist_ok=True)
+    output_json.write_text(json.dumps(document, indent=1))
+    console = Console()
+    if output_dir:
+        console.print(Markdown(write_report(document, output_dir)))
+    else:
+        console.print(Markdown(markdown_table(systems_of(document))))
+    console.print(f"results: {output_json}" + (f", report and plots: {output_dir}" if output_dir else ""))

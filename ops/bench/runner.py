@@ -1,0 +1,98 @@
+"""Runs one workload against every system of a comparison — paged under test, paged baselines started
+as subprocesses, the transformers static-batch baseline — at the main load and at each swept rate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ops.bench.loadgen import LoadShape, run_load, warm_up
+from ops.bench.model_info import ModelInfo, served_model
+from ops.bench.report import ratios
+from ops.bench.results import RequestResult, summarize
+from ops.bench.servers import SERVER_CONFIGS, running_server
+from ops.bench.server_metrics import ServerStats
+from ops.bench.workloads import RequestSpec, build_workload
+
+HF_BASELINE = "hf-static"
+BASELINES = (*[name for name in SERVER_CONFIGS if name != "paged"], HF_BASELINE)
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    workload: str
+    num_requests: int
+    shape: LoadShape
+    url: str | None = None  # the paged server under test; None: start one from model_dir
+    model_dir: Path | None = None
+    baselines: tuple[str, ...] = ()
+    sweep_rates: tuple[float, ...] = ()  # --compare: the offered request rates to sweep
+    server_args: tuple[str, ...] = ()  # options for every server the tool starts (same KV memory for all)
+    hf_batch_size: int = 8
+    metrics_interval: float = 0.25
+    log_dir: Path = field(default_factory=lambda: Path("bench-logs"))
+
+
+def _shape_fields(plan: BenchPlan, system: str, shape: LoadShape) -> dict[str, Any]:
+    rate = None if shape.concurrency or shape.request_rate == float("inf") else shape.request_rate
+    return {"system": system, "workload": plan.workload, "num_requests": plan.num_requests,
+            "request_rate": rate, "concurrency": shape.concurrency, "seed": shape.seed}
+
+
+@contextmanager
+def _server_url(plan: BenchPlan, system: str) -> Iterator[str | None]:
+    if system == HF_BASELINE:
+        yield None
+    elif system == "paged" and plan.url:
+        yield plan.url
+    else:
+        if plan.model_dir is None:
+            raise ValueError(f"--model is needed to start the {system!r} server")
+        with running_server(plan.model_dir, system, list(plan.server_args), plan.log_dir) as url:
+            yield url
+
+
+def _run_once(plan: BenchPlan, system: str, url: str | None, model: ModelInfo, specs: list[RequestSpec],
+              shape: LoadShape) -> tuple[list[RequestResult], float, ServerStats]:
+    label = f"{system} {plan.workload}"
+    if url is None:
+        from ops.bench.baseline_hf import run_hf_static  # imports torch and transformers only when asked for
+
+        assert plan.model_dir is not None
+        return run_hf_static(plan.model_dir, specs, shape, plan.hf_batch_size, label)
+    name = served_model(url)[0] or model.name
+    return run_load(url, name, specs, shape, label, plan.metrics_interval)
+
+
+def run_plan(plan: BenchPlan, model: ModelInfo) -> dict[str, Any]:
+    """The results document: the paged run's figures at the top level, then baselines, ratios and sweep."""
+    specs = build_workload(plan.workload, model, plan.num_requests, plan.shape.seed)
+    systems: dict[str, dict[str, Any]] = {}
+    sweep: dict[str, list[dict[str, Any]]] = {}
+    for system in ("paged", *plan.baselines):
+        with _server_url(plan, system) as url:
+            if url is not None:
+                warm_up(url, served_model(url)[0] or model.name, RequestSpec(specs[0].prompt[:16], 4))
+            results, duration, server = _run_once(plan, system, url, model, specs, plan.shape)
+            systems[system] = summarize(results, duration, server) | _shape_fields(plan, system, plan.shape)
+            for rate in plan.sweep_rates:
+                shape = LoadShape(request_rate=rate, seed=plan.shape.seed)
+                results, duration, server = _run_once(plan, system, url, model, specs, shape)
+                point = summarize(results, duration, server) | _shape_fields(plan, system, shape)
+                point.pop("samples_ms")
+                point.pop("kv_timeline")
+                sweep.setdefault(system, []).append(point)
+    return systems["paged"] | {
+        "baselines": {name: summary for name, summary in systems.items() if name != "paged"},
+        "ratios": ratios(systems) if len(systems) > 1 else {},
+        "sweep": sweep,
+    }
+
+
+def systems_of(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-system summaries of a results document, paged first."""
+    paged = {key: value for key, value in document.items() if key not in ("baselines", "ratios", "sweep")}
+    return {"paged": paged, **document["baselines"]}

@@ -1,0 +1,105 @@
+"""Samples the server's Prometheus /metrics during a run: KV utilization over time and peak running
+sequences from the gauges, prefix-cache hit rate and preemptions from counter deltas over this run
+(the counters are cumulative since the server started, so only differences describe the run)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+# Counters read at the start and the end of a run.
+COUNTERS = ("paged_prefix_cache_queries_tokens_total", "paged_prefix_cache_hits_tokens_total", "paged_preemptions_total")
+
+
+@dataclass
+class ServerStats:
+    kv_utilization_mean: float | None = None
+    kv_utilization_peak: float | None = None
+    kv_memory_used_peak: float | None = None  # peak fraction of KV blocks held by live requests
+    peak_running: int | None = None
+    prefix_hit_rate: float | None = None
+    preemptions: int | None = None
+    # [seconds from start, KV utilization, fraction of blocks used, running, waiting] per sample
+    timeline: list[list[float]] = field(default_factory=list)
+
+
+def parse_metrics(text: str) -> dict[str, list[float]]:
+    """Sample name -> its values, one per label set (one per worker for the per-worker gauges)."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name].append(sample.value)
+    return values
+
+
+def _total(values: dict[str, list[float]], name: str) -> float:
+    return sum(values.get(name, []))
+
+
+class MetricsSampler:
+    """Polls /metrics every `interval` seconds while the run lasts; `stop()` returns the run's figures."""
+
+    def __init__(self, client: httpx.AsyncClient, url: str, interval: float = 0.25) -> None:
+        self._client, self._url, self._interval = client, f"{url}/metrics", interval
+        self._timeline: list[list[float]] = []
+        self._first: dict[str, list[float]] | None = None
+        self._start = time.perf_counter()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _scrape(self) -> dict[str, list[float]] | None:
+        try:
+            response = await self._client.get(self._url, timeout=5)
+            response.raise_for_status()
+            return parse_metrics(response.text)
+        except (httpx.HTTPError, ValueError):
+            return None  # a server without /metrics: the server-side figures stay None
+
+    def _record(self, values: dict[str, list[float]]) -> None:
+        utilization = values.get("paged_kv_utilization", [])
+        blocks_total = _total(values, "paged_kv_blocks_total")
+        self._timeline.append([
+            round(time.perf_counter() - self._start, 3),
+            sum(utilization) / len(utilization) if utilization else 0.0,  # mean over workers
+            _total(values, "paged_kv_blocks_used") / blocks_total if blocks_total else 0.0,
+            _total(values, "paged_requests_running"),
+            _total(values, "paged_requests_waiting"),
+        ])
+
+    async def _poll(self) -> None:
+        while True:
+            values = await self._scrape()
+            if values is not None:
+                self._record(values)
+            await asyncio.sleep(self._interval)
+
+    async def start(self) -> None:
+        self._first = await self._scrape()
+        self._start = time.perf_counter()
+        self._task = asyncio.create_task(self._poll())
+
+    async def stop(self) -> ServerStats:
+        if self._task:
+            self._task.cancel()
+        last = await self._scrape()
+        if self._first is None or last is None:
+            return ServerStats()
+        self._record(last)
+        delta = {name: _total(last, name) - _total(self._first, name) for name in COUNTERS}
+        queries = delta["paged_prefix_cache_queries_tokens_total"]
+        # Mean while serving: idle samples (nothing running) would only measure the gaps between arrivals.
+        busy = [sample for sample in self._timeline if sample[3] > 0] or self._timeline
+        utilization = [sample[1] for sample in busy]
+        return ServerStats(
+            kv_utilization_mean=sum(utilization) / len(utilization),
+            kv_utilization_peak=max(utilization),
+            kv_memory_used_peak=max(sample[2] for sample in self._timeline),
+            peak_running=int(max(sample[3] for sample in self._timeline)),
+            prefix_hit_rate=delta["paged_prefix_cache_hits_tokens_total"] / queries if queries else 0.0,
+            preemptions=int(delta["paged_preemptions_total"]),
+            timeline=self._timeline,
+        )

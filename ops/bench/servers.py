@@ -1,0 +1,66 @@
+"""Starts `pagedd serve` as a subprocess for a baseline configuration, waits until /health says ready,
+and stops it afterwards, so that every system in a comparison runs the same workload on the same box."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+# Baseline name -> the `pagedd serve` options that make it; "paged" is the system under test.
+SERVER_CONFIGS: dict[str, list[str]] = {
+    "paged": [],
+    "contiguous": ["--kv-allocator", "contiguous"],
+    "no-prefix-caching": ["--no-prefix-caching"],
+}
+STARTUP_TIMEOUT_S = 300.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"pagedd serve exited with {process.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"pagedd serve not healthy after {STARTUP_TIMEOUT_S:.0f} s; see {log_path}")
+
+
+@contextmanager
+def running_server(model_dir: Path, config: str, extra_args: list[str], log_dir: Path) -> Iterator[str]:
+    """Run `pagedd serve` with the baseline's options plus `extra_args`; yields its URL."""
+    port = _free_port()
+    command = [sys.executable, "-c", "from gateway.cli import main; main()", "serve", "--model", str(model_dir),
+               "--host", "127.0.0.1", "--port", str(port), *SERVER_CONFIGS[config], *extra_args]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"server-{config}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(url, process, log_path)
+            yield url
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

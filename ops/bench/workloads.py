@@ -1,0 +1,95 @@
+"""Synthetic workloads: prompt and output lengths from fixed-seed distributions, prompt tokens drawn from
+the model's own vocabulary, so every model works offline and every run with the same seed is identical."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ops.bench.model_info import ModelInfo
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    prompt: list[int]  # token ids, sent as is (the server adds no BOS to id prompts)
+    max_tokens: int  # with ignore_eos every choice generates exactly this many tokens
+    n: int = 1
+
+
+def _lognormal_lengths(rng: np.random.Generator, median: float, sigma: float, low: int, high: int, size: int) -> np.ndarray:
+    return np.clip(rng.lognormal(np.log(median), sigma, size).round(), low, high).astype(int)
+
+
+def _fit_to_context(prompt_len: int, output_len: int, max_model_len: int) -> tuple[int, int]:
+    """Clip so prompt + output fits the context window, giving the output at most half of it."""
+    output_len = max(1, min(output_len, max_model_len // 2))
+    return max(1, min(prompt_len, max_model_len - output_len)), output_len
+
+
+def _tokens(rng: np.random.Generator, model: ModelInfo, length: int) -> list[int]:
+    return rng.choice(np.asarray(model.token_ids), size=length).tolist()
+
+
+def _sharegpt_like(rng: np.random.Generator, model: ModelInfo, num_requests: int, n: int) -> list[RequestSpec]:
+    # ShareGPT conversations: long-tailed lengths, prompts ~10-2000 tokens (median a few hundred),
+    # answers ~10-1000; a lognormal with these medians matches the shape well enough for load.
+    prompt_lens = _lognormal_lengths(rng, 220, 1.0, 10, 2000, num_requests)
+    output_lens = _lognormal_lengths(rng, 160, 0.9, 10, 1000, num_requests)
+    specs = []
+    for prompt_len, output_len in zip(prompt_lens, output_lens):
+        prompt_len, output_len = _fit_to_context(int(prompt_len), int(output_len), model.max_model_len)
+        specs.append(RequestSpec(_tokens(rng, model, prompt_len), output_len, n))
+    return specs
+
+
+def mixed(rng: np.random.Generator, model: ModelInfo, num_requests: int) -> list[RequestSpec]:
+    return _sharegpt_like(rng, model, num_requests, n=1)
+
+
+def parallel(rng: np.random.Generator, model: ModelInfo, num_requests: int) -> list[RequestSpec]:
+    """n=4 sampling: the 4 choices share the prompt's blocks (copy-on-write on the first divergent write)."""
+    return _sharegpt_like(rng, model, num_requests, n=4)
+
+
+def shared_prefix(rng: np.random.Generator, model: ModelInfo, num_requests: int) -> list[RequestSpec]:
+    """One long system prompt (half the context window, at most 1000 tokens) shared by every request."""
+    system = _tokens(rng, model, min(1000, model.max_model_len // 2))
+    specs = []
+    for _ in range(num_requests):
+        user_len, output_len = _fit_to_context(
+            int(rng.integers(16, 80)), int(rng.integers(16, 128)), model.max_model_len - len(system)
+        )
+        specs.append(RequestSpec(system + _tokens(rng, model, user_len), output_len))
+    return specs
+
+
+def long(rng: np.random.Generator, model: ModelInfo, num_requests: int) -> list[RequestSpec]:
+    """Contexts of 75-90% of the window: few fit at once, so this stresses the KV pool, not the batch."""
+    specs = []
+    for _ in range(num_requests):
+        total = int(model.max_model_len * rng.uniform(0.75, 0.9))
+        output_len = max(1, min(256, total // 8))
+        specs.append(RequestSpec(_tokens(rng, model, total - output_len), output_len))
+    return specs
+
+
+WORKLOADS: dict[str, Callable[[np.random.Generator, ModelInfo, int], list[RequestSpec]]] = {
+    "mixed": mixed,
+    "shared-prefix": shared_prefix,
+    "parallel": parallel,
+    "long": long,
+}
+
+
+def build_workload(name: str, model: ModelInfo, num_requests: int, seed: int) -> list[RequestSpec]:
+    return WORKLOADS[name](np.random.default_rng(seed), model, num_requests)
+
+
+def arrival_times(num_requests: int, request_rate: float, seed: int) -> list[float]:
+    """Open-loop Poisson arrivals (exponential gaps), seconds from the start; rate inf sends all at once."""
+    if request_rate == float("inf"):
+        return [0.0] * num_requests
+    gaps = np.random.default_rng(seed + 1).exponential(1.0 / request_rate, num_requests)
+    return np.concatenate([[0.0], np.cumsum(gaps[1:])]).tolist()

@@ -1,0 +1,127 @@
+"""Gateway overhead per step, measured against a null worker process over ipc.
+
+    python -m ops.bench_gateway [--seqs 1,64,256] [--steps 400] [--step-ms 0,5] [--model DIR|builtin]
+
+For each number of running sequences (all decoding: short prompts, long max_tokens, ignore_eos)
+and each simulated forward time of the null worker (0 = the gateway alone), it prints steps per
+second, the gateway's own time per step split into schedule / encode+send / decode / update (the
+update includes handing outputs to the request streams), and the worker's idle fraction while it
+had work, with overlapped scheduling (two steps in flight) and without (one). `--model` runs a real
+worker instead of the null one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import click
+import uvloop
+from rich.console import Console
+from rich.table import Table
+
+from gateway.engine import AsyncEngine, StepLoopStats
+from gateway.worker_processes import RuntimeDir, local_workers
+from shared.config import GiB, MiB, CacheConfig, ModelConfig, SchedulerConfig
+from shared.logging import configure_logging
+from shared.sampling_params import SamplingParams
+
+PROMPT_LEN = 16
+
+
+@dataclass
+class Row:
+    seqs: int
+    step_ms: float
+    steps_in_flight: int
+    steps_per_s: float
+    schedule_us: float
+    send_us: float
+    decode_us: float
+    update_us: float
+    idle_fraction: float
+
+    @property
+    def gateway_us(self) -> float:
+        return self.schedule_us + self.send_us + self.decode_us + self.update_us
+
+
+async def measure(engine: AsyncEngine, num_seqs: int, num_steps: int, max_tokens: int) -> tuple[StepLoopStats, float, float]:
+    """Run `num_seqs` decoding sequences and return the step loop's stats over `num_steps` steps."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+    async def consume(index: int) -> None:
+        prompt = [1 + (index + k) % 250 for k in range(PROMPT_LEN)]
+        async for _ in engine.generate(f"bench-{index}", prompt, params, eos_token_ids=frozenset()):
+            pass
+
+    consumers = [asyncio.create_task(consume(i)) for i in range(num_seqs)]
+    replica = engine.replicas[0]
+    while replica.scheduler is None or replica.scheduler.num_running < num_seqs:  # all admitted and prefilled
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.05)
+    replica.stats = stats = StepLoopStats()
+    replica.link.decode_s = 0.0
+    started = time.perf_counter()
+    while stats.steps < num_steps:
+        await asyncio.sleep(0.005)
+    elapsed = time.perf_counter() - started
+    decode_s = replica.link.decode_s
+    for task in consumers:
+        task.cancel()
+    await asyncio.gather(*consumers, return_exceptions=True)
+    return stats, elapsed, decode_s
+
+
+async def run(seq_counts: list[int], step_ms: list[float], num_steps: int, model: str | None) -> list[Row]:
+    rows = []
+    null_model = model is None
+    model_config = ModelConfig(model=None if model in (None, "builtin") else model, device="cpu")
+    cache_config = CacheConfig(kv_cache_memory=(4 * GiB if null_model else 256 * MiB), swap_space=0)
+    for step_s in step_ms if null_model else [0.0]:
+        runtime = RuntimeDir()
+        specs = local_workers(
+            runtime, model_config, cache_config, 2048, num_workers=1, null_model=null_model,
+            log_level="warning", log_json=False, null_step_s=step_s / 1e3,
+        )  # fmt: skip
+        for steps_in_flight in (2, 1):
+            engine = AsyncEngine(specs, SchedulerConfig(max_num_seqs=max(seq_counts)), cache_config, steps_in_flight=steps_in_flight)
+            await engine.start()
+            max_tokens = min(engine.max_model_len - PROMPT_LEN, num_steps * 4)
+            try:
+                for num_seqs in seq_counts:
+                    stats, elapsed, decode_s = await measure(engine, num_seqs, num_steps, max_tokens)
+                    per = 1e6 / stats.steps
+                    rows.append(
+                        Row(num_seqs, step_s, steps_in_flight, stats.steps / elapsed, stats.schedule_s * per,
+                            stats.send_s * per, decode_s * per, stats.update_s * per, stats.idle_fraction())
+                    )  # fmt: skip
+            finally:
+                await engine.shutdown()
+        runtime.close()
+    return rows
+
+
+@click.command()
+@click.option("--seqs", default="1,64,256", show_default=True, help="Running sequences, comma-separated.")
+@click.option("--steps", "num_steps", default=400, show_default=True, help="Steps measured per row.")
+@click.option("--step-ms", default="0,5", show_default=True, help="Null worker's simulated forward time, comma-separated.")
+@click.option("--model", default=None, help="Run a real worker: a model directory, or 'builtin'.")
+def main(seqs: str, num_steps: int, step_ms: str, model: str | None) -> None:
+    configure_logging("warning")
+    seq_counts = [int(s) for s in seqs.split(",")]
+    rows = uvloop.run(run(seq_counts, [float(s) for s in step_ms.split(",")], num_steps, model))
+    table = Table(title=f"gateway step loop, {'null worker' if model is None else model} over ipc, {num_steps} steps per row")
+    for column in ("seqs", "worker ms", "in flight", "steps/s", "schedule µs", "enc+send µs", "decode µs", "update µs", "gateway µs/step", "worker idle"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r.seqs), "model" if model else f"{r.step_ms:g}", str(r.steps_in_flight), f"{r.steps_per_s:.0f}", f"{r.schedule_us:.0f}",
+            f"{r.send_us:.0f}", f"{r.decode_us:.0f}", f"{r.update_us:.0f}", f"{r.gateway_us:.0f}", f"{r.idle_fraction:.1%}",
+        )  # fmt: skip
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Worker micro-benchmark: prefill and decode throughput through Worker.execute_step, and paged decode
+attention against plain SDPA over a dense cache. Prints numbers; asserts nothing.
+
+Throughput: B sequences of --prompt-len random tokens are prefilled in one step (best of --repeats),
+then decoded greedily for --decode-steps steps. Attention: one decode token per sequence over
+`context` cached tokens read through shuffled block tables (torch path; Triton too on CUDA) versus
+SDPA over [B, Hkv, context, D] tensors; the figure is the median time and paged / dense.
+
+    python -m ops.microbench [--model DIR] [--batch-sizes 1,8,64] [--contexts 512,2048]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from ops.kernel_bench import _decode_case
+from shared.config import CacheConfig, ModelConfig
+from shared.logging import configure_logging
+from shared.protocol import NewSequence, ScheduledSeq, StepInput
+from shared.sampling_params import SamplingParams
+from worker.attention import torch_ops
+from worker.worker import Worker
+
+DEFAULT_MODEL = Path("/work/shared/models/stories260K")
+GREEDY = SamplingParams(temperature=0.0)
+
+
+class ThroughputRun:
+    """Drives one batch through a Worker the way the scheduler would: sequential blocks, one prefill
+    step, then decode steps that append a block whenever a sequence crosses a block boundary."""
+
+    def __init__(self, worker: Worker, batch: int, prompt_len: int, first_seq_id: int) -> None:
+        self.worker = worker
+        self.seq_ids = list(range(first_seq_id, first_seq_id + batch))
+        self.prompt_len = prompt_len
+        self.lengths = dict.fromkeys(self.seq_ids, 0)  # tokens in the KV cache
+        self.tables: dict[int, list[int]] = {seq_id: [] for seq_id in self.seq_ids}
+        self.next_block = 0
+        self.step_id = 0
+
+    def _schedule(self, seq_id: int, num_tokens: int) -> ScheduledSeq:
+        start = self.lengths[seq_id]
+        table = self.tables[seq_id]
+        needed = -(-(start + num_tokens) // self.worker.block_size) - len(table)
+        new_blocks = list(range(self.next_block, self.next_block + needed))
+        self.next_block += needed
+        scheduled = ScheduledSeq(seq_id, start, num_tokens, len(table), new_blocks)
+        table.extend(new_blocks)
+        self.lengths[seq_id] = start + num_tokens
+        return scheduled
+
+    def _step(self, step: StepInput) -> float:
+        started = time.perf_counter()
+        output = self.worker.execute_step(step)
+        elapsed = time.perf_counter() - started
+        if output.errors:
+            raise RuntimeError(f"benchmark step failed: {output.errors[0].message}")
+        self.step_id += 1
+        return elapsed
+
+    def prefill(self, prompts: list[list[int]]) -> float:
+        new_seqs = [NewSequence(seq_id, prompt, GREEDY) for seq_id, prompt in zip(self.seq_ids, prompts)]
+        scheduled = [self._schedule(seq_id, self.prompt_len) for seq_id in self.seq_ids]
+        return self._step(StepInput(self.step_id, scheduled=scheduled, new_seqs=new_seqs))
+
+    def decode(self) -> float:
+        return self._step(StepInput(self.step_id, scheduled=[self._schedule(seq_id, 1) for seq_id in self.seq_ids]))
+
+    def free(self) -> None:
+        self.worker.execute_step(StepInput(self.step_id, freed_seq_ids=self.seq_ids))
+
+
+def measure_throughput(
+    worker: Worker, batch: int, prompt_len: int, decode_steps: int, repeats: int, progress: Progress
+) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) for one batch size."""
+    generator = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(3, worker.arch.vocab_size, (batch, prompt_len), generator=generator).tolist()
+    task = progress.add_task(f"batch {batch}", total=repeats + decode_steps)
+    prefill_s: list[float] = []
+    for repeat in range(repeats + 1):  # the first run warms up and is not counted
+        run = ThroughputRun(worker, batch, prompt_len, first_seq_id=repeat * batch)
+        elapsed = run.prefill(prompts)
+        if repeat:
+            prefill_s.append(elapsed)
+            progress.advance(task)
+        if repeat < repeats:
+            run.free()
+    decode_s = 0.0
+    for _ in range(decode_steps):
+        decode_s += run.decode()
+        progress.advance(task)
+    run.free()
+    return batch * prompt_len / min(prefill_s), batch * decode_steps / decode_s
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: lazy init, kernel compilation
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
+
+
+def attention_rows(
+    contexts: list[int], batch: int, heads: tuple[int, int], head_dim: int, block_size: int, repeats: int, progress: Progress
+) -> list[tuple[str, int, float, float]]:
+    """(backend, context, paged ms, dense ms) per backend and context."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    backends = {"torch": torch_ops}
+    if device.type == "cuda":
+        from worker.attention import triton_ops  # CUDA only: CPU installs need no Triton here
+
+        backends["triton"] = triton_ops
+    num_q_heads, num_kv_heads = heads
+    scale = head_dim**-0.5
+    rows = []
+    task = progress.add_task("attention", total=len(contexts) * len(backends))
+    for context in contexts:
+        query, k_cache, v_cache, meta, dense_k, dense_v = _decode_case(
+            batch, context, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device
+        )
+        dense_ms = median_ms(
+            lambda: F.scaled_dot_product_attention(
+                query[:, :, None], dense_k, dense_v, scale=scale, enable_gqa=num_q_heads != num_kv_heads
+            ),
+            device,
+            repeats,
+        )
+        for name, ops in backends.items():
+            paged_ms = median_ms(lambda: ops.paged_attention(query, k_cache, v_cache, meta, scale), device, repeats)
+            rows.append((name, context, paged_ms, dense_ms))
+            progress.advance(task)
+    return rows
+
+
+@click.command()
+@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help=f"Hugging Face model directory [default: {DEFAULT_MODEL} if present, else the built-in model]")
+@click.option("--batch-sizes", default="1,8,64", show_default=True)
+@click.option("--prompt-len", default=128, show_default=True)
+@click.option("--decode-steps", default=32, show_default=True)
+@click.option("--repeats", default=3, show_default=True, help="prefill repeats (best counts)")
+@click.option("--block-size", default=16, show_default=True)
+@click.option("--contexts", default="512,2048", show_default=True, help="attention context lengths")
+@click.option("--attn-batch", default=8, show_default=True, help="decode sequences in the attention benchmark")
+@click.option("--attn-heads", default="32,8", show_default=True, help="query heads,kv heads")
+@click.option("--attn-head-dim", default=128, show_default=True)
+@click.option("--attn-repeats", default=20, show_default=True)
+@click.option("--threads", default=1, show_default=True,
+              help="torch CPU threads; tiny models run fastest on one, more only add contention on a shared machine")
+def main(
+    model: Path | None,
+    batch_sizes: str,
+    prompt_len: int,
+    decode_steps: int,
+    repeats: int,
+    block_size: int,
+    contexts: str,
+    attn_batch: int,
+    attn_heads: str,
+    attn_head_dim: int,
+    attn_repeats: int,
+    threads: int,
+) -> None:
+    configure_logging("warning")
+    torch.set_num_threads(threads)
+    if model is None and (DEFAULT_MODEL / "config.json").is_file():
+        model = DEFAULT_MODEL
+    batches = [int(b) for b in batch_sizes.split(",")]
+    console = Console()
+
+    # The default KV budget (256 MiB) holds hundreds of thousands of tokens of a tiny model: plenty.
+    worker = Worker(
+        ModelConfig(model=str(model) if model else None),
+        CacheConfig(block_size=block_size, swap_space=0),
+        max_num_batched_tokens=max(batches) * prompt_len,
+    )
+
+    with Progress(console=console, transient=True) as progress:
+        throughput = [(b, *measure_throughput(worker, b, prompt_len, decode_steps, repeats, progress)) for b in batches]
+        attention = attention_rows(
+            [int(c) for c in contexts.split(",")],
+            attn_batch,
+            tuple(int(h) for h in attn_heads.split(",")),  # type: ignore[arg-type]
+            attn_head_dim,
+            block_size,
+            attn_repeats,
+            progress,
+        )
+
+    name = model.name if model else "built-in model"
+    table = Table(title=f"{name} on {worker.device} ({worker.dtype}, torch threads {torch.get_num_threads()}), "
+                        f"prompt {prompt_len}, {decode_steps} decode steps, block size {block_size}")
+    for column in ("batch", "prefill tok/s", "decode tok/s", "decode ms/step"):
+        table.add_column(column, justify="right")
+    for batch, prefill_tps, decode_tps in throughput:
+        table.add_row(str(batch), f"{prefill_tps:,.0f}", f"{decode_tps:,.0f}", f"{batch / decode_tps * 1e3:.2f}")
+    console.print(table)
+
+    table = Table(title=f"decode attention: batch {attn_batch}, heads {attn_heads}, head_dim {attn_head_dim}, "
+                        f"block size {block_size}, shuffled pages (median of {attn_repeats})")
+    for column in ("backend", "context", "paged ms", "dense SDPA ms", "paged / dense"):
+        table.add_column(column, justify="right")
+    for backend, context, paged_ms, dense_ms in attention:
+        table.add_row(backend, str(context), f"{paged_ms:.3f}", f"{dense_ms:.3f}", f"{paged_ms / dense_ms:.2f}x")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""A simulated worker: executes StepInputs the way a real worker must, without a model.
+
+It keeps each sequence's tokens and block table from the deltas, applies frees, swaps and copies
+in protocol order, and "computes" a position by writing its token id into the slot its table
+names. With `verify=True` it then checks that every slot the sequence reads holds the right token,
+which catches wrong prefix-cache hits, missed copy-on-write copies, bad swaps and stale tables.
+Sampled tokens come from a seeded generator, or `choose_token(seq_id, position)` when given.
+With `verify=False` (benchmarks) it keeps no state and only samples.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shared.protocol import SeqResult, StepInput, StepOutput
+
+
+class ProtocolViolation(AssertionError):
+    pass
+
+
+@dataclass(slots=True)
+class _SeqState:
+    tokens: list[int]
+    table: list[int]
+    num_computed: int
+
+
+class SimulatedWorker:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        num_host_blocks: int = 0,
+        *,
+        verify: bool = True,
+        seed: int = 0,
+        vocab_size: int = 100,
+        choose_token: Callable[[int, int], int] | None = None,
+    ) -> None:
+        self.block_size = block_size
+        self.verify = verify
+        self.device: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)] if verify else []
+        self.host: list[list[int | None]] = [[None] * block_size for _ in range(num_host_blocks)] if verify else []
+        self.seqs: dict[int, _SeqState] = {}
+        self._rng = random.Random(seed)
+        self._vocab_size = vocab_size
+        self._choose_token = choose_token
+        self.num_tokens_computed = 0
+
+    def _sample(self, seq_id: int, position: int) -> int:
+        if self._choose_token is not None:
+            return self._choose_token(seq_id, position)
+        return self._rng.randrange(self._vocab_size)
+
+    def execute(self, step: StepInput) -> StepOutput:
+        if not self.verify:
+            return self._sample_only(step)
+        for seq_id in step.freed_seq_ids:
+            self.seqs.pop(seq_id, None)
+        if self.verify:
+            for copy in step.swap_out:
+                self.host[copy.dst] = list(self.device[copy.src])
+            for copy in step.swap_in:
+                self.device[copy.dst] = list(self.host[copy.src])
+            for copy in step.copies:
+                self.device[copy.dst] = list(self.device[copy.src])
+        for new in step.new_seqs:
+            if new.seq_id in self.seqs:
+                raise ProtocolViolation(f"new sequence {new.seq_id} already exists")
+            self.seqs[new.seq_id] = _SeqState(list(new.token_ids), list(new.block_table), -1)
+        results = []
+        forks = []
+        size = self.block_size
+        for scheduled in step.scheduled:
+            state = self.seqs.get(scheduled.seq_id)
+            if state is None:
+                raise ProtocolViolation(f"step {step.step_id} schedules unknown sequence {scheduled.seq_id}")
+            if scheduled.table_from > len(state.table):
+                raise ProtocolViolation(f"seq {scheduled.seq_id}: table_from beyond its table")
+            del state.table[scheduled.table_from :]
+            state.table.extend(scheduled.new_blocks)
+            if state.num_computed < 0:  # first step after NewSequence: prefix-cache hits precede start
+                state.num_computed = scheduled.start
+            if scheduled.start != state.num_computed:
+                raise ProtocolViolation(
+                    f"seq {scheduled.seq_id}: start {scheduled.start}, worker has computed {state.num_computed}"
+                )
+            end = scheduled.start + scheduled.num_tokens
+            if end > len(state.tokens):
+                raise ProtocolViolation(f"seq {scheduled.seq_id}: computes position {end - 1} of unknown token")
+            if len(state.table) * size < end:
+                raise ProtocolViolation(f"seq {scheduled.seq_id}: {len(state.table)} blocks for {end} tokens")
+            if self.verify:
+                for position in range(scheduled.start, end):
+                    self.device[state.table[position // size]][position % size] = state.tokens[position]
+                for position in range(end):
+                    slot = self.device[state.table[position // size]][position % size]
+                    if slot != state.tokens[position]:
+                        raise ProtocolViolation(
+                            f"seq {scheduled.seq_id}: position {position} reads token {slot}, "
+                            f"expected {state.tokens[position]} (block {state.table[position // size]})"
+                        )
+            state.num_computed = end
+            self.num_tokens_computed += scheduled.num_tokens
+            if scheduled.sample:
+                if end != len(state.tokens):
+                    raise ProtocolViolation(f"seq {scheduled.seq_id}: samples before the end of its tokens")
+                for child_id in scheduled.fork_ids:
+                    forks.append((child_id, state))
+                token = self._sample(scheduled.seq_id, end)
+                results.append(SeqResult(scheduled.seq_id, token))
+                state.tokens.append(token)
+            elif scheduled.fork_ids:
+                raise ProtocolViolation(f"seq {scheduled.seq_id}: forks without sampling")
+        for child_id, parent in forks:
+            tokens = parent.tokens[:-1]
+            token = self._sample(child_id, len(tokens))
+            tokens.append(token)
+            self.seqs[child_id] = _SeqState(tokens, list(parent.table), parent.num_computed)
+            results.append(SeqResult(child_id, token))
+        return StepOutput(step.step_id, results=results)
+
+
+    def _sample_only(self, step: StepInput) -> StepOutput:
+        """The fast path for benchmarks: no state, positions come from the step itself."""
+        sample = self._sample
+        results = []
+        computed = 0
+        for scheduled in step.scheduled:
+            computed += scheduled.num_tokens
+            if scheduled.sample:
+                position = scheduled.start + scheduled.num_tokens
+                results.append(SeqResult(scheduled.seq_id, sample(scheduled.seq_id, position)))
+                for child_id in scheduled.fork_ids:
+                    results.append(SeqResult(child_id, sample(child_id, position)))
+        self.num_tokens_computed += computed
+        return StepOutput(step.step_id, results=results)
+
+
+class StepLoop:
+    """Drives a scheduler against a simulated worker the way the engine does: in `overlapped`
+    mode schedule() for step N+1 runs before update() for step N (one step in flight)."""
+
+    def __init__(self, scheduler, worker: SimulatedWorker, *, overlapped: bool = True) -> None:  # noqa: ANN001
+        self.scheduler = scheduler
+        self.worker = worker
+        self.overlapped = overlapped
+        self.in_flight: tuple[StepInput, StepOutput] | None = None
+        self.num_steps = 0
+        self.outputs: list = []
+
+    def step(self) -> StepInput:
+        """One engine iteration; returns the step just scheduled."""
+        step = self.scheduler.schedule()
+        output = self.worker.execute(step)
+        self.num_steps += 1
+        if self.overlapped:
+            self._deliver()
+            self.in_flight = (step, output)
+        else:
+            self.outputs += self.scheduler.update(step, output)
+        return step
+
+    def _deliver(self) -> None:
+        if self.in_flight is not None:
+            step, output = self.in_flight
+            self.in_flight = None
+            self.outputs += self.scheduler.update(step, output)
+
+    def drain(self) -> None:
+        """Deliver the step still in flight."""
+        self._deliver()
+
+    def run(self, max_steps: int = 100_000, after_step: Callable[[StepInput], None] | None = None) -> int:
+        """Step until nothing is left; returns the number of steps."""
+        while self.scheduler.needs_step() or self.in_flight is not None:
+            if not self.scheduler.needs_step():
+                self.drain()
+                continue
+            step = self.step()
+            if after_step is not None:
+                after_step(step)
+            if self.num_steps > max_steps:
+                raise RuntimeError(f"no progress after {max_steps} steps")
+        return self.num_steps

@@ -1,0 +1,229 @@
+"""Simulate the gateway's scheduler and block manager on a synthetic workload, no model needed.
+
+    python -m ops.simulate [--num-requests 10000] [--json] ...
+
+Runs the real Scheduler against a simulated worker (ops/sim_worker.py) for each configuration:
+paged with prefix caching on, paged with it off, and the contiguous allocator, all with the same
+pool. The workload is drawn from a fixed seed and shaped like ShareGPT: log-normal prompt lengths
+(10-2000 tokens) and output lengths (10-1000 tokens, ended by EOS; clients ask for max_tokens up
+to 1024, which is what the contiguous allocator must reserve), a share of requests starting with
+one of a few long system prompts, and a share sampling n=4. All requests arrive at once (offline).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import click
+
+from gateway.request import Request
+from gateway.scheduler import Scheduler
+from ops.sim_worker import SimulatedWorker, StepLoop
+from shared.config import CacheConfig, SchedulerConfig
+from shared.sampling_params import SamplingParams
+
+EOS = 0
+VOCAB = 32000
+CONFIGURATIONS = {
+    "paged/prefix-on": ("paged", True),
+    "paged/prefix-off": ("paged", False),
+    "contiguous": ("contiguous", False),
+}
+
+
+@dataclass(slots=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[list[int]]  # per request, one target length per sequence
+    max_tokens: int
+    n: list[int]
+
+
+def _log_normal(rng: random.Random, median: float, sigma: float, low: int, high: int) -> int:
+    return max(low, min(high, round(rng.lognormvariate(math.log(median), sigma))))
+
+
+def make_workload(
+    num_requests: int, seed: int, *, max_tokens: int = 1024, shared_prefix_share: float = 0.5, n4_share: float = 0.1
+) -> Workload:
+    rng = random.Random(seed)
+    system_prompts = [
+        [rng.randrange(1, VOCAB) for _ in range(_log_normal(rng, 400, 0.5, 100, 1000))] for _ in range(8)
+    ]
+    prompts, output_lens, ns = [], [], []
+    for _ in range(num_requests):
+        length = _log_normal(rng, 250, 1.0, 10, 2000)
+        prompt = [rng.randrange(1, VOCAB) for _ in range(length)]
+        if rng.random() < shared_prefix_share:
+            prompt = (rng.choice(system_prompts) + prompt)[:2000]
+        n = 4 if rng.random() < n4_share else 1
+        prompts.append(prompt)
+        ns.append(n)
+        output_lens.append([_log_normal(rng, 120, 1.0, 10, 1000) for _ in range(n)])
+    return Workload(prompts, output_lens, max_tokens, ns)
+
+
+def simulate(
+    workload: Workload,
+    *,
+    allocator: str,
+    prefix_caching: bool,
+    num_blocks: int,
+    block_size: int,
+    max_model_len: int,
+    scheduler_config: SchedulerConfig,
+) -> dict[str, float | int]:
+    scheduler = Scheduler(
+        scheduler_config,
+        CacheConfig(block_size=block_size, kv_allocator=allocator, enable_prefix_caching=prefix_caching),
+        num_blocks,
+        max_model_len,
+    )
+    targets: dict[int, int] = {}  # seq id -> length (prompt + output) at which it samples EOS
+    for index, prompt in enumerate(workload.prompts):
+        request = Request(
+            f"sim-{index}",
+            prompt,
+            SamplingParams(n=workload.n[index], max_tokens=workload.max_tokens, seed=index),
+            eos_token_ids=frozenset({EOS}),
+        )
+        for seq, output_len in zip(request.seqs, workload.output_lens[index], strict=True):
+            targets[seq.seq_id] = len(prompt) + output_len - 1
+        scheduler.add_request(request)
+
+    def choose_token(seq_id: int, position: int) -> int:
+        return EOS if position >= targets[seq_id] else 1 + position % (VOCAB - 1)
+
+    worker = SimulatedWorker(num_blocks, block_size, verify=False, choose_token=choose_token)
+    loop = StepLoop(scheduler, worker, overlapped=True)
+    utilization_sum = 0.0
+    utilization_steps = 0
+    utilization_peak = 0.0
+    peak_concurrency = 0
+    kv = scheduler.kv
+    started = time.perf_counter()
+
+    def measure(_step: object) -> None:
+        nonlocal utilization_sum, utilization_steps, utilization_peak, peak_concurrency
+        stats = kv.stats()
+        if stats.slots_reserved:
+            utilization = stats.slots_filled / stats.slots_reserved
+            utilization_sum += utilization
+            utilization_steps += 1
+            utilization_peak = max(utilization_peak, utilization)
+        peak_concurrency = max(peak_concurrency, scheduler.num_running)
+
+    steps = loop.run(max_steps=10_000_000, after_step=measure)
+    stats = scheduler.stats()
+    return {
+        "kv_utilization_mean": utilization_sum / utilization_steps if utilization_steps else 0.0,
+        "kv_utilization_peak": utilization_peak,
+        "peak_concurrency": peak_concurrency,
+        "steps": steps,
+        "prefix_hit_rate": stats.prefix_hits_tokens / stats.prefix_queries_tokens if stats.prefix_queries_tokens else 0.0,
+        "preemptions": stats.preemptions,
+        "evictions": stats.evictions,
+        "tokens_computed": worker.num_tokens_computed,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def _print_table(workload_info: dict[str, object], results: dict[str, dict[str, float | int]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"paged simulate: {workload_info['num_requests']} requests, pool {workload_info['num_blocks']} "
+                  f"blocks x {workload_info['block_size']} tokens")
+    for column in ("configuration", "KV util mean", "KV util peak", "peak seqs", "steps", "prefix hit rate",
+                   "preemptions", "tokens computed", "wall s"):
+        table.add_column(column, justify="right" if column != "configuration" else "left")
+    for name, row in results.items():
+        table.add_row(
+            name,
+            f"{row['kv_utilization_mean']:.1%}",
+            f"{row['kv_utilization_peak']:.1%}",
+            str(row["peak_concurrency"]),
+            str(row["steps"]),
+            f"{row['prefix_hit_rate']:.1%}",
+            str(row["preemptions"]),
+            str(row["tokens_computed"]),
+            f"{row['wall_s']:.1f}",
+        )
+    console = Console()
+    if console.width < 132:  # pipes and narrow terminals: keep one row per configuration
+        console = Console(width=132)
+    console.print(table)
+
+
+@click.command()
+@click.option("--num-requests", default=10_000, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--num-blocks", default=2048, show_default=True, help="KV pool size, the same for every configuration")
+@click.option("--block-size", default=16, show_default=True)
+@click.option("--max-model-len", default=4096, show_default=True)
+@click.option("--max-tokens", default=1024, show_default=True, help="what clients ask for; outputs end by EOS earlier")
+@click.option("--max-num-seqs", default=256, show_default=True)
+@click.option("--max-num-batched-tokens", default=4096, show_default=True)
+@click.option("--scheduling-policy", type=click.Choice(["prefill-first", "decode-first", "priority"]), default="decode-first")
+@click.option("--preemption-mode", type=click.Choice(["recompute", "swap"]), default="recompute")
+@click.option("--config", "configs", multiple=True, type=click.Choice(list(CONFIGURATIONS)),
+              help="run only these configurations (default: all)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
+def main(
+    num_requests: int,
+    seed: int,
+    num_blocks: int,
+    block_size: int,
+    max_model_len: int,
+    max_tokens: int,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    scheduling_policy: str,
+    preemption_mode: str,
+    configs: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    workload = make_workload(num_requests, seed, max_tokens=max_tokens)
+    gc.freeze()  # the workload's millions of token ids live to the end: keep the collector off them
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        scheduling_policy=scheduling_policy,
+        preemption_mode=preemption_mode,
+        max_waiting_requests=num_requests,
+        max_waiting_tokens=sum(len(prompt) for prompt in workload.prompts),
+    )
+    results = {}
+    for name in configs or CONFIGURATIONS:
+        allocator, prefix_caching = CONFIGURATIONS[name]
+        results[name] = simulate(
+            workload,
+            allocator=allocator,
+            prefix_caching=prefix_caching,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            max_model_len=max_model_len,
+            scheduler_config=scheduler_config,
+        )
+    workload_info = {
+        "num_requests": num_requests,
+        "seed": seed,
+        "num_blocks": num_blocks,
+        "block_size": block_size,
+        "max_tokens": max_tokens,
+        "prompt_tokens": sum(len(prompt) for prompt in workload.prompts),
+        "output_tokens": sum(sum(lens) for lens in workload.output_lens),
+    }
+    if as_json:
+        click.echo(json.dumps({"workload": workload_info, "configs": results}))
+    else:
+        _print_table(workload_info, results)
+
+
+if __name__ == "__main__":
+    main()

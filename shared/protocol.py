@@ -1,0 +1,197 @@
+"""The gateway <-> worker wire protocol: msgspec Structs, msgpack on the wire.
+
+One step is the unit of work. The gateway owns every scheduling decision (which sequences run,
+which physical blocks they use); the worker owns the KV tensors and the token ids it has computed
+or sampled. Because the worker keeps each live sequence's token list and block table, a step only
+carries *deltas*: new sequences once, then per step how many tokens to compute and which blocks were
+appended. A full block table travels only in `NewSequence` (first sight or re-registration).
+
+Overlapped scheduling: the gateway may send step N+1 before step N's result arrives. A decode in
+step N+1 computes the token sampled in step N, which only the worker knows yet; this is why
+`ScheduledSeq` names a position range, not token ids.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from shared.sampling_params import SamplingParams
+
+PROTOCOL_VERSION = 1
+
+
+class NewSequence(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A sequence the worker has not seen (a new request, or one resumed after recompute)."""
+
+    seq_id: int
+    token_ids: list[int]  # prompt, followed by tokens generated before a recompute preemption
+    sampling: SamplingParams
+    num_output_tokens: int = 0  # how many of token_ids are generated (penalties count only those)
+    block_table: list[int] = []  # full block table; usually empty, the first ScheduledSeq appends
+
+
+class ScheduledSeq(msgspec.Struct, array_like=True, omit_defaults=True):
+    """Work for one sequence in one step: compute positions [start, start + num_tokens)."""
+
+    seq_id: int
+    start: int  # number of tokens already in the KV cache (== position of the first new token)
+    num_tokens: int
+    # Block-table delta: truncate the worker's table to `table_from` entries, then append new_blocks.
+    # Appends use table_from == len(table); copy-on-write replaces the last entry.
+    table_from: int = 0
+    new_blocks: list[int] = []
+    sample: bool = True  # False for a prefill chunk that does not reach the end of the known tokens
+    # n > 1: children forked from this sequence after this step. Each starts with this sequence's
+    # tokens and block table and samples its own first token from the same logits.
+    fork_ids: list[int] = []
+
+
+class BlockCopy(msgspec.Struct, array_like=True):
+    src: int
+    dst: int
+
+
+class StepInput(msgspec.Struct, omit_defaults=True):
+    """One iteration. The worker applies, in order: frees, swap-outs, swap-ins, copies, new
+    sequences, then runs the forward pass for `scheduled` and samples."""
+
+    step_id: int
+    scheduled: list[ScheduledSeq] = []
+    new_seqs: list[NewSequence] = []
+    freed_seq_ids: list[int] = []  # finished, aborted or recompute-preempted: drop worker state
+    swap_out: list[BlockCopy] = []  # device block -> host block (src is device)
+    swap_in: list[BlockCopy] = []  # host block -> device block (src is host)
+    copies: list[BlockCopy] = []  # device -> device, copy-on-write
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    token_id: int
+    logprob: float
+
+
+class SeqResult(msgspec.Struct, array_like=True, omit_defaults=True):
+    seq_id: int
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[TokenLogprob] | None = None
+
+
+class SeqError(msgspec.Struct, array_like=True):
+    seq_id: int
+    message: str
+
+
+class StepOutput(msgspec.Struct, omit_defaults=True):
+    step_id: int
+    results: list[SeqResult] = []
+    errors: list[SeqError] = []  # sequences this step failed for; the rest of the batch is unaffected
+    forward_s: float = 0.0  # time in the model forward + sampling
+    total_s: float = 0.0  # time from receiving the step to sending the result
+
+
+# --- Session messages (registration, liveness) and framing -----------------------------------------
+#
+# Sockets: the worker binds a ROUTER, the gateway connects a DEALER. ROUTER tags every message with
+# the sender's identity, so the worker knows which gateway it serves and drops anything from another
+# peer; a DEALER reconnects by itself, and the gateway opens a fresh one (a fresh identity) whenever
+# it (re)registers, so no step queued for a dead worker is ever delivered to its successor.
+#
+# Session: gateway Hello -> worker WorkerRegistration -> gateway RegistrationAck (or
+# RegistrationRefused) -> steps and outputs, with Heartbeats both ways, until Shutdown or silence.
+
+
+class Hello(msgspec.Struct, array_like=True):
+    """Gateway -> worker, repeated until the worker registers: "serve me"."""
+
+    protocol_version: int
+    gateway_id: str
+
+
+class WorkerRegistration(msgspec.Struct, array_like=True):
+    """Worker -> gateway: what this worker is and how much KV it holds. Sent for every Hello; a
+    registering worker has no sequences, whatever it ran before."""
+
+    protocol_version: int
+    worker_id: str
+    num_blocks: int
+    num_host_blocks: int
+    block_size: int
+    max_model_len: int
+    model: str  # model identity: checkpoint path, "builtin" or "null"
+    device: str
+    dtype: str
+    pid: int
+
+
+class RegistrationAck(msgspec.Struct, array_like=True):
+    """Gateway -> worker: from now on this gateway owns the worker."""
+
+    gateway_id: str
+
+
+class RegistrationRefused(msgspec.Struct, array_like=True):
+    reason: str
+
+
+class Heartbeat(msgspec.Struct, array_like=True):
+    sent_at: float  # sender's time.time(), for logs only: intervals are measured by the receiver
+
+
+class Shutdown(msgspec.Struct, array_like=True):
+    reason: str
+
+
+Message = Hello | WorkerRegistration | RegistrationAck | RegistrationRefused | Heartbeat | Shutdown | StepInput | StepOutput
+
+# One byte per message type, after one byte of protocol version: frames are [header, msgpack payload].
+MESSAGE_TYPES: dict[int, type] = {
+    1: Hello,
+    2: WorkerRegistration,
+    3: RegistrationAck,
+    4: RegistrationRefused,
+    5: Heartbeat,
+    6: Shutdown,
+    7: StepInput,
+    8: StepOutput,
+}
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be decoded: the receiver logs it with the peer and drops it."""
+
+
+class ProtocolVersionError(ProtocolError):
+    """A well-formed header from a peer speaking another protocol version: refuse the peer."""
+
+    def __init__(self, peer_version: int) -> None:
+        super().__init__(f"peer speaks protocol version {peer_version}, this side speaks {PROTOCOL_VERSION}")
+        self.peer_version = peer_version
+
+
+class Codec:
+    """Encodes messages to frames and decodes frames back, never raising anything but ProtocolError."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._headers = {cls: bytes((PROTOCOL_VERSION, code)) for code, cls in MESSAGE_TYPES.items()}
+        self._decoders = {code: msgspec.msgpack.Decoder(cls) for code, cls in MESSAGE_TYPES.items()}
+
+    def encode(self, message: Message) -> list[bytes]:
+        return [self._headers[type(message)], self._encoder.encode(message)]
+
+    def decode(self, frames: list[bytes]) -> Message:
+        if len(frames) != 2:
+            raise ProtocolError(f"expected 2 frames (header, payload), got {len(frames)}")
+        header, payload = frames
+        if len(header) != 2:
+            raise ProtocolError(f"bad header of {len(header)} bytes")
+        version, code = header
+        if version != PROTOCOL_VERSION:
+            raise ProtocolVersionError(version)
+        decoder = self._decoders.get(code)
+        if decoder is None:
+            raise ProtocolError(f"unknown message type {code}")
+        try:
+            return decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ProtocolError(f"undecodable {MESSAGE_TYPES[code].__name__}: {exc}") from None

@@ -1,0 +1,22 @@
+"""Shared fixtures. The real test model lives in ../shared beside the project root: tests that need
+it skip with the reason when it is absent, except under CI, where its absence is a failure."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+STORIES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    """Path to the stories260K Hugging Face checkpoint."""
+    if not (STORIES_DIR / "config.json").is_file():
+        message = f"test model not found at {STORIES_DIR} (../shared/models/stories260K beside the project root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return STORIES_DIR

@@ -1,0 +1,1 @@
+"""Paged attention: batch metadata, the torch reference ops and the Triton kernels."""

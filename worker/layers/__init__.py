@@ -1,0 +1,1 @@
+"""Building blocks of the Llama-family decoder: norms, rotary embeddings, MLP, attention."""

@@ -1,0 +1,135 @@
+"""Load a Hugging Face Llama-family checkpoint (or the built-in model) into a paged-attention decoder.
+
+Every tensor the decoder expects is checked for presence and shape before anything is assigned, so a
+broken directory fails with one ModelLoadError naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from shared.logging import get_logger
+from worker.attention.backend import AttentionBackendName, get_attention_ops
+from worker.builtin_model import BUILTIN_ARCH, build_builtin_model
+from worker.model_config import ModelArch, ModelConfigError, load_model_arch
+from worker.models.llama import LlamaForCausalLM
+
+log = get_logger("worker.model_loader")
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model directory cannot be loaded; the message names the file and the problem."""
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    arch: ModelArch
+    dtype: torch.dtype
+    device: torch.device
+    model_dir: Path | None  # None: the built-in model
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" keeps the checkpoint's dtype on accelerators; CPUs get float32, which they run fastest and exactly."""
+    if dtype == "auto":
+        return DTYPES[checkpoint_dtype] if device.type != "cpu" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unsupported dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    model_dir: str | Path | None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    attention_backend: AttentionBackendName = "torch",
+    seed: int = 0,
+) -> LoadedModel:
+    torch_device = torch.device(device)
+    ops = get_attention_ops(attention_backend)
+    if model_dir is None:
+        torch_dtype = resolve_dtype(dtype, BUILTIN_ARCH.torch_dtype, torch_device)
+        model = build_builtin_model(ops, seed).to(device=torch_device, dtype=torch_dtype)
+        log.info("model_loaded", model="builtin", seed=seed, dtype=str(torch_dtype), device=str(torch_device))
+        return LoadedModel(model.requires_grad_(False).eval(), BUILTIN_ARCH, torch_dtype, torch_device, None)
+
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ModelLoadError(f"{root}: model directory not found")
+    try:
+        arch = load_model_arch(root)
+    except ModelConfigError as exc:
+        raise ModelLoadError(str(exc)) from None
+    torch_dtype = resolve_dtype(dtype, arch.torch_dtype, torch_device)
+    # Built on the meta device: no memory and no random init for weights about to be replaced.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch, ops)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    tensors = read_checkpoint(root, expected, torch_dtype, torch_device)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model = model.to(torch_device)  # moves the rotary tables, which were built on the CPU
+    log.info("model_loaded", model=str(root), architecture=arch.architecture, dtype=str(torch_dtype), device=str(torch_device))
+    return LoadedModel(model.requires_grad_(False).eval(), arch, torch_dtype, torch_device, root)
+
+
+def shard_files(root: Path) -> dict[Path, list[str] | None]:
+    """The safetensors files to read, each with the tensor names the index assigns to it (None: all)."""
+    index_path = root / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{index_path}: not a valid safetensors index ({exc!r})") from None
+        shards: dict[Path, list[str] | None] = {}
+        for name, file in weight_map.items():
+            shards.setdefault(root / file, []).append(name)  # type: ignore[union-attr]
+        for path in shards:
+            if not path.is_file():
+                raise ModelLoadError(f"{path}: shard listed in {index_path} not found")
+        return shards
+    single = root / SINGLE_FILE
+    if not single.is_file():
+        raise ModelLoadError(f"{single}: file not found (nor {INDEX_FILE}); only safetensors checkpoints are supported")
+    return {single: None}
+
+
+def read_checkpoint(
+    root: Path, expected: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Every expected tensor, shape-checked and converted; raises ModelLoadError naming the offending file."""
+    tensors: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    shards = shard_files(root)
+    for number, (path, names) in enumerate(shards.items(), start=1):
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as file:
+                for name in names if names is not None else file.keys():
+                    if name not in expected:
+                        ignored.append(name)  # e.g. a tied lm_head.weight or rotary inv_freq buffers
+                        continue
+                    shape = tuple(file.get_slice(name).get_shape())
+                    if shape != expected[name]:
+                        raise ModelLoadError(
+                            f"{path}: tensor {name} has shape {list(shape)}, but config.json implies {list(expected[name])}"
+                        )
+                    tensors[name] = file.get_tensor(name).to(dtype)
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{path}: cannot read safetensors file ({exc})") from None
+        log.info("shard_loaded", file=path.name, shard=f"{number}/{len(shards)}", tensors_so_far=len(tensors))
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        where = ", ".join(str(p) for p in shards)
+        raise ModelLoadError(f"{where}: missing {len(missing)} tensor(s) the config requires, e.g. {missing[:5]}")
+    if ignored:
+        log.info("checkpoint_tensors_ignored", count=len(ignored), examples=ignored[:5])
+    return tensors
