@@ -14,6 +14,7 @@ in reverse order so that the tail of a prefix chain is evicted before its head.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -31,6 +32,7 @@ class BlockPool:
         self.num_cached_free = 0
         self.num_shared = 0  # blocks with ref_count > 1
         self.num_evictions = 0
+        self.cached_since = [0.0] * num_blocks  # monotonic time a cached block became free (its age, for the admin)
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cache: dict[BlockHash, int] = {}
 
@@ -83,6 +85,7 @@ class BlockPool:
     def free(self, blocks: Iterable[int]) -> None:
         """Drop one reference on each block, in the given order (pass a table reversed)."""
         ref_counts = self.ref_counts
+        now = time.monotonic()
         for block in blocks:
             ref = ref_counts[block] - 1
             if ref < 0:
@@ -97,6 +100,7 @@ class BlockPool:
                     self._free.move_to_end(block, last=False)
                 else:
                     self.num_cached_free += 1
+                    self.cached_since[block] = now
 
     def set_fill(self, block: int, slots: int) -> None:
         """Record how many token slots of a held block hold tokens."""

@@ -9,9 +9,12 @@ from typing import Any, TypeVar
 import click
 import uvloop
 
-from gateway.admin.server import AdminSettings, AdminSocketInUse
+from gateway.admin.server import AdminSettings, AdminSocketError
 from gateway.cli_options import build_config, config_options
+from gateway.config_file import check_config_option, config_file_option, config_file_path
+from gateway.config_reload import ConfigReloader
 from gateway.daemon import run_daemon
+from gateway.drain import DEFAULT_DRAIN_TIMEOUT_S
 from gateway.engine import AsyncEngine, WorkerSpec
 from gateway.llm_engine import LLMEngine
 from gateway.worker_link import RegistrationError
@@ -19,13 +22,16 @@ from gateway.worker_processes import RuntimeDir, local_workers
 from shared.config import CacheConfig, ModelConfig, SchedulerConfig
 from shared.logging import LEVELS, configure_logging
 from shared.sampling_params import SamplingParams
-from shared.tokenizer import load_tokenizer
+from shared.startup_failure import StartupError, check_model_directory, exit_on_startup_failure
+from shared.tokenizer import TokenizerLoadError, load_tokenizer
 from worker.server import GATEWAY_TIMEOUT_S, GatewayLossPolicy, run_worker
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@config_file_option
+@check_config_option
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 @click.option("--log-json/--log-console", default=None, help="JSON lines (default when stderr is not a terminal).")
 def main(log_level: str, log_json: bool | None) -> None:
@@ -68,6 +74,7 @@ def http_options(command: F) -> F:
             click.option("--served-model-name", default=None, help="Model name in the API (default: the model directory's name)."),
             click.option("--api-key", default=None, envvar="PAGED_API_KEY", help="Require this Bearer token on /v1 (env PAGED_API_KEY)."),
             click.option("--registration-timeout", default=300.0, show_default=True, help="Seconds to wait for the workers to register."),
+            click.option("--drain-timeout", default=DEFAULT_DRAIN_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0), help="On SIGTERM/SIGINT: seconds running requests may take to finish before they are aborted."),
             click.option("--admin-socket", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Admin API unix socket [default: $PAGED_ADMIN_SOCKET, else the runtime directory's paged/admin.sock]."),
             click.option("--admin-port", type=click.IntRange(1, 65535), default=None, help="Also serve the admin API on this loopback port (needs --admin-token)."),
             click.option("--admin-token", default=None, envvar="PAGED_ADMIN_TOKEN", help="Bearer token the admin port requires (env PAGED_ADMIN_TOKEN)."),
@@ -82,17 +89,25 @@ null_model_option = click.option("--null-model", is_flag=True, help="Workers run
 
 def _run_gateway(workers: list[WorkerSpec], model: str | None, cache_config: CacheConfig, kwargs: dict[str, Any]) -> None:
     scheduler_config = build_config(SchedulerConfig, kwargs)
-    tokenizer = load_tokenizer(model)
+    with exit_on_startup_failure("gateway", StartupError, TokenizerLoadError):
+        check_model_directory(model)
+        tokenizer = load_tokenizer(model)
     served_model_name = kwargs["served_model_name"] or (Path(model).name if model else "paged-builtin")
     try:
         admin = AdminSettings(kwargs["admin_socket"], kwargs["admin_port"], kwargs["admin_token"])
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     engine = AsyncEngine(workers, scheduler_config, cache_config, registration_timeout=kwargs["registration_timeout"])
-    try:
-        uvloop.run(run_daemon(engine, tokenizer, served_model_name, kwargs["host"], kwargs["port"], kwargs["api_key"], admin))
-    except (RegistrationError, AdminSocketInUse) as exc:
-        raise click.ClickException(str(exc)) from None
+    context = click.get_current_context()
+    config_path = config_file_path(context)
+    reload = ConfigReloader(context, config_path).reload if config_path else None
+    with exit_on_startup_failure("gateway", StartupError, RegistrationError, AdminSocketError):
+        uvloop.run(
+            run_daemon(
+                engine, tokenizer, served_model_name, kwargs["host"], kwargs["port"], kwargs["api_key"], admin,
+                drain_timeout=kwargs["drain_timeout"], reload=reload,
+            )
+        )  # fmt: skip
 
 
 @main.command()

@@ -26,7 +26,6 @@ class ContiguousAllocator:
         self.seqs: dict[int, SeqBlocks] = {}
         self._extents: list[tuple[int, int]] = [(0, num_blocks)] if num_blocks else []  # free (start, length), sorted
         self._fork_runs: dict[int, list[list[int]]] = {}  # parent seq id -> runs reserved for its children
-        self._fork_copies: dict[int, list[BlockCopy]] = {}  # child seq id -> prompt copies still to send
         self._filled = 0
 
     def _blocks_for(self, num_tokens: int) -> int:
@@ -107,17 +106,17 @@ class ContiguousAllocator:
             raise ValueError(f"sequence {seq.seq_id} outgrew its reservation")
         record.num_slots += num_new_tokens
         self._filled += num_new_tokens
-        return self._fork_copies.pop(seq.seq_id, [])
+        return []
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
+    def fork(self, parent: Sequence, child: Sequence) -> list[BlockCopy]:
+        """The child takes a run reserved at admission; returns the prompt copies, which the worker
+        must make after the forking step and before the parent's blocks can be reused."""
         record = self.seqs[parent.seq_id]
         run = self._fork_runs[parent.seq_id].pop()
         self.seqs[child.seq_id] = SeqBlocks(run, record.num_slots)
         self._filled += record.num_slots
         num_written = self._blocks_for(record.num_slots)
-        self._fork_copies[child.seq_id] = [
-            BlockCopy(src, dst) for src, dst in zip(record.table[:num_written], run[:num_written], strict=True)
-        ]
+        return [BlockCopy(src, dst) for src, dst in zip(record.table[:num_written], run[:num_written], strict=True)]
 
     def take_table_delta(self, seq: Sequence) -> tuple[int, list[int]]:
         record = self.seqs[seq.seq_id]
@@ -142,7 +141,6 @@ class ContiguousAllocator:
         self._give_back(record.table)
         for run in self._fork_runs.pop(seq.seq_id, []):
             self._give_back(run)
-        self._fork_copies.pop(seq.seq_id, None)
 
     def swap_out(self, seqs: list[Sequence]) -> list[BlockCopy] | None:
         return None

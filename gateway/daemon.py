@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
+import functools
+import socket
+from collections.abc import Callable
 
 from gateway.admin.server import AdminServer, AdminSettings
 from gateway.api.app import build_app
 from gateway.api.server import http_server
+from gateway.drain import DEFAULT_DRAIN_TIMEOUT_S, drain
 from gateway.engine import AsyncEngine
+from gateway.http_listener import bind_http_listener
+from gateway.service_state import follow_status, ping_watchdog, serving_status
+from gateway.signals import DaemonSignals
 from shared.logging import get_logger
+from shared.systemd_notify import SystemdNotifier
 from shared.tokenizer import Tokenizer
 
 log = get_logger("gateway.daemon")
@@ -24,14 +31,50 @@ async def run_daemon(
     port: int,
     api_key: str | None,
     admin: AdminSettings | None = None,
+    *,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
+    reload: Callable[[AsyncEngine], None] | None = None,
 ) -> None:
-    """Serve until a signal. The first SIGTERM/SIGINT drains: no new requests (503), open
-    responses finish (uvicorn's graceful shutdown), then the workers are told to exit."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await engine.start()
+    """Serve until SIGTERM/SIGINT, then drain (gateway/drain.py: no new requests, running ones get
+    `drain_timeout` seconds) and shut down; SIGHUP calls `reload` (gateway/signals.py). systemd hears
+    of each state: READY=1 once the workers registered and the port listens (gateway/service_state.py)."""
+    notifier = SystemdNotifier.from_environment()  # before the workers spawn: they must not inherit it
+    signals = DaemonSignals(engine, functools.partial(reload, engine) if reload else None)
+    signals.install()
+    listener = bind_http_listener(host, port)
+    stopping = asyncio.create_task(signals.stop.wait())
+    pinging = asyncio.create_task(ping_watchdog(notifier), name="systemd-watchdog")
+    try:
+        notifier.status(f"starting: waiting for {len(engine.replicas)} workers to register")
+        starting = asyncio.create_task(engine.start(), name="engine-start")
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # stopped while the workers load: nothing to drain
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return
+        starting.result()
+        await _serve(engine, tokenizer, served_model_name, host, port, api_key, admin, listener, notifier, stopping, drain_timeout)
+    finally:
+        stopping.cancel()
+        pinging.cancel()
+        listener.close()
+        signals.remove()
+        notifier.close()
+
+
+async def _serve(
+    engine: AsyncEngine,
+    tokenizer: Tokenizer,
+    served_model_name: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    admin: AdminSettings | None,
+    listener: socket.socket,
+    notifier: SystemdNotifier,
+    stopping: asyncio.Task[object],
+    drain_timeout: float,
+) -> None:
     app = build_app(engine, tokenizer, served_model_name, api_key)
     admin_server = AdminServer(engine, admin, served_model_name, app.state.api.metrics.registry) if admin else None
     if admin_server is not None:
@@ -41,17 +84,24 @@ async def run_daemon(
             await engine.shutdown()
             raise
     server = http_server(app, host, port)
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # signals drain the engine first (above)
-    serving = asyncio.create_task(server.serve(), name="http")
-    log.info("serving", host=host, port=port, model=served_model_name, workers=len(engine.replicas))
-    stopping = asyncio.create_task(stop.wait())
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # the signals are gateway/signals.py's
+    serving = asyncio.create_task(server.serve(sockets=[listener]), name="http")
+    informing: asyncio.Task[None] | None = None
     try:
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            notifier.ready(serving_status(engine))
+            log.info("serving", host=host, port=port, model=served_model_name, workers=len(engine.replicas))
+            informing = asyncio.create_task(follow_status(notifier, engine), name="systemd-status")
         await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
-        engine.drain()
+        notifier.stopping(f"draining: {engine.num_requests()} requests running")
+        await drain(engine, drain_timeout)
         server.should_exit = True
         await serving
     finally:
-        stopping.cancel()
+        if informing is not None:
+            informing.cancel()
         if admin_server is not None:
             await admin_server.stop()
         await engine.shutdown()

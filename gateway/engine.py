@@ -49,18 +49,19 @@ class WorkerSpec:
 
 @dataclass(slots=True)
 class StepLoopStats:
-    """Gateway-side time per step and the worker's idle fraction while it had work queued."""
+    """Gateway CPU time per step by phase, and the worker's idle fraction while it had work queued."""
 
     steps: int = 0
     schedule_s: float = 0.0
     send_s: float = 0.0  # encode + send
-    update_s: float = 0.0  # scheduler.update + dispatch to the request streams
+    update_s: float = 0.0  # scheduler.update
+    dispatch_s: float = 0.0  # hand-off of the outputs to the request streams
     worker_busy_s: float = 0.0  # the worker's own total_s per step
     loaded_s: float = 0.0  # wall time with at least one step in flight
     started: float = field(default_factory=time.perf_counter)
 
     def gateway_s_per_step(self, decode_s: float = 0.0) -> float:
-        return (self.schedule_s + self.send_s + self.update_s + decode_s) / max(self.steps, 1)
+        return (self.schedule_s + self.send_s + self.update_s + self.dispatch_s + decode_s) / max(self.steps, 1)
 
     def idle_fraction(self) -> float:
         return 0.0 if self.loaded_s <= 0 else max(0.0, 1.0 - self.worker_busy_s / self.loaded_s)
@@ -96,6 +97,7 @@ class _Tracked:
     request: Request
     replica: _Replica
     outputs: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
+    answered: bool = False  # an output was handed to the stream (the first carries queue_s)
 
 
 class AsyncEngine:
@@ -108,8 +110,6 @@ class AsyncEngine:
         cache_config: CacheConfig,
         *,
         registration_timeout: float = 120.0,
-        heartbeat_interval: float | None = None,
-        death_timeout: float | None = None,
         steps_in_flight: int = OVERLAPPED_STEPS,  # 1: no overlap (benchmarks compare)
     ) -> None:
         if not workers:
@@ -120,9 +120,8 @@ class AsyncEngine:
         self.steps_in_flight = steps_in_flight
         self.gateway_id = uuid.uuid4().hex[:12]
         self.context = zmq.asyncio.Context()
-        timing = {k: v for k, v in (("heartbeat_interval", heartbeat_interval), ("death_timeout", death_timeout)) if v is not None}
         self.replicas = [
-            _Replica(i, spec, WorkerLink(self.context, spec.endpoint, name=str(i), gateway_id=self.gateway_id, accept=self._accept, **timing))
+            _Replica(i, spec, WorkerLink(self.context, spec.endpoint, name=str(i), gateway_id=self.gateway_id, accept=self._accept))
             for i, spec in enumerate(workers)
         ]
         self.max_model_len = 0
@@ -174,6 +173,34 @@ class AsyncEngine:
         """Undo drain(): admit new requests again (the admin API)."""
         self._draining = False
         log.info("engine_resumed")
+
+    def abort_all(self, message: str) -> int:
+        """Fail every running request with `message` (a drain that ran out of time): each stream
+        ends with that error. Returns how many were aborted."""
+        aborted = list(self._requests.values())
+        for tracked in aborted:
+            self._abort(tracked)
+            self._fail(tracked, message)
+        return len(aborted)
+
+    def reconfigure_scheduling(self, scheduler_config: SchedulerConfig) -> None:
+        """Apply reloaded admission caps and scheduling policy (SIGHUP) to every worker's scheduler,
+        and to the ones made when a worker (re)registers."""
+        self.scheduler_config = scheduler_config
+        for replica in self.replicas:
+            if replica.scheduler is not None:
+                replica.scheduler.reconfigure(scheduler_config)
+                replica.wakeup.set()
+
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def kill_worker_processes(self) -> None:
+        """SIGKILL the spawned workers now (a second stop signal: exit without draining)."""
+        for replica in self.replicas:
+            process = replica.link.process
+            if process is not None and process.exitcode is None:
+                process.kill()  # type: ignore[attr-defined]
 
     def flush_prefix_cache(self) -> int:
         """Forget every worker's cached-free blocks (the admin API); blocks held by requests keep
@@ -293,12 +320,20 @@ class AsyncEngine:
             replica.link.process = replica.spec.spawn()
 
     async def _serve_worker(self, replica: _Replica) -> None:
-        """Run the worker's step loop; when it is lost, hand its requests on and re-register it."""
+        """Run the worker's step loop; when it is lost, hand its requests on and re-register it
+        (a new session: the worker starts empty)."""
         while True:
             try:
                 await self._step_loop(replica)
             except WorkerLost as lost:
                 self._on_worker_lost(replica, str(lost))
+                process = replica.link.process
+                if replica.spec.spawn is not None and process is not None and process.exitcode is None:
+                    process.kill()  # type: ignore[attr-defined]  # hung: a fresh process replaces it
+                    await asyncio.to_thread(process.join, 5)
+            except Exception as exc:  # a gateway bug must not silently strand this worker's requests
+                log.exception("step_loop_failed", worker=replica.name)
+                self._on_worker_lost(replica, f"gateway error in the step loop: {exc!r}")
             while True:
                 self._spawn_if_needed(replica)
                 try:
@@ -311,27 +346,30 @@ class AsyncEngine:
             log.info("worker_rejoined", worker=replica.name)
 
     async def _step_loop(self, replica: _Replica) -> None:
-        scheduler, link, stats = replica.scheduler, replica.link, replica.stats
+        scheduler, link = replica.scheduler, replica.link
         assert scheduler is not None
         # Steps in schedule order, each with whether it was sent; an empty step is never sent and is
         # answered with an empty output when its turn comes, so update() always follows step order.
         in_flight: deque[tuple[StepInput, bool]] = deque()
-        clock = time.perf_counter
+        # Gateway phases are timed in thread CPU time (what the gateway spends, whatever else the
+        # host runs); the worker's load in wall time.
+        cpu, wall = time.thread_time, time.perf_counter
         loaded_since = 0.0
-        next_log = clock() + LOAD_LOG_INTERVAL_S
+        next_log = wall() + LOAD_LOG_INTERVAL_S
         while True:
             replica.wakeup.clear()
+            stats = replica.stats  # replaceable from outside, to measure a window
             while len(in_flight) < self.steps_in_flight and (scheduler.has_unfinished_requests() or not in_flight):
-                t0 = clock()
+                t0 = cpu()
                 step = scheduler.schedule()
-                t1 = clock()
+                t1 = cpu()
                 stats.schedule_s += t1 - t0
                 sent = _has_work(step)
                 if sent:
                     await link.send_step(step)
-                    stats.send_s += clock() - t1
+                    stats.send_s += cpu() - t1
                     if not in_flight:
-                        loaded_since = clock()
+                        loaded_since = wall()
                 in_flight.append((step, sent))
                 if not sent:
                     break
@@ -344,7 +382,7 @@ class AsyncEngine:
                     raise WorkerLost(link.lost_reason or "worker lost")
                 continue
             output = await link.receive()
-            now = clock()
+            now, t0 = wall(), cpu()
             step = in_flight.popleft()[0]
             if output.step_id != step.step_id:
                 raise WorkerLost(f"worker {replica.name} answered step {output.step_id}, expected {step.step_id}")
@@ -352,8 +390,11 @@ class AsyncEngine:
             loaded_since = now
             stats.worker_busy_s += output.total_s
             stats.steps += 1
-            self._dispatch(scheduler.update(step, output))
-            stats.update_s += clock() - now
+            outputs = scheduler.update(step, output)
+            t1 = cpu()
+            self._dispatch(outputs)
+            stats.update_s += t1 - t0
+            stats.dispatch_s += cpu() - t1
             if now >= next_log:
                 next_log = now + LOAD_LOG_INTERVAL_S
                 self._log_load(replica)
@@ -365,6 +406,11 @@ class AsyncEngine:
                 continue  # aborted meanwhile
             if output.finished:
                 del self._requests[output.request_id]
+            if not tracked.answered:
+                tracked.answered = True
+                request = tracked.request
+                if output.queue_s is None and request.first_scheduled_time is not None:
+                    output.queue_s = request.first_scheduled_time - request.arrival_time
             tracked.outputs.put_nowait(output)
 
     def _on_worker_lost(self, replica: _Replica, reason: str) -> None:

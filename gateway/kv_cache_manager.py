@@ -191,14 +191,16 @@ class KVCacheManager:
             set_fill(table[index], min(size, end - index * size))
         record.num_slots = end
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """The child shares the parent's whole table (the worker copies the parent's)."""
+    def fork(self, parent: Sequence, child: Sequence) -> list[BlockCopy]:
+        """The child shares the parent's whole table (the worker copies the parent's): no copies
+        now; a shared partial block is copied when first written (grow)."""
         record = self.seqs[parent.seq_id]
         self.pool.touch(record.table)
         self.seqs[child.seq_id] = SeqBlocks(
             list(record.table), record.num_slots, len(record.table), record.num_registered
         )
         child.block_hashes = list(parent.block_hashes)
+        return []
 
     def take_table_delta(self, seq: Sequence) -> tuple[int, list[int]]:
         """(table_from, new_blocks) the worker needs to bring its table up to date."""

@@ -33,7 +33,8 @@ HOTTEST_PREFIXES = 10
 
 
 class BlockInfo(msgspec.Struct, omit_defaults=True):
-    """One block. `holders` has one request id per block table holding it, so len(holders) == ref."""
+    """One block. `holders` has one request id per block table holding it, so len(holders) == ref.
+    Fields at their default (0, empty, None) are left out of the JSON: a pool has thousands of blocks."""
 
     id: int
     state: str  # "free", "cached" (cached-free) or "held"
@@ -42,6 +43,7 @@ class BlockInfo(msgspec.Struct, omit_defaults=True):
     holders: list[str] = []
     hash: str | None = None  # prefix of the content hash (cached-free, and held blocks in the cache)
     lru: int | None = None  # cached-free: how many free blocks are reused before this one (0: next)
+    age_s: float | None = None  # cached-free: seconds since its last holder freed it
 
 
 class PoolFigures(msgspec.Struct):
@@ -145,6 +147,7 @@ def memory_map(scheduler: Scheduler, worker: str) -> MemoryMap:
         return MemoryMap(worker, "contiguous", _figures(kv, blocks), blocks)
     pool = kv.pool
     lru = {block: rank for rank, block in enumerate(pool.free_queue()) if pool.block_hashes[block] is not None}
+    now = time.monotonic()
     blocks = []
     for block in range(pool.num_blocks):
         ref = pool.ref_counts[block]
@@ -152,7 +155,7 @@ def memory_map(scheduler: Scheduler, worker: str) -> MemoryMap:
         if ref:
             blocks.append(BlockInfo(block, "held", ref, pool.fill[block], holders.get(block, []), block_hash))
         elif block_hash is not None:
-            blocks.append(BlockInfo(block, "cached", hash=block_hash, lru=lru[block]))
+            blocks.append(BlockInfo(block, "cached", hash=block_hash, lru=lru[block], age_s=now - pool.cached_since[block]))
         else:
             blocks.append(BlockInfo(block, "free"))
     return MemoryMap(worker, "paged", _figures(kv, blocks), blocks)

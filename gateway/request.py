@@ -57,10 +57,6 @@ class Sequence:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.request.prompt_token_ids) :]
 
-    @property
-    def order(self) -> tuple[int, int, int]:
-        return (*self.request.order, self.index)
-
 
 @dataclass(eq=False)
 class Request:

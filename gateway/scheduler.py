@@ -74,6 +74,7 @@ class _StepBuilder:
     budget: int
     scheduled: dict[int, ScheduledSeq] = field(default_factory=dict)
     copies: dict[int, list[BlockCopy]] = field(default_factory=dict)  # copy-on-write, by sequence
+    fork_copies: list[BlockCopy] = field(default_factory=list)  # from the previous step's forks
     new_seqs: dict[int, NewSequence] = field(default_factory=dict)
     forks: list[Sequence] = field(default_factory=list)  # parents whose children appear after this step
     swap_out: list[BlockCopy] = field(default_factory=list)
@@ -100,10 +101,13 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: list[Request] = []  # sorted by Request.order
         self.swapped: list[Request] = []  # sorted by Request.order
-        self.running: list[Sequence] = []  # sorted by Sequence.order; the tail is the next victim
+        self.running: list[Sequence] = []  # sorted by (request order, index); the tail is the next victim
         self._seqs: dict[int, Sequence] = {}  # live sequences by id
         self._freed_seq_ids: list[int] = []  # for the next StepInput
+        self._fork_copies: list[BlockCopy] = []  # for the next StepInput
         self._waiting_tokens = 0
+        # (head of waiting, free blocks, token budget) when it last failed to fit
+        self._blocked_head: tuple[Request, int, int] | None = None
         self._next_step_id = 0
         self._arrivals = 0
         self._prefix_queries = 0
@@ -187,14 +191,14 @@ class Scheduler:
 
     def _finish_request(self, request: Request, reason: str) -> None:
         """End every sequence of a request that has not ended (abort or error)."""
-        was_running = False
+        live = request.live_seqs()
+        was = live[0].status if live else FINISHED
         for seq in request.seqs:
             if seq.status is not FINISHED:
-                was_running |= seq.status is RUNNING
                 self._finish_seq(seq, reason)
-        if was_running:
+        if was is RUNNING:
             self.running = [seq for seq in self.running if seq.status is RUNNING]
-        self._forget_request(request)
+        self._forget_request(request, was)
 
     def _finish_seq(self, seq: Sequence, reason: str) -> None:
         seq.status = FINISHED
@@ -205,14 +209,28 @@ class Scheduler:
             self._freed_seq_ids.append(seq.seq_id)
             seq.on_worker = False
 
-    def _forget_request(self, request: Request) -> None:
+    def _forget_request(self, request: Request, was: SequenceStatus) -> None:
+        """Drop a request that has ended; `was` is the state of its sequences before the end."""
         self.requests.pop(request.request_id, None)
         request.finished_time = time.monotonic()
-        if request in self.waiting:
+        if was is SequenceStatus.WAITING and request in self.waiting:
             self.waiting.remove(request)
             self._waiting_tokens -= request.waiting_tokens
-        if request in self.swapped:
+        elif was is SequenceStatus.SWAPPED and request in self.swapped:
             self.swapped.remove(request)
+
+    def reconfigure(self, scheduler_config: SchedulerConfig) -> None:
+        """Apply a reloaded configuration (SIGHUP) to a running scheduler: the admission caps and the
+        policy. Queued requests stay; a switch to or from the priority policy re-orders them."""
+        self.config = scheduler_config
+        by_priority = scheduler_config.scheduling_policy == "priority"
+        if by_priority != self._by_priority:
+            self._by_priority = by_priority
+            for request in self.requests.values():
+                request.order = (request.priority if by_priority else 0, request.order[1])
+            self.waiting.sort(key=_request_order)
+            self.swapped.sort(key=_request_order)
+            self.running.sort(key=_seq_order)
 
     def take_all_requests(self) -> list[Request]:
         """The worker is gone: hand back every unfinished request, reset to be recomputed elsewhere,
@@ -230,6 +248,7 @@ class Scheduler:
         self.running.clear()
         self._seqs.clear()
         self._freed_seq_ids.clear()
+        self._fork_copies.clear()
         self._waiting_tokens = 0
         return requests
 
@@ -254,7 +273,8 @@ class Scheduler:
     # Scheduling ---------------------------------------------------------------------------------
 
     def schedule(self) -> StepInput:
-        step = _StepBuilder(self._next_step_id, self.config.max_num_batched_tokens)
+        step = _StepBuilder(self._next_step_id, self.config.max_num_batched_tokens, fork_copies=self._fork_copies)
+        self._fork_copies = []
         self._next_step_id += 1
         if self.config.scheduling_policy == "prefill-first":
             self._swap_in(step)
@@ -318,8 +338,19 @@ class Scheduler:
             seqs = request.live_seqs()
             if self._seats_taken() + self._seats_needed(request, seqs) > self.config.max_num_seqs:
                 return
-            if self._admit(request, seqs, step):
-                continue
+            # A head that did not fit is not probed again until blocks are freed or its chunk shrinks.
+            blocked = self._blocked_head
+            free = self.kv.num_free_blocks
+            if not (
+                blocked is not None
+                and blocked[0] is request
+                and free <= blocked[1]
+                and step.budget >= blocked[2]
+                and self.running
+            ):
+                if self._admit(request, seqs, step):
+                    continue
+                self._blocked_head = (request, free, step.budget)
             # Under the priority policy a more important request may take a less important one's blocks.
             if not (self._by_priority and self.running and self.running[-1].request.order[0] > request.order[0]):
                 return
@@ -442,14 +473,15 @@ class Scheduler:
             request = parent.request
             request.forked = True
             for child in request.seqs[1:]:
-                self.kv.fork(parent, child)
+                # Copies (contiguous allocator only) read KV this step computes: send them next step.
+                self._fork_copies += self.kv.fork(parent, child)
                 child.num_computed = parent.num_computed
                 child.num_tokens = parent.num_tokens
                 child.status = RUNNING
                 child.on_worker = True
                 self._seqs[child.seq_id] = child
                 bisect.insort(self.running, child, key=_seq_order)
-        copies = [copy for seq_copies in step.copies.values() for copy in seq_copies]
+        copies = step.fork_copies + [copy for seq_copies in step.copies.values() for copy in seq_copies]
         freed, self._freed_seq_ids = self._freed_seq_ids, []
         return StepInput(
             step_id=step.step_id,
@@ -500,32 +532,33 @@ class Scheduler:
             token_ids = seq.token_ids
             token = result.token_id
             token_ids.append(token)
-            delta = SequenceDelta(seq.index, [token])
+            if token in request.stop_token_ids:
+                finish_reason = "stop"
+            elif len(token_ids) >= seq.max_num_tokens:
+                finish_reason = "length"
+            else:
+                finish_reason = None
+            delta = SequenceDelta(seq.index, [token], None, None, finish_reason)
             if seq.logprobs is not None:
                 seq.logprobs.append(result.logprob if result.logprob is not None else 0.0)
                 seq.top_logprobs.append(result.top_logprobs or [])
                 delta.logprobs = [seq.logprobs[-1]]
                 delta.top_logprobs = [seq.top_logprobs[-1]]
-            if token in request.stop_token_ids:
-                delta.finish_reason = "stop"
-            elif len(token_ids) >= seq.max_num_tokens:
-                delta.finish_reason = "length"
             request_output = outputs.get(request.request_id)
             if request_output is None:
                 request_output = outputs[request.request_id] = RequestOutput(
-                    request.request_id,
-                    num_prompt_tokens=request.num_prompt_tokens,
-                    num_cached_tokens=request.num_cached_tokens,
+                    request.request_id, [], len(request.prompt_token_ids), request.num_cached_tokens
                 )
                 if request.first_token_time is None:
                     request.first_token_time = time.monotonic()
             request_output.deltas.append(delta)
-            if delta.finish_reason is not None:
-                any_finished |= seq.status is RUNNING
-                self._finish_seq(seq, delta.finish_reason)
+            if finish_reason is not None:
+                was = seq.status
+                any_finished |= was is RUNNING
+                self._finish_seq(seq, finish_reason)
                 if request.finished:
                     request_output.finished = True
-                    self._forget_request(request)
+                    self._forget_request(request, was)
         if any_finished:
             self.running = [seq for seq in self.running if seq.status is RUNNING]
         return list(outputs.values())

@@ -39,6 +39,7 @@ log = get_logger("gateway.worker_link")
 
 HEARTBEAT_INTERVAL_S = 0.25
 DEATH_TIMEOUT_S = 1.5  # plus at most one heartbeat interval of checking: lost within 2 s
+SHUTDOWN_LINGER_MS = 500  # a closing socket still delivers the Shutdown queued just before
 
 
 class WorkerLost(Exception):
@@ -86,7 +87,7 @@ class WorkerLink:
         self.registration: WorkerRegistration | None = None
         self.lost_reason: str | None = None
         self.lost = asyncio.Event()  # set when the current session ends
-        self.decode_s = 0.0  # time spent decoding step outputs, for the gateway's per-step overhead
+        self.decode_s = 0.0  # CPU time decoding step outputs, for the gateway's per-step overhead
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._outputs: asyncio.Queue[StepOutput | None] = asyncio.Queue()  # None: the session ended
@@ -111,6 +112,10 @@ class WorkerLink:
         self._registered = loop.create_future()
         self._socket = self.context.socket(zmq.DEALER)
         self._socket.linger = 0
+        # Queue nothing for a worker that is not connected: hellos do not pile up while it loads,
+        # and a step sent after its connection dropped fails at once instead of waiting for a
+        # successor (every send is non-blocking, see _send).
+        self._socket.immediate = True
         self._socket.connect(self.endpoint)
         self._tasks = [asyncio.create_task(self._read(), name=f"link-{self.name}-read")]
         hello = Hello(PROTOCOL_VERSION, self.gateway_id)
@@ -143,9 +148,10 @@ class WorkerLink:
         return registration
 
     async def send_step(self, step: StepInput) -> None:
+        if self.connected and not await self._send(step):
+            self._lose(f"worker {self.name} connection dropped")
         if not self.connected:
             raise WorkerLost(self.lost_reason or f"worker {self.name} is not registered")
-        await self._send(step)
 
     async def receive(self) -> StepOutput:
         """The next step output, in step order. Raises WorkerLost when the session ends."""
@@ -158,26 +164,28 @@ class WorkerLink:
     async def close(self, reason: str = "gateway shutting down") -> None:
         """Tell the worker to exit and end the session."""
         if self.connected:
-            try:
-                await asyncio.wait_for(self._send(Shutdown(reason)), timeout=1.0)
-            except (TimeoutError, zmq.ZMQError):
-                pass
+            await self._send(Shutdown(reason))
         self._stop_watching_process()
         self.registration = None  # a deliberate end, not a loss worth a warning
         self._lose(reason)
-        await self._end_session()
+        await self._end_session(linger_ms=SHUTDOWN_LINGER_MS)
 
     # --- session internals ----------------------------------------------------------------------
 
-    async def _send(self, message: Hello | RegistrationAck | RegistrationRefused | Heartbeat | Shutdown | StepInput) -> None:
+    async def _send(self, message: Hello | RegistrationAck | RegistrationRefused | Heartbeat | Shutdown | StepInput) -> bool:
+        """Send without waiting; False when the worker is not connected (nothing is queued)."""
         assert self._socket is not None
-        await self._socket.send_multipart(self.codec.encode(message))
+        try:
+            await self._socket.send_multipart(self.codec.encode(message), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
 
     async def _read(self) -> None:
         assert self._socket is not None
         while True:
             frames = await self._socket.recv_multipart()
-            started = time.perf_counter()
+            started = time.thread_time()
             try:
                 message = self.codec.decode(frames)
             except ProtocolVersionError as exc:
@@ -189,7 +197,7 @@ class WorkerLink:
             self._last_heard = time.monotonic()
             match message:
                 case StepOutput():
-                    self.decode_s += time.perf_counter() - started
+                    self.decode_s += time.thread_time() - started
                     if self.connected:
                         self._outputs.put_nowait(message)
                 case Heartbeat():
@@ -250,7 +258,7 @@ class WorkerLink:
             log.warning("worker_lost", worker=self.name, endpoint=self.endpoint, reason=reason)
         self._outputs.put_nowait(None)
 
-    async def _end_session(self) -> None:
+    async def _end_session(self, linger_ms: int = 0) -> None:
         current = asyncio.current_task()
         tasks = [task for task in self._tasks if task is not current]
         for task in tasks:
@@ -258,5 +266,5 @@ class WorkerLink:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
         if self._socket is not None:
-            self._socket.close(linger=0)
+            self._socket.close(linger=linger_ms)
             self._socket = None

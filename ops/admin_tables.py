@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 
@@ -12,7 +13,7 @@ def pct(value: float) -> str:
 
 
 def workers_table(workers: list[dict[str, Any]]) -> Table:
-    table = Table("worker", "state", "running", "waiting", "KV used", "cached", "free", "slot util.", "hit rate", "preempt.", "steps")
+    table = Table("worker", "state", "run", "wait", "KV used", "cached", "free", "slots", "hits", "preempt", "steps", box=box.SIMPLE_HEAD)
     for w in workers:
         table.add_row(
             w["name"], w["state"], str(w["running_seqs"]), str(w["waiting_requests"]),
@@ -23,8 +24,12 @@ def workers_table(workers: list[dict[str, Any]]) -> Table:
 
 
 def requests_table(requests: list[dict[str, Any]]) -> Table:
-    """One row per request; `blocks` lists each sequence's block-table length."""
-    table = Table("request", "worker", "state", "prio", "prompt", "generated", "cached", "blocks", "waiting s", "running s", "preempt.")
+    """One row per request; `blocks` lists each sequence's block-table length; `gen` counts
+    generated tokens; `slots` (workers) is the share of reserved token slots holding tokens."""
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("request", no_wrap=True)  # ids are what the other commands take: never cut
+    for header in ("worker", "state", "prio", "prompt", "gen", "cached", "blocks", "wait s", "run s", "preempt"):
+        table.add_column(header)
     for r in requests:
         blocks = " ".join(str(len(seq["block_table"])) for seq in r["seqs"])
         table.add_row(

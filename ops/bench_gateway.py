@@ -4,9 +4,10 @@
 
 For each number of running sequences (all decoding: short prompts, long max_tokens, ignore_eos)
 and each simulated forward time of the null worker (0 = the gateway alone), it prints steps per
-second, the gateway's own time per step split into schedule / encode+send / decode / update (the
-update includes handing outputs to the request streams), and the worker's idle fraction while it
-had work, with overlapped scheduling (two steps in flight) and without (one). `--model` runs a real
+second, the gateway's CPU time per step split into schedule / encode+send / decode / update /
+dispatch (handing outputs to the request streams), the CPU time of the gateway's event loop
+thread per step all included (step loop, request streams consumed by a trivial client, heartbeats),
+and the worker's idle fraction while it had work, with overlapped scheduling (two steps in flight) and without (one). `--model` runs a real
 worker instead of the null one.
 """
 
@@ -40,14 +41,16 @@ class Row:
     send_us: float
     decode_us: float
     update_us: float
+    dispatch_us: float
+    cpu_us: float  # the gateway's event-loop thread CPU time per step, everything included
     idle_fraction: float
 
     @property
     def gateway_us(self) -> float:
-        return self.schedule_us + self.send_us + self.decode_us + self.update_us
+        return self.schedule_us + self.send_us + self.decode_us + self.update_us + self.dispatch_us
 
 
-async def measure(engine: AsyncEngine, num_seqs: int, num_steps: int, max_tokens: int) -> tuple[StepLoopStats, float, float]:
+async def measure(engine: AsyncEngine, num_seqs: int, num_steps: int, max_tokens: int) -> tuple[StepLoopStats, float, float, float]:
     """Run `num_seqs` decoding sequences and return the step loop's stats over `num_steps` steps."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 
@@ -63,15 +66,15 @@ async def measure(engine: AsyncEngine, num_seqs: int, num_steps: int, max_tokens
     await asyncio.sleep(0.05)
     replica.stats = stats = StepLoopStats()
     replica.link.decode_s = 0.0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.thread_time()
     while stats.steps < num_steps:
-        await asyncio.sleep(0.005)
-    elapsed = time.perf_counter() - started
+        await asyncio.sleep(0.05)
+    elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu_started
     decode_s = replica.link.decode_s
     for task in consumers:
         task.cancel()
     await asyncio.gather(*consumers, return_exceptions=True)
-    return stats, elapsed, decode_s
+    return stats, elapsed, decode_s, cpu
 
 
 async def run(seq_counts: list[int], step_ms: list[float], num_steps: int, model: str | None) -> list[Row]:
@@ -88,14 +91,14 @@ async def run(seq_counts: list[int], step_ms: list[float], num_steps: int, model
         for steps_in_flight in (2, 1):
             engine = AsyncEngine(specs, SchedulerConfig(max_num_seqs=max(seq_counts)), cache_config, steps_in_flight=steps_in_flight)
             await engine.start()
-            max_tokens = min(engine.max_model_len - PROMPT_LEN, num_steps * 4)
+            max_tokens = min(engine.max_model_len - PROMPT_LEN, num_steps * 10)
             try:
                 for num_seqs in seq_counts:
-                    stats, elapsed, decode_s = await measure(engine, num_seqs, num_steps, max_tokens)
+                    stats, elapsed, decode_s, cpu = await measure(engine, num_seqs, num_steps, max_tokens)
                     per = 1e6 / stats.steps
                     rows.append(
                         Row(num_seqs, step_s, steps_in_flight, stats.steps / elapsed, stats.schedule_s * per,
-                            stats.send_s * per, decode_s * per, stats.update_s * per, stats.idle_fraction())
+                            stats.send_s * per, decode_s * per, stats.update_s * per, stats.dispatch_s * per, cpu * per, stats.idle_fraction())
                     )  # fmt: skip
             finally:
                 await engine.shutdown()
@@ -113,12 +116,12 @@ def main(seqs: str, num_steps: int, step_ms: str, model: str | None) -> None:
     seq_counts = [int(s) for s in seqs.split(",")]
     rows = uvloop.run(run(seq_counts, [float(s) for s in step_ms.split(",")], num_steps, model))
     table = Table(title=f"gateway step loop, {'null worker' if model is None else model} over ipc, {num_steps} steps per row")
-    for column in ("seqs", "worker ms", "in flight", "steps/s", "schedule µs", "enc+send µs", "decode µs", "update µs", "gateway µs/step", "worker idle"):
+    for column in ("seqs", "worker ms", "in flight", "steps/s", "schedule µs", "enc+send µs", "decode µs", "update µs", "dispatch µs", "step loop µs", "loop thread CPU µs", "worker idle"):
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(
             str(r.seqs), "model" if model else f"{r.step_ms:g}", str(r.steps_in_flight), f"{r.steps_per_s:.0f}", f"{r.schedule_us:.0f}",
-            f"{r.send_us:.0f}", f"{r.decode_us:.0f}", f"{r.update_us:.0f}", f"{r.gateway_us:.0f}", f"{r.idle_fraction:.1%}",
+            f"{r.send_us:.0f}", f"{r.decode_us:.0f}", f"{r.update_us:.0f}", f"{r.dispatch_us:.0f}", f"{r.gateway_us:.0f}", f"{r.cpu_us:.0f}", f"{r.idle_fraction:.1%}",
         )  # fmt: skip
     Console(width=160).print(table)
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Group, RenderableType
-from rich.table import Table
 from rich.text import Text
 
 FREE_COLOR = "#c8c8c8"
@@ -50,24 +49,22 @@ def _cell(block: dict[str, Any], colors: dict[str, str]) -> Text:
     if state == "cached":
         return Text("░░", style=CACHED_COLOR)
     ref = block.get("ref", 1)
-    label = f"{ref:>2}" if 1 < ref < 100 else "  "
-    return Text(label, style=f"bold black on {block_color(block, colors)}")
+    if ref == 1:
+        return Text("██", style=block_color(block, colors))
+    return Text(f"{ref:>2}" if ref < 100 else "++", style=f"bold black on {block_color(block, colors)}")
 
 
-def figures_table(figures: dict[str, Any]) -> Table:
-    table = Table(show_header=False, box=None, padding=(0, 2))
+def figures_text(figures: dict[str, Any]) -> Text:
     pct = "{:.1%}".format
-    table.add_row(
-        "blocks", f"{figures['num_blocks']} × {figures['block_size']} tokens",
-        "held", str(figures["held"]), "shared", str(figures["shared"]),
-    )  # fmt: skip
-    table.add_row("cached-free", str(figures["cached"]), "free", str(figures["free"]), "utilization", pct(figures["utilization"]))
-    table.add_row(
-        "slots filled", f"{figures['slots_filled']}/{figures['slots_reserved']}",
-        "internal frag.", pct(figures["internal_fragmentation"]),
-        "external frag.", f"{pct(figures['external_fragmentation'])} (largest free run {figures['largest_free_run']})",
-    )  # fmt: skip
-    return table
+    return Text(
+        f"blocks {figures['num_blocks']} × {figures['block_size']} tokens: {figures['held']} held "
+        f"({figures['shared']} shared), {figures['cached']} cached-free, {figures['free']} free\n"
+        f"utilization {pct(figures['utilization'])} of blocks held · "
+        f"slots filled {figures['slots_filled']}/{figures['slots_reserved']} ({pct(figures['slot_utilization'])})\n"
+        f"internal frag. {pct(figures['internal_fragmentation'])} (reserved slots empty) · "
+        f"external frag. {pct(figures['external_fragmentation'])} (largest free run {figures['largest_free_run']} "
+        f"of {figures['free'] + figures['cached']} allocatable)"
+    )
 
 
 def render_memmap(memory: dict[str, Any], width: int) -> RenderableType:
@@ -83,19 +80,19 @@ def render_memmap(memory: dict[str, Any], width: int) -> RenderableType:
     legend = Text()
     legend.append("··", style=FREE_COLOR).append(" free  ")
     legend.append("░░", style=CACHED_COLOR).append(" cached-free  ")
-    legend.append("  ", style=f"on {OWNER_COLORS[0]}").append(" held (color: request)  ")
+    legend.append("██", style=OWNER_COLORS[0]).append(" held (color: request)  ")
     legend.append(" 2", style=f"bold black on {OWNER_COLORS[0]}").append(" shared (ref count)")
     owners = Text()
     held = _blocks_per_owner(blocks)
     for owner, color in list(colors.items())[:LEGEND_OWNERS]:
-        owners.append("  ", style=f"on {color}").append(f" {owner} ({held[owner]})  ")
+        owners.append("██", style=color).append(f" {owner} ({held[owner]})  ")
     if len(colors) > LEGEND_OWNERS:
         owners.append(f"… {len(colors) - LEGEND_OWNERS} more requests")
     title = Text(f"worker {memory['worker']} · {memory['allocator']} allocator", style="bold")
     parts: list[RenderableType] = [title, grid, legend]
     if colors:
         parts.append(owners)
-    parts.append(figures_table(memory["figures"]))
+    parts.append(figures_text(memory["figures"]))
     return Group(*parts)
 
 
@@ -124,9 +121,14 @@ def write_png(memory: dict[str, Any], path: Path) -> None:
     image = [[(1.0, 1.0, 1.0)] * columns for _ in range(rows)]
     for block in blocks:
         image[block["id"] // columns][block["id"] % columns] = to_rgb(block_color(block, colors))
-    figure, axes = plt.subplots(figsize=(10, max(3.0, 10 * rows / columns + 2.5)))
+    figure, axes = plt.subplots(figsize=(10, max(3.0, 8 * rows / columns + 1.5)))
     axes.imshow(image, interpolation="nearest", aspect="equal")
     axes.set_xticks([])
+    if num <= PNG_ANNOTATE_MAX_BLOCKS:  # white lines between cells, so each block is countable
+        axes.set_xticks([x - 0.5 for x in range(1, columns)], minor=True)
+        axes.set_yticks([y - 0.5 for y in range(1, rows)], minor=True)
+        axes.grid(which="minor", color="white", linewidth=0.8)
+        axes.tick_params(which="minor", length=0)
     axes.set_yticks(range(rows), [str(row * columns) for row in range(rows)], fontsize=6)
     if num <= PNG_ANNOTATE_MAX_BLOCKS:
         for block in blocks:

@@ -14,6 +14,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.outputs import RequestOutput
+from gateway.scheduler import Scheduler
 from shared.protocol import SeqResult, StepInput, StepOutput
 
 
@@ -144,13 +146,13 @@ class StepLoop:
     """Drives a scheduler against a simulated worker the way the engine does: in `overlapped`
     mode schedule() for step N+1 runs before update() for step N (one step in flight)."""
 
-    def __init__(self, scheduler, worker: SimulatedWorker, *, overlapped: bool = True) -> None:  # noqa: ANN001
+    def __init__(self, scheduler: Scheduler, worker: SimulatedWorker, *, overlapped: bool = True) -> None:
         self.scheduler = scheduler
         self.worker = worker
         self.overlapped = overlapped
         self.in_flight: tuple[StepInput, StepOutput] | None = None
         self.num_steps = 0
-        self.outputs: list = []
+        self.outputs: list[RequestOutput] = []
 
     def step(self) -> StepInput:
         """One engine iteration; returns the step just scheduled."""

@@ -8,6 +8,7 @@ pool. The workload is drawn from a fixed seed and shaped like ShareGPT: log-norm
 (10-2000 tokens) and output lengths (10-1000 tokens, ended by EOS; clients ask for max_tokens up
 to 1024, which is what the contiguous allocator must reserve), a share of requests starting with
 one of a few long system prompts, and a share sampling n=4. All requests arrive at once (offline).
+Configurations run in parallel processes (--jobs); wall_s and cpu_s are per configuration.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from __future__ import annotations
 import gc
 import json
 import math
+import multiprocessing
+import os
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import click
@@ -77,12 +81,14 @@ def simulate(
     block_size: int,
     max_model_len: int,
     scheduler_config: SchedulerConfig,
+    num_host_blocks: int = 0,
 ) -> dict[str, float | int]:
     scheduler = Scheduler(
         scheduler_config,
         CacheConfig(block_size=block_size, kv_allocator=allocator, enable_prefix_caching=prefix_caching),
         num_blocks,
         max_model_len,
+        num_host_blocks=num_host_blocks,
     )
     targets: dict[int, int] = {}  # seq id -> length (prompt + output) at which it samples EOS
     for index, prompt in enumerate(workload.prompts):
@@ -95,6 +101,7 @@ def simulate(
         for seq, output_len in zip(request.seqs, workload.output_lens[index], strict=True):
             targets[seq.seq_id] = len(prompt) + output_len - 1
         scheduler.add_request(request)
+    gc.freeze()  # requests and their token ids live for the whole run: keep the collector off them
 
     def choose_token(seq_id: int, position: int) -> int:
         return EOS if position >= targets[seq_id] else 1 + position % (VOCAB - 1)
@@ -107,6 +114,7 @@ def simulate(
     peak_concurrency = 0
     kv = scheduler.kv
     started = time.perf_counter()
+    started_cpu = time.process_time()
 
     def measure(_step: object) -> None:
         nonlocal utilization_sum, utilization_steps, utilization_peak, peak_concurrency
@@ -128,9 +136,21 @@ def simulate(
         "prefix_hit_rate": stats.prefix_hits_tokens / stats.prefix_queries_tokens if stats.prefix_queries_tokens else 0.0,
         "preemptions": stats.preemptions,
         "evictions": stats.evictions,
+        "swapped_out_blocks": stats.swaps_out,
         "tokens_computed": worker.num_tokens_computed,
         "wall_s": time.perf_counter() - started,
+        "cpu_s": time.process_time() - started_cpu,
     }
+
+
+_shared: dict[str, object] = {}  # the workload and options, set before the configurations run
+
+
+def _simulate_named(name: str) -> tuple[str, dict[str, float | int]]:
+    allocator, prefix_caching = CONFIGURATIONS[name]
+    workload = _shared["workload"]
+    assert isinstance(workload, Workload)
+    return name, simulate(workload, allocator=allocator, prefix_caching=prefix_caching, **_shared["options"])  # type: ignore[arg-type]
 
 
 def _print_table(workload_info: dict[str, object], results: dict[str, dict[str, float | int]]) -> None:
@@ -140,8 +160,11 @@ def _print_table(workload_info: dict[str, object], results: dict[str, dict[str, 
     table = Table(title=f"paged simulate: {workload_info['num_requests']} requests, pool {workload_info['num_blocks']} "
                   f"blocks x {workload_info['block_size']} tokens")
     for column in ("configuration", "KV util mean", "KV util peak", "peak seqs", "steps", "prefix hit rate",
-                   "preemptions", "tokens computed", "wall s"):
-        table.add_column(column, justify="right" if column != "configuration" else "left")
+                   "preemptions", "tokens computed", "wall s", "cpu s"):
+        if column == "configuration":
+            table.add_column(column, no_wrap=True, min_width=16)
+        else:
+            table.add_column(column, justify="right")
     for name, row in results.items():
         table.add_row(
             name,
@@ -153,6 +176,7 @@ def _print_table(workload_info: dict[str, object], results: dict[str, dict[str, 
             str(row["preemptions"]),
             str(row["tokens_computed"]),
             f"{row['wall_s']:.1f}",
+            f"{row['cpu_s']:.1f}",
         )
     console = Console()
     if console.width < 132:  # pipes and narrow terminals: keep one row per configuration
@@ -171,8 +195,11 @@ def _print_table(workload_info: dict[str, object], results: dict[str, dict[str, 
 @click.option("--max-num-batched-tokens", default=4096, show_default=True)
 @click.option("--scheduling-policy", type=click.Choice(["prefill-first", "decode-first", "priority"]), default="decode-first")
 @click.option("--preemption-mode", type=click.Choice(["recompute", "swap"]), default="recompute")
+@click.option("--num-host-blocks", default=0, show_default=True, help="host pool for --preemption-mode swap")
 @click.option("--config", "configs", multiple=True, type=click.Choice(list(CONFIGURATIONS)),
               help="run only these configurations (default: all)")
+@click.option("--jobs", default=min(3, os.cpu_count() or 1), show_default=True,
+              help="configurations simulated in parallel processes")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
 def main(
     num_requests: int,
@@ -185,7 +212,9 @@ def main(
     max_num_batched_tokens: int,
     scheduling_policy: str,
     preemption_mode: str,
+    num_host_blocks: int,
     configs: tuple[str, ...],
+    jobs: int,
     as_json: bool,
 ) -> None:
     workload = make_workload(num_requests, seed, max_tokens=max_tokens)
@@ -198,18 +227,22 @@ def main(
         max_waiting_requests=num_requests,
         max_waiting_tokens=sum(len(prompt) for prompt in workload.prompts),
     )
-    results = {}
-    for name in configs or CONFIGURATIONS:
-        allocator, prefix_caching = CONFIGURATIONS[name]
-        results[name] = simulate(
-            workload,
-            allocator=allocator,
-            prefix_caching=prefix_caching,
-            num_blocks=num_blocks,
-            block_size=block_size,
-            max_model_len=max_model_len,
-            scheduler_config=scheduler_config,
-        )
+    _shared["workload"] = workload
+    _shared["options"] = {
+        "num_blocks": num_blocks,
+        "block_size": block_size,
+        "max_model_len": max_model_len,
+        "scheduler_config": scheduler_config,
+        "num_host_blocks": num_host_blocks,
+    }
+    names = list(configs or CONFIGURATIONS)
+    if jobs > 1 and len(names) > 1:
+        # Forked children inherit the workload instead of unpickling millions of token ids.
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(min(jobs, len(names)), mp_context=context) as pool:
+            results = dict(pool.map(_simulate_named, names))
+    else:
+        results = dict(map(_simulate_named, names))
     workload_info = {
         "num_requests": num_requests,
         "seed": seed,

@@ -40,6 +40,7 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_num_batched_tokens: int = 2048
     # decode-first: running sequences keep their per-token latency under load; new prefills take
     # what is left of the token budget (see gateway/scheduler.py for the reasoning).
+    # priority: a LOWER request `priority` value is served first (as in vLLM); FCFS within a value.
     scheduling_policy: Literal["prefill-first", "decode-first", "priority"] = "decode-first"
     max_waiting_requests: int = 4096
     max_waiting_tokens: int = 4 * 1024 * 1024

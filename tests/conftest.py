@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from shared.logging import configure_logging
+
+# structlog's unconfigured default renders exceptions with rich, frame locals included: seconds per
+# logged error. Tests get the same plain renderer a terminal user gets.
+configure_logging("info", json=False)
+
 STORIES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
 
 

@@ -109,3 +109,18 @@ async def test_include_usage_stream(client: httpx.AsyncClient, engine: FakeEngin
     assert all(c["usage"] is None for c in chunks)
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 3
     assert usage_chunk["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}
+
+
+async def test_stop_string_per_choice(client: httpx.AsyncClient, engine: FakeEngine, tokenizer: Tokenizer, story_ids: list[int]) -> None:
+    """With n=2, a choice that hits a stop string ends there while its sibling runs on."""
+    prompt = tokenizer.encode("Hello")
+    first = expected_text(tokenizer, prompt, story_ids[:30])
+    second = expected_text(tokenizer, prompt, story_ids[1:31])
+    stop = "Lily"
+    assert stop in first and stop not in second[:20]
+    body = (await client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 30, "n": 2, "stop": stop})).json()
+    choices = body["choices"]
+    assert choices[0]["text"] == first[: first.index(stop)] and choices[0]["finish_reason"] == "stop"
+    expected_second = second[: second.index(stop)] if stop in second else second
+    assert choices[1]["text"] == expected_second
+    assert choices[1]["finish_reason"] == ("stop" if stop in second else "length")

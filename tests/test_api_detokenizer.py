@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import httpx
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.api.detokenizer import IncrementalDetokenizer
@@ -42,12 +42,12 @@ def test_special_tokens_skipped(tokenizer: Tokenizer) -> None:
     assert "".join(stream_text(tokenizer, tokenizer.encode("a"), generated)) == " the end"
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(text=st.text(alphabet="ab c☃é", max_size=30), pieces=st.lists(st.integers(1, 4), max_size=30),
        stop=st.lists(st.text(alphabet="ab c☃é", min_size=1, max_size=4), max_size=3))
 def test_stop_strings_property(text: str, pieces: list[int], stop: list[str]) -> None:
-    """Whatever the chunking, the emitted text is the text cut before the first stop string, and
-    no emitted prefix ever contains a stop string."""
+    """Whatever the chunking, the emitted text is the text cut before the stop string that is
+    complete first, and no emitted prefix ever contains a stop string."""
     chunks, rest = [], text
     for size in pieces:
         chunks.append(rest[:size])
@@ -63,9 +63,9 @@ def test_stop_strings_property(text: str, pieces: list[int], stop: list[str]) ->
             break
     if not stopped:
         out += matcher.flush()
-    cuts = [text.find(s) for s in stop if s in text]
-    assert out == (text[: min(cuts)] if cuts else text)
-    assert stopped == bool(cuts)
+    ends = [(text.find(s) + len(s), text.find(s)) for s in stop if s in text]  # the first stop to complete wins
+    assert out == (text[: min(ends)[1]] if ends else text)
+    assert stopped == bool(ends)
 
 
 def test_stop_string_split_across_chunks_is_held_back() -> None:
@@ -95,3 +95,16 @@ async def test_stop_string_across_token_chunks(client: httpx.AsyncClient, engine
     texts = [p["choices"][0]["text"] for p in payloads[:-1]]
     assert "".join(texts) == " " + UNICODE[: UNICODE.index(stop)]
     assert not any("caf" in t for t in texts)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # read-only fixture
+@given(text=st.text(max_size=40), prompt_text=st.text(min_size=1, max_size=10))
+def test_streamed_text_equals_whole_decode(tokenizer: Tokenizer, text: str, prompt_text: str) -> None:
+    """Any text (byte-fallback characters included), cut into one-token pieces, adds up to the
+    whole decode with no piece carrying a replacement character that the text does not have."""
+    prompt = tokenizer.encode(prompt_text)
+    generated = tokenizer.encode(text, add_special_tokens=False)
+    pieces = stream_text(tokenizer, prompt, generated)
+    assert "".join(pieces) == tokenizer.decode(prompt + generated)[len(tokenizer.decode(prompt)):]
+    if "\ufffd" not in text:
+        assert all("\ufffd" not in p for p in pieces)

@@ -52,6 +52,10 @@ async def test_missing_field_and_bad_json(client: httpx.AsyncClient) -> None:
     assert_error(await client.post("/v1/completions", json={"model": MODEL}), 400, "prompt")
     assert_error(await client.post("/v1/chat/completions", json={"messages": [{"content": "x"}]}), 400, "messages[0].role")
     assert_error(await client.post("/v1/chat/completions", json={"messages": []}), 400, "messages")
+    chat = {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 50}
+    assert_error(await client.post("/v1/chat/completions", json=chat), 400, "top_logprobs")
+    chat = {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
+    assert_error(await client.post("/v1/chat/completions", json=chat), 400, "messages[0].content")
     assert_error(await client.post("/v1/completions", content=b"{not json"), 400, None, contains="not valid JSON")
 
 
@@ -113,7 +117,9 @@ async def test_not_ready_or_draining(client: httpx.AsyncClient, engine: FakeEngi
     engine.ready = False
     assert (await client.get("/health")).json() == {"status": "starting"}
     assert (await client.get("/health")).status_code == 503
-    assert_error(await client.post("/v1/completions", json={"prompt": "x"}), 503, contains="no worker")
+    response = await client.post("/v1/completions", json={"prompt": "x"})
+    assert_error(response, 503, contains="no worker")
+    assert response.headers["retry-after"] == "1"
     engine.ready, engine.draining = True, True
     health = await client.get("/health")
     assert health.status_code == 503 and health.json() == {"status": "draining"}

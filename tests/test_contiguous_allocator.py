@@ -63,12 +63,11 @@ def test_parallel_sampling_reserves_a_run_per_sequence_and_copies_the_prompt() -
     assert allocator.stats().used_blocks == 9
     assert_block_accounting(allocator)
     child = parent.request.seqs[1]
-    allocator.fork(parent, child)
+    copies = allocator.fork(parent, child)
     table_from, table = allocator.take_table_delta(child)
     assert table_from == 0 and len(table) == 3
-    copies = allocator.grow(child, 1)
     assert [(c.src, c.dst) for c in copies] == list(zip(allocator.block_table(parent.seq_id)[:2], table[:2], strict=True))
-    assert allocator.grow(child, 1) == []  # copies are sent once
+    assert allocator.grow(child, 1) == []
     assert allocator.stats().shared_blocks == 0
     allocator.free(parent)  # also releases the unforked child's run
     allocator.free(child)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -23,18 +22,16 @@ from gateway.engine import AsyncEngine, WorkerSpec
 from gateway.engine_client import AdmissionError
 from gateway.request import Request
 from gateway.scheduler import Scheduler
-from gateway.worker_link import RegistrationError, WorkerLink, WorkerLost
+from gateway.worker_link import RegistrationError, WorkerLink
 from gateway.worker_processes import RuntimeDir, local_workers
 from shared.config import MiB, CacheConfig, ModelConfig, SchedulerConfig
 from shared.protocol import (
     PROTOCOL_VERSION,
     Codec,
-    Heartbeat,
     Hello,
     NewSequence,
     ScheduledSeq,
     StepInput,
-    StepOutput,
     WorkerRegistration,
 )
 from shared.sampling_params import SamplingParams
@@ -100,6 +97,9 @@ async def wait_for(condition: object, timeout: float = 10.0) -> None:
 
 async def test_round_trip_null_worker() -> None:
     async with running_engine() as engine:
+        outputs = [output async for output in engine.generate("q", [1, 2, 3], SamplingParams(max_tokens=3), eos_token_ids=EOS)]
+        assert outputs[0].queue_s is not None and outputs[0].queue_s >= 0
+        assert all(output.queue_s is None for output in outputs[1:]) and outputs[-1].finished
         results = await asyncio.gather(*(generate(engine, f"r{i}", [1, 10 + i, 20, 30], 12) for i in range(3)))
         for tokens, finish, error in results:
             assert error is None and finish == "length" and len(tokens) == 12
@@ -238,7 +238,7 @@ async def test_hung_worker_detected_by_heartbeat_and_taken_back() -> None:
         process.send_signal(signal.SIGCONT)
         await wait_for(lambda: replica.ready, timeout=10)
         assert (await generate(engine, "back", [1, 2, 3], 5))[2] is None
-        assert detected_s < 2.0
+        assert detected_s < 2.5  # 2 s by design (1.5 s of silence + one 0.25 s check); slack for a loaded host
     finally:
         await engine.shutdown()
         process.wait(10)

@@ -11,12 +11,13 @@ import pytest
 
 from gateway.block_accounting import assert_block_accounting
 from gateway.engine_client import AdmissionError
+from gateway.kv_cache_manager import KVCacheManager
 from gateway.outputs import RequestOutput
 from gateway.request import Request
 from gateway.scheduler import Scheduler
 from ops.sim_worker import SimulatedWorker, StepLoop
 from shared.config import CacheConfig, SchedulerConfig
-from shared.protocol import SeqError, SeqResult, StepOutput
+from shared.protocol import SeqError, SeqResult, StepInput, StepOutput
 from shared.sampling_params import SamplingParams
 
 BS = 4
@@ -54,8 +55,11 @@ def loop_for(
     scheduler: Scheduler, overlapped: bool, choose_token: Callable[[int, int], int] | None = None
 ) -> StepLoop:
     kv = scheduler.kv
+    num_host_blocks = kv.host_pool.num_blocks if isinstance(kv, KVCacheManager) else 0
     worker = SimulatedWorker(
-        kv.num_blocks, BS, getattr(kv, "host_pool", None).num_blocks if hasattr(kv, "host_pool") else 0,
+        kv.num_blocks,
+        BS,
+        num_host_blocks,
         choose_token=choose_token or (lambda seq_id, position: 1 + (seq_id * 7 + position) % 50),
     )
     return StepLoop(scheduler, worker, overlapped=overlapped)
@@ -202,7 +206,7 @@ def test_max_num_seqs_caps_the_running_batch(overlapped: bool) -> None:
         scheduler.add_request(req(f"r{index}", [1, 2, 3], max_tokens=3))
     loop = loop_for(scheduler, overlapped)
 
-    def check(step) -> None:  # noqa: ANN001
+    def check(step: StepInput) -> None:
         assert len(step.scheduled) <= 2
         assert scheduler.num_running <= 2
         assert_block_accounting(scheduler)
@@ -361,7 +365,7 @@ def test_recompute_preemption_evicts_the_latest_arrival_and_resumes_it(overlappe
     late_seq = late.seqs[0].seq_id
     resumed = []
 
-    def check(step) -> None:  # noqa: ANN001
+    def check(step: StepInput) -> None:
         assert_block_accounting(scheduler)
         resumed.extend(new for new in step.new_seqs if new.seq_id == late_seq)
 
@@ -388,7 +392,7 @@ def test_swap_preemption_keeps_worker_state_and_restores_blocks(overlapped: bool
     saw_swap_out = saw_swap_in = False
     registrations = 0
 
-    def check(step) -> None:  # noqa: ANN001
+    def check(step: StepInput) -> None:
         nonlocal saw_swap_out, saw_swap_in, registrations
         assert_block_accounting(scheduler)
         saw_swap_out |= bool(step.swap_out)
@@ -426,7 +430,7 @@ def test_parallel_sampling_request_is_preempted_whole(overlapped: bool) -> None:
     loop = loop_for(scheduler, overlapped)
     group = scheduler.requests["group"]
 
-    def check(step) -> None:  # noqa: ANN001
+    def check(step: StepInput) -> None:
         assert_block_accounting(scheduler)
         statuses = {seq.status for seq in group.live_seqs()}
         assert len(statuses) <= 1  # all running or all waiting, never split
@@ -595,3 +599,23 @@ def test_contiguous_allocator_drives_the_same_scheduler(overlapped: bool) -> Non
     out = texts(loop.outputs)
     assert len(out["a"][0]) == 6 and len(out["b"][1]) == 6 and len(out["c"][0]) == 30
     assert scheduler.stats().preemptions == 0
+
+
+@ORDERS
+def test_contiguous_fork_copies_go_out_in_the_next_step_even_if_the_child_waits(overlapped: bool) -> None:
+    # Budget 2: the step after the fork decodes the parent and one child only; the copies for both
+    # children still go out then, before the parent (which stops at once) frees blocks to reuse.
+    scheduler = make(num_blocks=40, allocator="contiguous", max_num_batched_tokens=6)
+    request = req("a", [1, 2, 3, 4, 5, 6], n=3, max_tokens=4)
+    scheduler.add_request(request)
+    parent = request.seqs[0].seq_id
+    loop = loop_for(scheduler, overlapped, choose_token=lambda seq_id, position: EOS if seq_id == parent else 7)
+    fork_step = loop.step()
+    assert fork_step.scheduled[0].fork_ids
+    scheduler.config.max_num_batched_tokens = 2
+    next_step = loop.step()
+    assert len(next_step.copies) == 2 * 2  # two children x two prompt blocks
+    scheduler.add_request(req("reuser", list(range(1, 9)), max_tokens=4))
+    run(loop)
+    out = texts(loop.outputs)["a"]
+    assert out[0] == [EOS] and out[1] == [7] * 4 and out[2] == [7] * 4

@@ -85,8 +85,10 @@ def test_random_workloads_keep_every_invariant(
         num_host_blocks=12,
     )
 
+    stable_ids: dict[int, int] = {}  # seq ids are global counters: sample from stable ones so runs replay
+
     def choose_token(seq_id: int, position: int) -> int:
-        value = (seq_id * 31 + position * 17) % (eos_every * 7)
+        value = (stable_ids[seq_id] * 31 + position * 17) % (eos_every * 7)
         return EOS if value == 3 else 1 + value % 29
 
     worker = SimulatedWorker(num_blocks, BS, 12, choose_token=choose_token)
@@ -111,6 +113,8 @@ def test_random_workloads_keep_every_invariant(
                 priority=arg["priority"],
                 cache_salt=arg["salt"],
             )
+            for seq in request.seqs:
+                stable_ids[seq.seq_id] = index * 8 + seq.index
             try:
                 scheduler.add_request(request)
             except AdmissionError as error:

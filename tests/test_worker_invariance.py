@@ -94,7 +94,8 @@ def test_logits_independent_of_chunking_batching_and_blocks(model_dir: Path | No
     # And each companion matches itself run alone.
     for plan in others:
         alone = SeqPlan(plan.seq_id + 100, plan.prompt, num_decode=plan.num_decode)
-        assert_same_logits(batched[plan.seq_id].logits, run_plans(worker, [alone], BlockAllocator(worker.num_blocks))[alone.seq_id].logits)
+        alone_run = run_plans(worker, [alone], BlockAllocator(worker.num_blocks))[alone.seq_id]
+        assert_same_logits(batched[plan.seq_id].logits, alone_run.logits)
 
 
 def test_logits_same_across_block_sizes(model_dir: Path | None) -> None:
@@ -102,7 +103,8 @@ def test_logits_same_across_block_sizes(model_dir: Path | None) -> None:
     for block_size in (1, 16, 32):
         worker = make_worker(model_dir, block_size)
         prompt = prompt_of(40, worker.arch.vocab_size, seed=5)
-        runs.append(run_plans(worker, [SeqPlan(0, prompt, chunk_size=16, num_decode=4)], BlockAllocator(worker.num_blocks, 7))[0])
+        plan = SeqPlan(0, prompt, chunk_size=16, num_decode=4)
+        runs.append(run_plans(worker, [plan], BlockAllocator(worker.num_blocks, shuffle_seed=7))[0])
     for run in runs[1:]:
         assert_same_logits(run.logits, runs[0].logits)
 
@@ -115,12 +117,13 @@ def test_greedy_generation_matches_transformers(stories_dir: Path) -> None:
             torch.tensor([STORIES_PROMPT]),
             do_sample=False,
             max_new_tokens=100,
-            min_new_tokens=100,  # compare all 100 even if the story reaches EOS
             pad_token_id=0,
         )[0, len(STORIES_PROMPT) :].tolist()
+    assert len(hf_output) == 100, "transformers stopped at EOS early; pick a prompt whose story runs 100 tokens"
 
     worker = make_worker(stories_dir, 16)
-    run = run_plans(worker, [SeqPlan(0, STORIES_PROMPT, num_decode=99)], BlockAllocator(worker.num_blocks, shuffle_seed=3))[0]
+    plan = SeqPlan(0, STORIES_PROMPT, num_decode=99)
+    run = run_plans(worker, [plan], BlockAllocator(worker.num_blocks, shuffle_seed=3))[0]
     assert run.tokens == hf_output
 
 
@@ -138,19 +141,22 @@ def test_bad_sequence_fails_alone_and_worker_keeps_serving(stories_dir: Path, mo
     worker = make_worker(stories_dir, 16)
     greedy = NewSequence(1, STORIES_PROMPT, GREEDY)
     bad_token = NewSequence(2, [1, worker.arch.vocab_size], GREEDY)
+    early_sample = NewSequence(5, STORIES_PROMPT, GREEDY)
+    bad_block = NewSequence(6, STORIES_PROMPT, GREEDY)
     step = StepInput(
         0,
-        new_seqs=[greedy, bad_token],
+        new_seqs=[greedy, bad_token, early_sample, bad_block],
         scheduled=[
             ScheduledSeq(1, 0, len(STORIES_PROMPT), 0, [0]),
             ScheduledSeq(2, 0, 2, 0, [1]),
             ScheduledSeq(3, 0, 1, 0, [2]),  # never registered
-            ScheduledSeq(4, 0, 1, 0, [worker.num_blocks]),  # also unknown; its block is out of range
+            ScheduledSeq(5, 0, 3, 0, [3], sample=True),  # a sample mid-prompt would not be the next token
+            ScheduledSeq(6, 0, len(STORIES_PROMPT), 0, [worker.num_blocks]),
         ],
     )
     output = worker.execute_step(step)
     assert [r.seq_id for r in output.results] == [1]
-    assert sorted(e.seq_id for e in output.errors) == [2, 3, 4]
+    assert sorted(e.seq_id for e in output.errors) == [2, 3, 5, 6]
 
     # A forward that raises (simulated kernel failure) fails the scheduled sequences, not the worker.
     def exploding_forward(*args: object) -> torch.Tensor:
@@ -165,6 +171,11 @@ def test_bad_sequence_fails_alone_and_worker_keeps_serving(stories_dir: Path, mo
     # State was left untouched by the failed step, so the same decode now succeeds.
     output = worker.execute_step(StepInput(2, scheduled=[ScheduledSeq(1, len(STORIES_PROMPT), 1, 1, [])]))
     assert not output.errors and [r.seq_id for r in output.results] == [1]
+
+    # A sequence scheduled twice in one step is an error, and runs neither time.
+    decode = ScheduledSeq(1, len(STORIES_PROMPT) + 1, 1, 1, [])
+    output = worker.execute_step(StepInput(3, scheduled=[decode, decode]))
+    assert output.results == [] and [e.seq_id for e in output.errors] == [1]
 
 
 def test_logprobs_reported_only_when_asked(stories_dir: Path) -> None:
@@ -192,11 +203,15 @@ def test_swapped_out_and_back_sequence_continues_identically(stories_dir: Path) 
     prompt = prompt_of(40, worker.arch.vocab_size, seed=4)  # 3 blocks, the last one partial
     undisturbed = run_plans(worker, [SeqPlan(0, prompt, num_decode=1)], BlockAllocator(worker.num_blocks))[0]
 
-    prefill = worker.execute_step(StepInput(0, new_seqs=[NewSequence(1, prompt, GREEDY)], scheduled=[ScheduledSeq(1, 0, 40, 0, [0, 1, 2])]))
+    prefill = worker.execute_step(
+        StepInput(0, new_seqs=[NewSequence(1, prompt, GREEDY)], scheduled=[ScheduledSeq(1, 0, 40, 0, [0, 1, 2])])
+    )
     assert prefill.results[0].token_id == undisturbed.tokens[0]
     worker.execute_step(StepInput(1, swap_out=[BlockCopy(0, 2), BlockCopy(1, 0), BlockCopy(2, 1)]))
     intruder = prompt_of(48, worker.arch.vocab_size, seed=5)
-    worker.execute_step(StepInput(2, new_seqs=[NewSequence(2, intruder, GREEDY)], scheduled=[ScheduledSeq(2, 0, 48, 0, [0, 1, 2])]))
+    worker.execute_step(
+        StepInput(2, new_seqs=[NewSequence(2, intruder, GREEDY)], scheduled=[ScheduledSeq(2, 0, 48, 0, [0, 1, 2])])
+    )
     # Swapped back into blocks 5, 3, 4: the table is replaced wholesale (table_from=0).
     output, logits = worker.execute_step_with_logits(
         StepInput(
@@ -218,3 +233,36 @@ def test_pool_sizing(stories_dir: Path) -> None:
     worker._profile_forward(600)  # the CUDA sizing pass, smoke-tested: sequences of 512 and 88 tokens
     with pytest.raises(ValueError, match="max_model_len"):
         Worker(ModelConfig(model=str(stories_dir)), CacheConfig(kv_cache_memory=per_block * 31))
+
+
+def test_recomputed_sequence_resumes_where_it_left_off(stories_dir: Path) -> None:
+    """Recompute preemption: the sequence comes back as prompt + generated tokens (num_output_tokens
+    marks the split) and is prefilled in chunks straddling that split; its next logits are unchanged."""
+    worker = make_worker(stories_dir, 16)
+    prompt = prompt_of(20, worker.arch.vocab_size, seed=6)
+    reference = run_plans(worker, [SeqPlan(0, prompt, num_decode=6)], BlockAllocator(worker.num_blocks))[0]
+    generated = reference.tokens[:4]
+    resumed = NewSequence(1, prompt + generated, GREEDY, num_output_tokens=len(generated))
+    first = worker.execute_step(
+        StepInput(0, new_seqs=[resumed], scheduled=[ScheduledSeq(1, 0, 22, 0, [7, 3], sample=False)])
+    )
+    output, logits = worker.execute_step_with_logits(StepInput(1, scheduled=[ScheduledSeq(1, 22, 2, 2, [])]))
+    assert not first.errors and not first.results and not output.errors
+    assert output.results[0].token_id == reference.tokens[4]
+    assert_same_logits([logits[1]], [reference.logits[4]])
+    assert worker.sequences[1].output_token_ids == reference.tokens[:5]
+
+
+def test_seeded_forks_are_reproducible_and_distinct(stories_dir: Path) -> None:
+    seeded = SamplingParams(temperature=1.0, seed=42)
+
+    def sample_family() -> dict[int, list[int]]:
+        worker = make_worker(stories_dir, 16)
+        plan = SeqPlan(1, STORIES_PROMPT, num_decode=15, sampling=seeded, fork_ids=[2, 3])
+        runs = run_plans(worker, [plan], BlockAllocator(worker.num_blocks, shuffle_seed=2))
+        assert [worker.sequences[i].sampling.seed for i in (1, 2, 3)] == [42, 43, 44]
+        return {seq_id: run.tokens for seq_id, run in runs.items()}
+
+    family = sample_family()
+    assert sample_family() == family
+    assert len({tuple(tokens) for tokens in family.values()}) == 3

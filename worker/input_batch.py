@@ -36,6 +36,8 @@ def check_scheduled(seq: ScheduledSeq, state: SequenceState, block_size: int, ma
         raise ValueError(f"invalid token range start={seq.start} num_tokens={seq.num_tokens}")
     if end > state.num_tokens:
         raise ValueError(f"positions up to {end} requested but only {state.num_tokens} tokens are known")
+    if seq.sample and end != state.num_tokens:
+        raise ValueError(f"sampling after {end} tokens, but {state.num_tokens} are known: it would not be the next token")
     if end > max_model_len:
         raise ValueError(f"positions up to {end} exceed max_model_len={max_model_len}")
     needed_blocks = -(-end // block_size)

@@ -54,7 +54,9 @@ def _pool_shape(arch: ModelArch, num_blocks: int, block_size: int) -> tuple[int,
     return (arch.num_layers, 2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
 
 
-def _block_indices(copies: Sequence[BlockCopy], src_device: torch.device, dst_device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_indices(
+    copies: Sequence[BlockCopy], src_device: torch.device, dst_device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     src = torch.tensor([c.src for c in copies], dtype=torch.long, device=src_device)
     dst = torch.tensor([c.dst for c in copies], dtype=torch.long, device=dst_device)
     return src, dst
@@ -86,7 +88,7 @@ class KVCache:
         self.host_pool = torch.empty(
             _pool_shape(arch, num_host_blocks, block_size),
             dtype=dtype,
-            pin_memory=device.type == "cuda",
+            pin_memory=device.type == "cuda" and num_host_blocks > 0,
         )
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [(layer[0], layer[1]) for layer in self.device_pool]
 
@@ -122,4 +124,6 @@ class KVCache:
         """Reject out-of-range ids with a message naming them (index_copy_ would not say which)."""
         for copy in copies:
             if not (0 <= copy.src < num_src and 0 <= copy.dst < num_dst):
-                raise IndexError(f"{what} {copy.src}->{copy.dst} out of range: {num_src} source and {num_dst} destination blocks")
+                raise IndexError(
+                    f"{what} {copy.src}->{copy.dst} out of range: {num_src} source and {num_dst} destination blocks"
+                )

@@ -7,11 +7,14 @@ broken directory fails with one ModelLoadError naming the file and the problem.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from shared.logging import get_logger
 from worker.attention.backend import AttentionBackendName, get_attention_ops
@@ -23,6 +26,7 @@ log = get_logger("worker.model_loader")
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_INITIALIZERS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,6 +52,28 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> to
     return DTYPES[dtype]
 
 
+@contextmanager
+def uninitialized_weights(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules in `dtype` with their random initializers skipped: the checkpoint overwrites
+    every weight, and initializing a billion parameters would take minutes. (The meta device would
+    do the same, but its first use in a process costs seconds of lazy operator registration.)"""
+    saved_init = {name: getattr(nn.init, name) for name in _INITIALIZERS}
+    saved_dtype = torch.get_default_dtype()
+    try:
+        for name in _INITIALIZERS:
+            setattr(nn.init, name, _keep)
+        torch.set_default_dtype(dtype)
+        yield
+    finally:
+        for name, initializer in saved_init.items():
+            setattr(nn.init, name, initializer)
+        torch.set_default_dtype(saved_dtype)
+
+
+def _keep(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return tensor
+
+
 def load_model(
     model_dir: str | Path | None,
     dtype: str = "auto",
@@ -55,6 +81,8 @@ def load_model(
     attention_backend: AttentionBackendName = "torch",
     seed: int = 0,
 ) -> LoadedModel:
+    """A ready, eval-mode decoder. model_dir None: the built-in model with weights from `seed`.
+    dtype: "auto" (checkpoint's on GPU, float32 on CPU), "float32", "bfloat16" or "float16"."""
     torch_device = torch.device(device)
     ops = get_attention_ops(attention_backend)
     if model_dir is None:
@@ -71,13 +99,12 @@ def load_model(
     except ModelConfigError as exc:
         raise ModelLoadError(str(exc)) from None
     torch_dtype = resolve_dtype(dtype, arch.torch_dtype, torch_device)
-    # Built on the meta device: no memory and no random init for weights about to be replaced.
-    with torch.device("meta"):
+    with uninitialized_weights(torch_dtype), torch_device:
         model = LlamaForCausalLM(arch, ops)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     tensors = read_checkpoint(root, expected, torch_dtype, torch_device)
     model.load_state_dict(tensors, strict=True, assign=True)
-    model = model.to(torch_device)  # moves the rotary tables, which were built on the CPU
+    model = model.to(torch_device)  # moves the rotary tables, which are built on the CPU
     log.info("model_loaded", model=str(root), architecture=arch.architecture, dtype=str(torch_dtype), device=str(torch_device))
     return LoadedModel(model.requires_grad_(False).eval(), arch, torch_dtype, torch_device, root)
 

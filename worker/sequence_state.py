@@ -23,7 +23,9 @@ class SequenceState:
     sampling: SamplingParams
 
     @classmethod
-    def from_tokens(cls, token_ids: list[int], num_output_tokens: int, block_table: list[int], sampling: SamplingParams) -> SequenceState:
+    def from_tokens(
+        cls, token_ids: list[int], num_output_tokens: int, block_table: list[int], sampling: SamplingParams
+    ) -> SequenceState:
         """Split a NewSequence's token list: the last `num_output_tokens` are generated ones."""
         split = len(token_ids) - num_output_tokens
         return cls(list(token_ids[:split]), list(token_ids[split:]), list(block_table), sampling)

@@ -25,6 +25,8 @@ import zmq
 
 from shared.config import CacheConfig, ModelConfig
 from shared.logging import configure_logging, get_logger
+from shared.startup_failure import exit_on_startup_failure
+from shared.systemd_notify import SystemdNotifier
 from shared.protocol import (
     PROTOCOL_VERSION,
     Codec,
@@ -245,6 +247,7 @@ class WorkerServer:
         )  # fmt: skip
         self.pipe = self.context.socket(zmq.PAIR)
         self.pipe.linger = 0
+        self.pipe.sndhwm = 0  # never full: a send fails only once the I/O thread has gone
         self.pipe.connect(pipe_address)
         self.live_seq_ids: set[int] = set()  # what the runner holds, freed when a session ends
 
@@ -260,7 +263,7 @@ class WorkerServer:
             while (command := self.commands.get()).kind != "stop":
                 if command.kind == "reset":
                     self._free_all()
-                elif command.step is not None:
+                elif command.step is not None and not self.io.stopping:
                     self._run(command.step, command.epoch)
         except KeyboardInterrupt:
             log.info("worker_interrupted")
@@ -281,7 +284,10 @@ class WorkerServer:
             message = f"worker error in step {step.step_id}: {type(exc).__name__}: {exc}"
             output = StepOutput(step_id=step.step_id, errors=[SeqError(seq.seq_id, message) for seq in step.scheduled])
         output.total_s = time.perf_counter() - started
-        self.pipe.send_multipart([epoch.to_bytes(8, "little"), *self.codec.encode(output)])
+        try:
+            self.pipe.send_multipart([epoch.to_bytes(8, "little"), *self.codec.encode(output)], zmq.NOBLOCK)
+        except zmq.Again:  # the I/O thread has closed its end: the session is over, nobody to answer
+            pass
 
     def _track(self, step: StepInput) -> None:
         self.live_seq_ids.difference_update(step.freed_seq_ids)
@@ -334,9 +340,14 @@ def run_worker(
     if log_level is not None:
         configure_logging(log_level, json=log_json)
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-    runner, model, device, dtype = build_runner(model_config, cache_config, max_num_batched_tokens, null_model, null_step_s)
-    server = WorkerServer(
-        runner, endpoint, worker_id=worker_id, model=model, device=device, dtype=dtype,
-        on_gateway_loss=on_gateway_loss, gateway_timeout=gateway_timeout,
-    )  # fmt: skip
+    notifier = SystemdNotifier.from_environment()
+    with exit_on_startup_failure("worker", worker_id=worker_id, endpoint=endpoint, model=model_config.model or "builtin"):
+        runner, model, device, dtype = build_runner(model_config, cache_config, max_num_batched_tokens, null_model, null_step_s)
+        server = WorkerServer(
+            runner, endpoint, worker_id=worker_id, model=model, device=device, dtype=dtype,
+            on_gateway_loss=on_gateway_loss, gateway_timeout=gateway_timeout,
+        )  # fmt: skip
+    # Ready once the model is loaded and the endpoint bound; the gateway registers the worker later
+    # (its unit starts after the workers', see systemd/paged-worker@.service).
+    notifier.ready(f"model {model} loaded on {device}, listening on {server.endpoint}")
     server.serve()

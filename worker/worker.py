@@ -15,8 +15,8 @@ import torch
 
 from shared.config import CacheConfig, ModelConfig
 from shared.logging import get_logger
-from shared.sampling_params import SamplingParams
 from shared.protocol import NewSequence, ScheduledSeq, SeqError, SeqResult, StepInput, StepOutput, TokenLogprob
+from shared.sampling_params import SamplingParams
 from worker.input_batch import check_scheduled, prepare_inputs
 from worker.kv_cache import KVCache, cuda_kv_cache_budget, num_blocks_for_budget
 from worker.model_loader import load_model
@@ -34,7 +34,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Worker:
+    """In-process engine: the gateway (or a test) sends StepInputs, gets StepOutputs."""
+
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, max_num_batched_tokens: int = 2048) -> None:
+        """Load the model and allocate the page pool. On CUDA the pool gets what gpu_memory_utilization
+        leaves after a profiling forward of `max_num_batched_tokens` tokens (the largest step the
+        scheduler will send); on CPU it gets cache_config.kv_cache_memory bytes."""
         device = resolve_device(model_config.device)
         backend = model_config.attention_backend
         if backend == "auto":
@@ -47,7 +52,9 @@ class Worker:
         self.block_size = cache_config.block_size
         self.max_model_len = model_config.max_model_len or self.arch.max_model_len
         if self.max_model_len > self.arch.max_model_len:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context window of {self.arch.max_model_len}")
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's context window of {self.arch.max_model_len}"
+            )
 
         if self.device.type == "cuda":
             budget = cuda_kv_cache_budget(
@@ -121,7 +128,13 @@ class Worker:
                 results, logits_by_seq = self._run(runnable, keep_logits)
             except Exception as exc:
                 # A formatted string, not exc_info: a rich traceback would render the tensors in every frame.
-                log.error("forward_failed", step_id=step.step_id, num_seqs=len(runnable), error=repr(exc), traceback=traceback.format_exc())
+                log.error(
+                    "forward_failed",
+                    step_id=step.step_id,
+                    num_seqs=len(runnable),
+                    error=repr(exc),
+                    traceback=traceback.format_exc(),
+                )
                 errors.update((seq.seq_id, f"forward pass failed: {exc}") for seq in runnable)
             forward_s = time.perf_counter() - forward_started
         for seq_id, message in errors.items():
@@ -139,7 +152,8 @@ class Worker:
         if any(not 0 <= token < vocab_size for token in new.token_ids):
             raise ValueError(f"token ids must lie in [0, {vocab_size})")
         self._check_block_ids(new.block_table)
-        self.sequences[new.seq_id] = SequenceState.from_tokens(new.token_ids, new.num_output_tokens, new.block_table, new.sampling)
+        state = SequenceState.from_tokens(new.token_ids, new.num_output_tokens, new.block_table, new.sampling)
+        self.sequences[new.seq_id] = state
 
     def _apply_scheduled(self, scheduled: Iterable[ScheduledSeq], errors: dict[int, str]) -> list[ScheduledSeq]:
         """Apply each entry's block-table delta and keep the entries that can run; record the others in `errors`."""
@@ -153,6 +167,7 @@ class Worker:
                 if state is None:
                     raise ValueError("unknown sequence")
                 if seq.seq_id in seen:
+                    runnable = [other for other in runnable if other.seq_id != seq.seq_id]  # neither entry runs
                     raise ValueError("scheduled twice in one step")
                 if any(child in self.sequences or child in seen for child in seq.fork_ids):
                     raise ValueError(f"fork ids {seq.fork_ids} collide with live sequences")
@@ -236,7 +251,9 @@ class Worker:
         return results
 
     @staticmethod
-    def _output(step: StepInput, results: list[SeqResult], errors: dict[int, str], forward_s: float, started: float) -> StepOutput:
+    def _output(
+        step: StepInput, results: list[SeqResult], errors: dict[int, str], forward_s: float, started: float
+    ) -> StepOutput:
         return StepOutput(
             step_id=step.step_id,
             results=results,

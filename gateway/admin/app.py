@@ -73,7 +73,7 @@ class AdminHandlers:
         worker = request.path_params["worker"]
         memory = self.views.memory_map(worker)
         if memory is None:
-            return _error(f"no registered worker {worker!r} (workers: {', '.join(self.views.workers())})", 404)
+            return _error(f"worker {worker!r} is unknown or not registered now (workers: {', '.join(self.views.workers())})", 404)
         return _json(memory)
 
     async def requests(self, request: Request) -> Response:

@@ -28,8 +28,8 @@ log = get_logger("gateway.admin")
 ADMIN_HOST = "127.0.0.1"
 
 
-class AdminSocketInUse(RuntimeError):
-    pass
+class AdminSocketError(RuntimeError):
+    """The admin socket cannot be served at its path (in use, or in a directory someone else owns)."""
 
 
 @dataclass(slots=True)
@@ -49,22 +49,32 @@ class AdminSettings:
 
 def bind_unix_socket(path: Path) -> socket.socket:
     """A listening socket at `path`, mode 0600 in a directory we create with mode 0700. A stale
-    socket file (nobody listening) is replaced; a live one means another daemon owns it."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.exists():
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()
-            else:
-                raise AdminSocketInUse(f"another daemon is serving the admin API at {path}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # no window in which the socket is reachable by others
+    socket file (nobody listening) is replaced; a live one means another daemon owns it. The
+    directory must belong to us (or root): whoever owns it could swap the socket for their own."""
     try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old_umask)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner = path.parent.stat().st_uid
+        if owner not in (os.getuid(), 0):
+            raise AdminSocketError(f"{path.parent} belongs to uid {owner}, not to this user: no admin socket there")
+        if path.exists():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(path))
+                except OSError:
+                    path.unlink()
+                else:
+                    raise AdminSocketError(f"another daemon is serving the admin API at {path}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # no window in which the socket is reachable by others
+        try:
+            sock.bind(str(path))
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
+    except OSError as exc:
+        raise AdminSocketError(f"cannot serve the admin API at {path}: {exc}") from None
     os.chmod(path, 0o600)
     sock.listen(64)
     sock.setblocking(False)
@@ -95,15 +105,15 @@ class AdminServer:
 
     async def start(self) -> None:
         """Listen on the socket (and port). An explicit socket path in use is an error; the default
-        one in use (a second daemon of the same user) only costs this daemon its admin socket."""
+        one unusable (e.g. a second daemon of the same user) only costs this daemon its admin socket."""
         settings = self.settings
         path = settings.socket_path or default_admin_socket()
         try:
             sock = bind_unix_socket(path)
-        except AdminSocketInUse as exc:
+        except AdminSocketError as exc:
             if settings.socket_path is not None:
                 raise
-            log.warning("admin_socket_in_use", path=str(path), error=str(exc))
+            log.warning("admin_socket_unavailable", path=str(path), error=str(exc))
         else:
             self.socket_path = path
             app = build_admin_app(self.engine, self.served_model_name, self.metrics_registry)

@@ -85,7 +85,9 @@ class _Formatter:
     def __init__(self, state: ApiState, request_id: str, body: CompletionRequest) -> None:
         self._state = state
         self._body = body
-        self._head = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": state.served_model_name}
+        self._head = {
+            "id": request_id, "object": "text_completion", "created": int(time.time()), "model": state.served_model_name
+        }
         self._text_offsets: dict[int, int] = {}  # per choice: characters emitted so far
 
     def _logprobs(self, update: ChoiceUpdate) -> dict[str, Any] | None:
@@ -99,7 +101,12 @@ class _Formatter:
         include_usage = self._body.include_usage
         async for updates in generation.updates():
             for update in updates:
-                choice = {"index": update.index, "text": update.text, "logprobs": self._logprobs(update), "finish_reason": update.finish_reason}
+                choice = {
+                    "index": update.index,
+                    "text": update.text,
+                    "logprobs": self._logprobs(update),
+                    "finish_reason": update.finish_reason,
+                }
                 yield {**self._head, "choices": [choice], **({"usage": None} if include_usage else {})}
         if include_usage:
             yield {**self._head, "choices": [], "usage": generation.usage()}

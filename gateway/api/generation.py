@@ -163,7 +163,7 @@ class Generation:
         a refusal is still an HTTP status rather than an error inside a stream."""
         for request in self._requests:
             request.task = asyncio.create_task(self._pump(request))
-        waiting = set(map(id, self._requests))
+        waiting = set(self._requests)
         try:
             while waiting:
                 request, item = await self._queue.get()
@@ -171,7 +171,7 @@ class Generation:
                     request.done = True  # refused, never ran: not counted as finished
                     raise APIError.from_admission(item)
                 self._early.append((request, item))
-                waiting.discard(id(request))
+                waiting.discard(request)
         except BaseException:
             await self.close()
             raise

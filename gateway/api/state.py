@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.api.chat_template import ChatTemplate
-from gateway.api.errors import APIError
+from gateway.api.errors import DEFAULT_RETRY_AFTER_S, APIError
 from gateway.api.logprobs import TokenStrings
 from gateway.api.metrics import Metrics
 from gateway.engine_client import EngineClient
@@ -26,6 +26,7 @@ class ApiState:
     def check_ready(self) -> None:
         """503 before tokenizing anything when no worker could run the request."""
         if self.engine.is_draining():
-            raise APIError(503, "the server is draining and accepts no new requests", code="server_draining")
+            raise APIError(503, "the server is draining and accepts no new requests", code="server_draining",
+                           retry_after=DEFAULT_RETRY_AFTER_S)
         if not self.engine.is_ready():
-            raise APIError(503, "no worker is ready yet", code="server_starting")
+            raise APIError(503, "no worker is ready yet", code="server_starting", retry_after=DEFAULT_RETRY_AFTER_S)

@@ -15,10 +15,12 @@ class StopStringMatcher:
         if not self._stop:
             return text, False
         pending = self._held + text
-        cut = min((i for i in (pending.find(s) for s in self._stop) if i >= 0), default=-1)
-        if cut >= 0:
+        # Generation would have stopped at the stop string that is complete first (earliest end),
+        # however the text happens to be chunked.
+        found = [(i + len(s), i) for s in self._stop if (i := pending.find(s)) >= 0]
+        if found:
             self._held = ""
-            return pending[:cut], True
+            return pending[: min(found)[1]], True
         keep = self._longest_stop_prefix_suffix(pending)
         self._held = pending[len(pending) - keep :] if keep else ""
         return pending[: len(pending) - keep], False

@@ -38,7 +38,7 @@ def stop_strings(request: SamplingRequest) -> list[str]:
     return strings
 
 
-def sampling_params(request: SamplingRequest, logprobs: int | None) -> SamplingParams:
+def sampling_params(request: SamplingRequest, logprobs: int | None, logprobs_param: str = "logprobs") -> SamplingParams:
     """Everything but max_tokens, which depends on each prompt's length (see fit_to_context)."""
     temperature = _default(request.temperature, 1.0)
     top_p = _default(request.top_p, 1.0)
@@ -54,12 +54,13 @@ def sampling_params(request: SamplingRequest, logprobs: int | None) -> SamplingP
     _require(top_k >= -1, "top_k", f"top_k must be -1, 0 (disabled) or positive, got {top_k}")
     _require(0 <= min_p <= 1, "min_p", f"min_p must be in [0, 1], got {min_p}")
     _require(1 <= n <= MAX_N, "n", f"n must be between 1 and {MAX_N}, got {n}")
-    _require(-2 <= presence_penalty <= 2, "presence_penalty", f"presence_penalty must be in [-2, 2], got {presence_penalty}")
-    _require(-2 <= frequency_penalty <= 2, "frequency_penalty", f"frequency_penalty must be in [-2, 2], got {frequency_penalty}")
+    for name, penalty in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        _require(-2 <= penalty <= 2, name, f"{name} must be in [-2, 2], got {penalty}")
     _require(repetition_penalty > 0, "repetition_penalty", f"repetition_penalty must be > 0, got {repetition_penalty}")
     _require(all(t >= 0 for t in stop_token_ids), "stop_token_ids", "stop_token_ids must be non-negative")
     if logprobs is not None:
-        _require(0 <= logprobs <= MAX_LOGPROBS, "logprobs", f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}")
+        message = f"{logprobs_param} must be between 0 and {MAX_LOGPROBS}, got {logprobs}"
+        _require(0 <= logprobs <= MAX_LOGPROBS, logprobs_param, message)
     return SamplingParams(
         temperature=temperature,
         top_p=top_p,

@@ -14,6 +14,7 @@ from ops.bench.loadgen import LoadShape
 from ops.bench.model_info import resolve_model_info
 from ops.bench.report import markdown_table, sweep_table
 from ops.bench.runner import BASELINES, BenchPlan, run_plan, systems_of
+from ops.bench.servers import ServerStartError
 from ops.bench.workloads import WORKLOADS
 
 
@@ -56,7 +57,7 @@ def write_report(document: dict, output_dir: Path) -> str:
               help="Open loop: Poisson arrivals per second (inf: all at once).")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Closed loop: requests in flight (instead of --request-rate).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the workload and the arrivals.")
-@click.option("--max-model-len", type=click.IntRange(min=2), help="Context window (default: from the server or the checkpoint).")
+@click.option("--max-model-len", type=click.IntRange(min=2), help="Context window of the workload and of the servers this tool starts (default: the server's or the checkpoint's).")
 @click.option("--baselines", callback=_baseline_list, help=f"Comma-separated, from: {', '.join(BASELINES)}.")
 @click.option("--compare", "sweep_rates", callback=_float_list, help="Also sweep these request rates, e.g. 1,2,4,8.")
 @click.option("--kv-cache-memory", help="KV memory for every server this tool starts (e.g. 16MiB), so all compare at one budget.")
@@ -76,6 +77,8 @@ def bench(url: str | None, model_dir: Path | None, workload: str, num_requests: 
         raise click.UsageError("give --url of a running server, or --model to start one")
     if kv_cache_memory:
         server_args = ("--kv-cache-memory", kv_cache_memory, *server_args)
+    if max_model_len:  # the servers this tool starts get the workload's context window (and size their pool by it)
+        server_args = ("--max-model-len", str(max_model_len), *server_args)
     plan = BenchPlan(
         workload=workload, num_requests=num_requests,
         shape=LoadShape(request_rate=request_rate, concurrency=concurrency, seed=seed),
@@ -84,7 +87,10 @@ def bench(url: str | None, model_dir: Path | None, workload: str, num_requests: 
         log_dir=(output_dir or output_json.parent) / "logs",
     )
     model = resolve_model_info(plan.url, model_dir, max_model_len)
-    document = run_plan(plan, model)
+    try:
+        document = run_plan(plan, model)
+    except ServerStartError as error:
+        raise click.ClickException(str(error)) from None
     output_json.parent.mkdir(parents=True, exist_ok=True)
     output_json.write_text(json.dumps(document, indent=1))
     console = Console()

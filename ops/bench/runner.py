@@ -80,8 +80,11 @@ def run_plan(plan: BenchPlan, model: ModelInfo) -> dict[str, Any]:
             systems[system] = summarize(results, duration, server) | _shape_fields(plan, system, plan.shape)
             for rate in plan.sweep_rates:
                 shape = LoadShape(request_rate=rate, seed=plan.shape.seed)
-                results, duration, server = _run_once(plan, system, url, model, specs, shape)
-                point = summarize(results, duration, server) | _shape_fields(plan, system, shape)
+                if shape == plan.shape:  # the main run is this point of the sweep already
+                    point = dict(systems[system])
+                else:
+                    results, duration, server = _run_once(plan, system, url, model, specs, shape)
+                    point = summarize(results, duration, server) | _shape_fields(plan, system, shape)
                 point.pop("samples_ms")
                 point.pop("kv_timeline")
                 sweep.setdefault(system, []).append(point)

@@ -3,6 +3,7 @@ and stops it afterwards, so that every system in a comparison runs the same work
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -23,24 +24,35 @@ SERVER_CONFIGS: dict[str, list[str]] = {
 STARTUP_TIMEOUT_S = 300.0
 
 
+class ServerStartError(RuntimeError):
+    """`pagedd serve` exited or never became healthy; the message names its log."""
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+def _failure_line(log_path: Path) -> str:
+    """The exception that stopped the server (its traceback's last line), else the log's last line."""
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    exceptions = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return (exceptions or lines or ["no output"])[-1]
+
+
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"pagedd serve exited with {process.returncode}; see {log_path}")
+            raise ServerStartError(f"pagedd serve exited with {process.returncode}: {_failure_line(log_path)} (log: {log_path})")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"pagedd serve not healthy after {STARTUP_TIMEOUT_S:.0f} s; see {log_path}")
+    raise ServerStartError(f"pagedd serve not healthy after {STARTUP_TIMEOUT_S:.0f} s; see {log_path}")
 
 
 @contextmanager

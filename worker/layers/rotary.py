@@ -38,7 +38,8 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None) -> None:
         super().__init__()
-        # Built on the CPU explicitly so that a model constructed on the meta device still gets real tables.
+        # Computed on the CPU in float32 whatever device and default dtype the model is built under: the
+        # tables must be exact, and their dtype follows the query at lookup time.
         with torch.device("cpu"):
             inv_freq = inverse_frequencies(head_dim, theta, scaling)
             angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
