@@ -16,7 +16,6 @@ from gateway.config_reload import ConfigReloader
 from gateway.daemon import run_daemon
 from gateway.drain import DEFAULT_DRAIN_TIMEOUT_S
 from gateway.engine import AsyncEngine, WorkerSpec
-from gateway.llm_engine import LLMEngine
 from gateway.worker_link import RegistrationError
 from gateway.worker_processes import RuntimeDir, local_workers
 from shared.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -50,6 +49,8 @@ def main(log_level: str, log_json: bool | None) -> None:
 @click.option("--n", default=1, show_default=True, type=click.IntRange(1, 16), help="Continuations to sample (share the prompt's blocks).")
 def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int, sampling_seed: int | None, n: int, **kwargs: Any) -> None:
     """Run the engine in-process on one prompt and print the continuation (a debugging tool)."""
+    from gateway.llm_engine import LLMEngine  # imports torch: only this command needs it in the gateway process
+
     engine = LLMEngine(build_config(ModelConfig, kwargs), CacheConfig(), SchedulerConfig())
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=sampling_seed, max_tokens=max_tokens, n=n)
     continuations = engine.generate([engine.encode_prompt(prompt)], params)[0]

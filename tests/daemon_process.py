@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,6 @@ class Daemon:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
-    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:

@@ -35,8 +35,9 @@ def admin_socket(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(stories_dir: Path, admin_socket: Path) -> Iterator[Server]:
-    # 1 MiB of KV on stories260K: ~50 blocks of 16 tokens, small enough to read every block.
-    yield from start_server(stories_dir, "--admin-socket", str(admin_socket), "--kv-cache-memory", "1MiB")
+    # 2 MiB of KV on stories260K: ~100 blocks of 16 tokens, small enough to read every block, and
+    # room for two long requests (~30 blocks each) without preemption.
+    yield from start_server(stories_dir, "--admin-socket", str(admin_socket), "--kv-cache-memory", "2MiB")
 
 
 def ctl(admin_socket: Path, *args: str) -> Any:
@@ -114,9 +115,10 @@ def consistent_snapshot(server: Server, admin_socket: Path) -> tuple[list[dict[s
 
 
 def test_memmap_shows_exactly_the_block_tables_and_agrees_with_metrics(server: Server, admin_socket: Path) -> None:
-    first = Stream(server.url, max_tokens=300)
+    # Long requests (the prompt is ~70 tokens of the 512-token context), so they still run while we look.
+    first = Stream(server.url, max_tokens=400)
     wait_for(lambda: running(admin_socket, 1), "the first request to run")
-    second = Stream(server.url, max_tokens=300)  # same prompt: its full blocks come from the prefix cache
+    second = Stream(server.url, max_tokens=400)  # same prompt: its full blocks come from the prefix cache
     wait_for(lambda: running(admin_socket, 2), "both requests to run")
     requests, memory, metrics = consistent_snapshot(server, admin_socket)
     assert len(requests) == 2

@@ -3,6 +3,8 @@ a real `pagedd worker`, and from the notifier itself."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -13,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.service_state import ping_watchdog
 from shared.systemd_notify import SystemdNotifier
 from tests.daemon_process import PROJECT_ROOT, START_TIMEOUT_S, NotifySocket, pagedd_command, start_daemon
 
@@ -116,4 +119,29 @@ def test_a_reader_that_falls_behind_never_blocks_the_sender(tmp_path: Path) -> N
         notifier = SystemdNotifier(str(tmp_path / "notify.sock"))
         for _ in range(10_000):  # a blocking send would hang here (pytest-timeout fails the test)
             notifier.watchdog()
+        notifier.close()
+
+
+async def test_watchdog_pings_come_from_the_event_loop(tmp_path: Path) -> None:
+    """While the loop hangs no ping goes out, which is what lets systemd restart a hung gateway."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(tmp_path / "notify.sock"))
+        listener.setblocking(False)
+        notifier = SystemdNotifier(str(tmp_path / "notify.sock"), watchdog_usec=100_000)  # a ping every 0.05 s
+
+        def received() -> int:
+            count = 0
+            with contextlib.suppress(BlockingIOError):
+                while listener.recv(64) == b"WATCHDOG=1":
+                    count += 1
+            return count
+
+        pinging = asyncio.create_task(ping_watchdog(notifier))
+        await asyncio.sleep(0.3)
+        assert received() >= 1
+        time.sleep(0.5)  # the event loop hangs
+        assert received() == 0
+        await asyncio.sleep(0.3)
+        assert received() >= 1
+        pinging.cancel()
         notifier.close()

@@ -8,7 +8,8 @@ sequence's whole cached prefix plus the new tokens up to itself (causal), read t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,6 +22,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0 past each sequence's table
     max_query_len: int
     max_seq_len: int
+    # Per-step values a backend derives from the fields above (index maps, masks), built by the first
+    # layer that needs them and reused by every other layer of the same forward pass.
+    derived: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
