@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import socket
 from collections.abc import Callable
 
@@ -14,7 +15,7 @@ from gateway.api.server import http_server
 from gateway.drain import DEFAULT_DRAIN_TIMEOUT_S, drain
 from gateway.engine import AsyncEngine
 from gateway.http_listener import bind_http_listener
-from gateway.service_state import follow_status, ping_watchdog, serving_status
+from gateway.service_state import draining_status, follow_status, ping_watchdog, serving_status, starting_status
 from gateway.signals import DaemonSignals
 from shared.logging import get_logger
 from shared.systemd_notify import SystemdNotifier
@@ -45,7 +46,7 @@ async def run_daemon(
     stopping = asyncio.create_task(signals.stop.wait())
     pinging = asyncio.create_task(ping_watchdog(notifier), name="systemd-watchdog")
     try:
-        notifier.status(f"starting: waiting for {len(engine.replicas)} workers to register")
+        notifier.status(starting_status(engine))
         starting = asyncio.create_task(engine.start(), name="engine-start")
         await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():  # stopped while the workers load: nothing to drain
@@ -53,6 +54,10 @@ async def run_daemon(
             await asyncio.gather(starting, return_exceptions=True)
             return
         starting.result()
+        # What exists now (tokenizer, block pools, queues) lives as long as the daemon: moving it out of
+        # the collector's generations keeps full collections from rescanning it while serving.
+        gc.collect()
+        gc.freeze()
         await _serve(engine, tokenizer, served_model_name, host, port, api_key, admin, listener, notifier, stopping, drain_timeout)
     finally:
         stopping.cancel()
@@ -95,7 +100,7 @@ async def _serve(
             log.info("serving", host=host, port=port, model=served_model_name, workers=len(engine.replicas))
             informing = asyncio.create_task(follow_status(notifier, engine), name="systemd-status")
         await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
-        notifier.stopping(f"draining: {engine.num_requests()} requests running")
+        notifier.stopping(draining_status(engine))
         await drain(engine, drain_timeout)
         server.should_exit = True
         await serving

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import msgspec
 
 from shared.protocol import TokenLogprob
 
 
-@dataclass(slots=True)
-class SequenceDelta:
+# msgspec Structs rather than dataclasses: several are built per sequence per step, and Structs are
+# cheaper to build; gc=False because they never form reference cycles, so the collector skips them.
+class SequenceDelta(msgspec.Struct, gc=False):
     """New tokens of one of a request's n sequences since the last report."""
 
     index: int  # which of the request's n choices
@@ -18,10 +19,9 @@ class SequenceDelta:
     finish_reason: str | None = None  # "stop" (eos, stop token, stop string) or "length"; None while running
 
 
-@dataclass(slots=True)
-class RequestOutput:
+class RequestOutput(msgspec.Struct, gc=False):
     request_id: str
-    deltas: list[SequenceDelta] = field(default_factory=list)
+    deltas: list[SequenceDelta] = []  # msgspec copies a mutable default per instance
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     queue_s: float | None = None  # time from arrival to first scheduling, on the first output only

@@ -69,7 +69,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(init=False)
     stop_token_ids: frozenset[int] = field(init=False)  # eos (unless ignore_eos) and stop_token_ids
-    forked: bool = False  # the n-1 children exist (forked when the prompt's last chunk was scheduled)
+    # The n-1 children exist: forked when the prompt's last chunk is scheduled, or from the start when
+    # n == 1 (none to fork), so a decode step tests this flag alone.
+    forked: bool = field(init=False)
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first scheduling
     waiting_tokens: int = 0  # tokens it adds to the waiting queue's total while it waits
@@ -81,6 +83,7 @@ class Request:
 
     def __post_init__(self) -> None:
         seed = self.params.seed
+        self.forked = self.params.n == 1
         self.seqs = []
         for index in range(self.params.n):
             sampling = self.params

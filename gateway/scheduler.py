@@ -293,23 +293,25 @@ class Scheduler:
     def _schedule_running(self, step: _StepBuilder) -> None:
         running = self.running
         scheduled = step.scheduled
+        grow = self.kv.grow
         index = 0
         while index < len(running) and step.budget > 0:
             seq = running[index]
             index += 1
-            num_new = seq.num_tokens - seq.num_computed
+            num_tokens = seq.num_tokens
+            num_new = num_tokens - seq.num_computed
             # Nothing to compute, or a final token already in flight that needs no KV.
-            if num_new <= 0 or seq.num_tokens >= seq.max_num_tokens or seq.seq_id in scheduled:
+            if num_new <= 0 or num_tokens >= seq.max_num_tokens or seq.seq_id in scheduled:
                 continue
             if num_new > step.budget:
                 num_new = step.budget
-            copies = self.kv.grow(seq, num_new)
+            copies = grow(seq, num_new)
             while copies is None:
                 victim = running[-1].request
                 self._preempt(victim, step)
                 if victim is seq.request:
                     return
-                copies = self.kv.grow(seq, num_new)
+                copies = grow(seq, num_new)
             self._emit(step, seq, num_new, copies)
 
     def _swap_in(self, step: _StepBuilder) -> bool:
@@ -400,20 +402,23 @@ class Scheduler:
     def _emit(self, step: _StepBuilder, seq: Sequence, num_new: int, copies: list[BlockCopy]) -> None:
         start = seq.num_computed
         computed = seq.num_computed = start + num_new
-        sample = computed == seq.num_tokens
-        fork_ids: list[int] = []
-        if sample:
-            seq.num_tokens += 1
-            request = seq.request
-            if not request.forked and request.params.n > 1:
-                fork_ids = [child.seq_id for child in request.seqs[1:]]
-                step.forks.append(seq)
-        table_from, new_blocks = self.kv.take_table_delta(seq)
         seq_id = seq.seq_id
+        table_from, new_blocks = self.kv.take_table_delta(seq)
+        if computed != seq.num_tokens:  # a prefill chunk short of the known tokens: nothing to sample
+            scheduled = ScheduledSeq(seq_id, start, num_new, table_from, new_blocks, False)
+        else:
+            seq.num_tokens = computed + 1
+            request = seq.request
+            if request.forked:
+                scheduled = ScheduledSeq(seq_id, start, num_new, table_from, new_blocks)
+            else:
+                fork_ids = [child.seq_id for child in request.seqs[1:]]
+                scheduled = ScheduledSeq(seq_id, start, num_new, table_from, new_blocks, True, fork_ids)
+                step.forks.append(seq)
         if not seq.on_worker:
             step.new_seqs[seq_id] = NewSequence(seq_id, list(seq.token_ids), seq.sampling, seq.num_output_tokens)
             seq.on_worker = True
-        step.scheduled[seq_id] = ScheduledSeq(seq_id, start, num_new, table_from, new_blocks, sample, fork_ids)
+        step.scheduled[seq_id] = scheduled
         if copies:
             step.copies[seq_id] = copies
         step.budget -= num_new
@@ -538,20 +543,25 @@ class Scheduler:
                 finish_reason = "length"
             else:
                 finish_reason = None
-            delta = SequenceDelta(seq.index, [token], None, None, finish_reason)
-            if seq.logprobs is not None:
-                seq.logprobs.append(result.logprob if result.logprob is not None else 0.0)
-                seq.top_logprobs.append(result.top_logprobs or [])
-                delta.logprobs = [seq.logprobs[-1]]
-                delta.top_logprobs = [seq.top_logprobs[-1]]
-            request_output = outputs.get(request.request_id)
+            logprobs = seq.logprobs
+            if logprobs is None:
+                delta = SequenceDelta(seq.index, [token], None, None, finish_reason)
+            else:
+                logprob = result.logprob if result.logprob is not None else 0.0
+                top_logprobs = result.top_logprobs or []
+                logprobs.append(logprob)
+                seq.top_logprobs.append(top_logprobs)
+                delta = SequenceDelta(seq.index, [token], [logprob], [top_logprobs], finish_reason)
+            request_id = request.request_id
+            request_output = outputs.get(request_id)
             if request_output is None:
-                request_output = outputs[request.request_id] = RequestOutput(
-                    request.request_id, [], len(request.prompt_token_ids), request.num_cached_tokens
+                request_output = outputs[request_id] = RequestOutput(
+                    request_id, [delta], len(request.prompt_token_ids), request.num_cached_tokens
                 )
                 if request.first_token_time is None:
                     request.first_token_time = time.monotonic()
-            request_output.deltas.append(delta)
+            else:
+                request_output.deltas.append(delta)
             if finish_reason is not None:
                 was = seq.status
                 any_finished |= was is RUNNING

@@ -12,14 +12,27 @@ from shared.systemd_notify import SystemdNotifier
 STATUS_REFRESH_S = 1.0  # how often a change of state (a worker lost or back) reaches STATUS=
 
 
+def _count(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' if count != 1 else ''}"
+
+
+def starting_status(engine: AsyncEngine) -> str:
+    return f"starting: waiting for {_count(len(engine.replicas), 'worker')} to register"
+
+
+def draining_status(engine: AsyncEngine) -> str:
+    return f"draining: {_count(engine.num_requests(), 'request')} running"
+
+
 def serving_status(engine: AsyncEngine) -> str:
+    """The state after READY=1, as STATUS= shows it."""
+    if engine.is_draining():
+        return draining_status(engine)
     ready = sum(replica.ready for replica in engine.replicas)
     total = len(engine.replicas)
-    if engine.is_draining():
-        return f"draining: {engine.num_requests()} requests running"
     if ready == total:
-        return f"serving {total} worker{'s' if total != 1 else ''}"
-    return f"serving {ready} of {total} workers"
+        return f"serving {_count(total, 'worker')}"
+    return f"serving {ready} of {_count(total, 'worker')}"
 
 
 async def ping_watchdog(notifier: SystemdNotifier) -> None:

@@ -9,6 +9,10 @@ appended. A full block table travels only in `NewSequence` (first sight or re-re
 Overlapped scheduling: the gateway may send step N+1 before step N's result arrives. A decode in
 step N+1 computes the token sampled in step N, which only the worker knows yet; this is why
 `ScheduledSeq` names a position range, not token ids.
+
+The step messages are built by the hundred every step and never take part in a reference cycle,
+so they are declared gc=False: the cyclic garbage collector neither tracks them nor is triggered
+by their allocation.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from shared.sampling_params import SamplingParams
 PROTOCOL_VERSION = 1
 
 
-class NewSequence(msgspec.Struct, array_like=True, omit_defaults=True):
+class NewSequence(msgspec.Struct, gc=False, array_like=True, omit_defaults=True):
     """A sequence the worker has not seen (a new request, or one resumed after recompute)."""
 
     seq_id: int
@@ -30,7 +34,7 @@ class NewSequence(msgspec.Struct, array_like=True, omit_defaults=True):
     block_table: list[int] = []  # full block table; usually empty, the first ScheduledSeq appends
 
 
-class ScheduledSeq(msgspec.Struct, array_like=True, omit_defaults=True):
+class ScheduledSeq(msgspec.Struct, gc=False, array_like=True, omit_defaults=True):
     """Work for one sequence in one step: compute positions [start, start + num_tokens)."""
 
     seq_id: int
@@ -46,12 +50,12 @@ class ScheduledSeq(msgspec.Struct, array_like=True, omit_defaults=True):
     fork_ids: list[int] = []
 
 
-class BlockCopy(msgspec.Struct, array_like=True):
+class BlockCopy(msgspec.Struct, gc=False, array_like=True):
     src: int
     dst: int
 
 
-class StepInput(msgspec.Struct, omit_defaults=True):
+class StepInput(msgspec.Struct, gc=False, omit_defaults=True):
     """One iteration. The worker applies, in order: frees, swap-outs, swap-ins, copies, new
     sequences, then runs the forward pass for `scheduled` and samples."""
 
@@ -64,24 +68,24 @@ class StepInput(msgspec.Struct, omit_defaults=True):
     copies: list[BlockCopy] = []  # device -> device, copy-on-write
 
 
-class TokenLogprob(msgspec.Struct, array_like=True):
+class TokenLogprob(msgspec.Struct, gc=False, array_like=True):
     token_id: int
     logprob: float
 
 
-class SeqResult(msgspec.Struct, array_like=True, omit_defaults=True):
+class SeqResult(msgspec.Struct, gc=False, array_like=True, omit_defaults=True):
     seq_id: int
     token_id: int
     logprob: float | None = None
     top_logprobs: list[TokenLogprob] | None = None
 
 
-class SeqError(msgspec.Struct, array_like=True):
+class SeqError(msgspec.Struct, gc=False, array_like=True):
     seq_id: int
     message: str
 
 
-class StepOutput(msgspec.Struct, omit_defaults=True):
+class StepOutput(msgspec.Struct, gc=False, omit_defaults=True):
     step_id: int
     results: list[SeqResult] = []
     errors: list[SeqError] = []  # sequences this step failed for; the rest of the batch is unaffected

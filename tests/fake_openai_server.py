@@ -1,6 +1,7 @@
 """A tiny stand-in for `pagedd serve`: OpenAI-shaped streamed /v1/completions, /v1/models, /health and
 paged's /metrics names, so the benchmark tool can be tested without a model. Requests whose prompt
-starts with a multiple of 5 are refused with 429, to exercise the tool's accounting of rejections."""
+starts with a multiple of 5 are refused with 429, and with `stall_every` set, those starting with a multiple
+of it stop sending after their first token, to exercise the tool's accounting of rejections and failures."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class FakeState:
         self.prefix_hits = 0
 
 
-def build_app(max_model_len: int) -> Starlette:
+def build_app(max_model_len: int, stall_every: int | None) -> Starlette:
     state = FakeState()
 
     async def models(_: Request) -> JSONResponse:
@@ -75,8 +76,10 @@ def build_app(max_model_len: int) -> Starlette:
             state.running += n
             state.blocks_used += blocks
             try:
-                for _ in range(max_tokens):
+                for position in range(max_tokens):
                     await asyncio.sleep(TOKEN_DELAY_S)
+                    if position == 1 and stall_every and prompt[0] % stall_every == 0:
+                        await asyncio.Event().wait()  # stuck: never another byte
                     for index in range(n):
                         choice = {"index": index, "text": "a", "finish_reason": None}
                         yield f"data: {json.dumps({'object': 'text_completion', 'choices': [choice]})}\n\n"
@@ -108,10 +111,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def fake_server(max_model_len: int = 512) -> Iterator[str]:
+def fake_server(max_model_len: int = 512, stall_every: int | None = None) -> Iterator[str]:
     """Serve the fake API on a free loopback port in a thread; yields its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(max_model_len), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(build_app(max_model_len, stall_every), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -114,6 +114,17 @@ def test_closed_loop_parallel_sampling_counts_every_choice(tmp_path: Path) -> No
     assert document["output_tokens_per_s"] * document["duration_s"] == pytest.approx(tokens)
 
 
+def test_stalled_requests_fail_with_a_reason(tmp_path: Path) -> None:
+    with fake_server(stall_every=3) as url:
+        document = run_bench(tmp_path, "--url", url, "--workload", "mixed", "--num-requests", "12",
+                             "--max-model-len", "64", "--stall-timeout", "1")
+    assert_sane(document)
+    specs = build_workload("mixed", ModelInfo("fake", tuple(range(3, 256)), 64), 12, seed=0)
+    stalled = sum(spec.prompt[0] % 3 == 0 and spec.prompt[0] % REJECT_EVERY != 0 for spec in specs)
+    assert stalled > 0 and document["requests_failed"] == stalled
+    assert list(document["failure_reasons"]) == ["ReadTimeout"]
+
+
 def test_hf_static_baseline_and_ratios(tmp_path: Path, stories_dir: Path) -> None:
     with fake_server() as url:
         document = run_bench(tmp_path, "--url", url, "--model", str(stories_dir), "--workload", "mixed",

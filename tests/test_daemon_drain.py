@@ -3,7 +3,9 @@ finish (or, past --drain-timeout, ends them with an error event) and the process
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.daemon_process import Daemon, start_daemon, stream_completion
+from tests.daemon_process import PROJECT_ROOT, Daemon, NotifySocket, free_port, pagedd_command, start_daemon, stream_completion
 
 pytestmark = pytest.mark.slow
 
@@ -113,3 +115,21 @@ def test_second_stop_signal_exits_at_once(tmp_path: Path) -> None:
     assert status == 1
     assert daemon.events("exiting_now")
     assert not daemon.events("drained")
+
+
+def test_stop_signal_while_waiting_for_workers_exits_cleanly(tmp_path: Path) -> None:
+    """`pagedd gateway` whose worker never comes: SIGTERM ends the wait, exit 0."""
+    notify = NotifySocket(tmp_path / "notify.sock")
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "PAGED_ADMIN_SOCKET": str(tmp_path / "admin.sock")}
+    command = pagedd_command("--log-json", "gateway", "--worker", f"ipc://{tmp_path / 'absent.sock'}", "--port", str(free_port()))
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert notify.wait_for("STATUS", 120)["STATUS"] == "starting: waiting for 1 worker to register"
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        notify.close()
+    assert process.returncode == 0, output.decode()
+    assert b"startup_failed" not in output

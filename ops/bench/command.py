@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from pathlib import Path
 
 import click
@@ -63,13 +65,15 @@ def write_report(document: dict, output_dir: Path) -> str:
 @click.option("--kv-cache-memory", help="KV memory for every server this tool starts (e.g. 16MiB), so all compare at one budget.")
 @click.option("--server-arg", "server_args", multiple=True, help="Extra option for the servers this tool starts (repeatable).")
 @click.option("--hf-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--stall-timeout", type=float, default=300.0, show_default=True,
+              help="Seconds a request may receive nothing before it counts as failed.")
 @click.option("--metrics-interval", type=float, default=0.25, show_default=True, help="Seconds between /metrics samples.")
 @click.option("--output-json", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Where results.md, the PNGs and server logs go.")
 def bench(url: str | None, model_dir: Path | None, workload: str, num_requests: int, request_rate: float,
           concurrency: int | None, seed: int, max_model_len: int | None, baselines: tuple[str, ...],
           sweep_rates: tuple[float, ...], kv_cache_memory: str | None, server_args: tuple[str, ...], hf_batch_size: int,
-          metrics_interval: float, output_json: Path, output_dir: Path | None) -> None:
+          stall_timeout: float, metrics_interval: float, output_json: Path, output_dir: Path | None) -> None:
     """Benchmark a paged server: throughput, latency and KV memory, optionally against baselines."""
     if concurrency and request_rate != float("inf"):
         raise click.UsageError("give --request-rate or --concurrency, not both")
@@ -81,11 +85,13 @@ def bench(url: str | None, model_dir: Path | None, workload: str, num_requests: 
         server_args = ("--max-model-len", str(max_model_len), *server_args)
     plan = BenchPlan(
         workload=workload, num_requests=num_requests,
-        shape=LoadShape(request_rate=request_rate, concurrency=concurrency, seed=seed),
+        shape=LoadShape(request_rate=request_rate, concurrency=concurrency, seed=seed, stall_timeout=stall_timeout),
         url=url.rstrip("/") if url else None, model_dir=model_dir, baselines=baselines, sweep_rates=sweep_rates,
         server_args=server_args, hf_batch_size=hf_batch_size, metrics_interval=metrics_interval,
         log_dir=(output_dir or output_json.parent) / "logs",
     )
+    # SIGTERM unwinds like Ctrl-C, so the servers this tool started are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     model = resolve_model_info(plan.url, model_dir, max_model_len)
     try:
         document = run_plan(plan, model)

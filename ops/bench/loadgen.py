@@ -23,6 +23,7 @@ class LoadShape:
     request_rate: float = float("inf")  # open loop: Poisson arrivals at this rate
     concurrency: int | None = None  # closed loop: this many in flight, the next sent as one finishes
     seed: int = 0
+    stall_timeout: float = 300.0  # a request that receives nothing for this long fails (a stuck server ends the run)
 
 
 def _request_body(model: str, spec: RequestSpec, cache_salt: str) -> dict:
@@ -88,8 +89,8 @@ async def stream_completion(client: httpx.AsyncClient, url: str, model: str, spe
             if not finished:
                 result.reason = "stream ended without [DONE]"
                 return result
-    except httpx.HTTPError as error:
-        result.reason = f"{type(error).__name__}: {str(error)[:120]}"
+    except (httpx.HTTPError, ValueError) as error:  # ValueError: a chunk that is not JSON
+        result.reason = ": ".join(filter(None, [type(error).__name__, str(error)[:120]]))
         return result
     if not token_times:
         result.reason = "no tokens received"
@@ -115,7 +116,7 @@ def _progress(description: str) -> Progress:
 async def _run(url: str, model: str, specs: list[RequestSpec], shape: LoadShape, description: str,
                metrics_interval: float) -> tuple[list[RequestResult], float, ServerStats]:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(None, connect=30)
+    timeout = httpx.Timeout(shape.stall_timeout, connect=30, pool=None)
     results: list[RequestResult | None] = [None] * len(specs)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         sampler = MetricsSampler(client, url, metrics_interval)
@@ -125,10 +126,13 @@ async def _run(url: str, model: str, specs: list[RequestSpec], shape: LoadShape,
             cache_salt = uuid.uuid4().hex
             t0 = time.perf_counter()
 
+            errors = 0
+
             async def one(index: int) -> None:
-                results[index] = await stream_completion(client, url, model, specs[index], t0, cache_salt)
-                failed = sum(r is not None and r.outcome != "completed" for r in results)
-                progress.update(task, advance=1, status=f"errors {failed}" if failed else "")
+                nonlocal errors
+                results[index] = result = await stream_completion(client, url, model, specs[index], t0, cache_salt)
+                errors += result.outcome != "completed"
+                progress.update(task, advance=1, status=f"errors {errors}" if errors else "")
 
             if shape.concurrency:
                 queue = iter(range(len(specs)))

@@ -19,7 +19,6 @@ def _field(key: str) -> Callable[[Summary], float | None]:
 
 # (row label, how to read it, format)
 FIGURES: list[tuple[str, Callable[[Summary], float | None], str]] = [
-    ("requests completed / sent", lambda s: s["requests_completed"], "{:.0f}"),
     ("request throughput (req/s)", _field("request_throughput"), "{:.2f}"),
     ("input tokens/s", _field("input_tokens_per_s"), "{:.0f}"),
     ("output tokens/s", _field("output_tokens_per_s"), "{:.0f}"),
@@ -65,6 +64,8 @@ def markdown_table(systems: dict[str, Summary], reference: str = "paged") -> str
     """Rows: figures; columns: systems. Baseline cells read `value (×ratio)` with ratio = paged / baseline."""
     names = list(systems)
     lines = ["| figure | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    counts = [f"{systems[name]['requests_completed']} / {systems[name]['requests_sent']}" for name in names]
+    lines.append("| requests completed / sent | " + " | ".join(counts) + " |")
     for label, read, fmt in FIGURES:
         cells = []
         for name in names:
@@ -72,8 +73,6 @@ def markdown_table(systems: dict[str, Summary], reference: str = "paged") -> str
             cell = _cell(value, fmt)
             factor = ratio(read(systems[reference]), value) if name != reference else None
             cells.append(f"{cell} (×{factor:.2f})" if factor is not None else cell)
-        if label.startswith("requests completed"):
-            cells = [f"{cell} / {systems[name]['requests_sent']}" for cell, name in zip(cells, names)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + ("\n\n(×r: paged / baseline)\n" if len(names) > 1 else "\n")
 

@@ -55,7 +55,7 @@ def _server_url(plan: BenchPlan, system: str) -> Iterator[str | None]:
             yield url
 
 
-def _run_once(plan: BenchPlan, system: str, url: str | None, model: ModelInfo, specs: list[RequestSpec],
+def _run_once(plan: BenchPlan, system: str, url: str | None, served_name: str, specs: list[RequestSpec],
               shape: LoadShape) -> tuple[list[RequestResult], float, ServerStats]:
     label = f"{system} {plan.workload}"
     if url is None:
@@ -63,8 +63,7 @@ def _run_once(plan: BenchPlan, system: str, url: str | None, model: ModelInfo, s
 
         assert plan.model_dir is not None
         return run_hf_static(plan.model_dir, specs, shape, plan.hf_batch_size, label)
-    name = served_model(url)[0] or model.name
-    return run_load(url, name, specs, shape, label, plan.metrics_interval)
+    return run_load(url, served_name, specs, shape, label, plan.metrics_interval)
 
 
 def run_plan(plan: BenchPlan, model: ModelInfo) -> dict[str, Any]:
@@ -74,16 +73,17 @@ def run_plan(plan: BenchPlan, model: ModelInfo) -> dict[str, Any]:
     sweep: dict[str, list[dict[str, Any]]] = {}
     for system in ("paged", *plan.baselines):
         with _server_url(plan, system) as url:
+            served_name = (served_model(url)[0] if url else None) or model.name
             if url is not None:
-                warm_up(url, served_model(url)[0] or model.name, RequestSpec(specs[0].prompt[:16], 4))
-            results, duration, server = _run_once(plan, system, url, model, specs, plan.shape)
+                warm_up(url, served_name, RequestSpec(specs[0].prompt[:16], 4))
+            results, duration, server = _run_once(plan, system, url, served_name, specs, plan.shape)
             systems[system] = summarize(results, duration, server) | _shape_fields(plan, system, plan.shape)
             for rate in plan.sweep_rates:
-                shape = LoadShape(request_rate=rate, seed=plan.shape.seed)
+                shape = LoadShape(request_rate=rate, seed=plan.shape.seed, stall_timeout=plan.shape.stall_timeout)
                 if shape == plan.shape:  # the main run is this point of the sweep already
                     point = dict(systems[system])
                 else:
-                    results, duration, server = _run_once(plan, system, url, model, specs, shape)
+                    results, duration, server = _run_once(plan, system, url, served_name, specs, shape)
                     point = summarize(results, duration, server) | _shape_fields(plan, system, shape)
                 point.pop("samples_ms")
                 point.pop("kv_timeline")
