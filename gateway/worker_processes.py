@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 
 from gateway.engine import WorkerSpec
-from shared.config import CacheConfig, ModelConfig
+from shared.config import CacheConfig, ModelConfig, default_cpu_threads
 from worker.server import GatewayLossPolicy, run_worker
 
 
@@ -103,6 +103,8 @@ def local_workers(
     for index, device in enumerate(devices):
         endpoint = runtime_dir.endpoint(f"worker-{index}.sock")
         config = msgspec.structs.replace(model_config, device=device)
+        if device == "cpu" and config.cpu_threads is None:
+            config = msgspec.structs.replace(config, cpu_threads=default_cpu_threads(len(devices)))
         spawn = functools.partial(
             spawn_worker, endpoint, config, cache_config, max_num_batched_tokens,
             worker_id=str(index), null_model=null_model, null_step_s=null_step_s, on_gateway_loss="exit", log_level=log_level, log_json=log_json,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import msgspec
@@ -20,6 +21,7 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     attention_backend: Literal["auto", "torch", "triton"] = "auto"  # auto: triton on CUDA, torch on CPU
     max_model_len: int | None = None  # None: the model's context window
     seed: int = 0  # seeds the built-in model's weights and unseeded sampling
+    cpu_threads: int | None = None  # torch threads of a CPU worker; default: the cores less one for the gateway, shared by the workers
 
 
 class CacheConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -46,3 +48,9 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_waiting_tokens: int = 4 * 1024 * 1024
     kv_watermark: float = 0.01
     preemption_mode: Literal["recompute", "swap"] = "recompute"
+
+
+def default_cpu_threads(num_workers: int) -> int:
+    """Torch threads per CPU worker when not set: one core is left to the gateway (HTTP, scheduling,
+    detokenizing), and oversubscribed cores make torch's spinning thread pool much slower, not faster."""
+    return max(1, ((os.cpu_count() or 1) - 1) // num_workers)

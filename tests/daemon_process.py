@@ -1,5 +1,6 @@
-"""A real `pagedd` daemon as a subprocess for the tests/test_daemon_*.py tests: JSON logs in a file,
-an optional NOTIFY_SOCKET the test listens on (as systemd would), and SSE streaming helpers."""
+"""A real `pagedd` daemon as a subprocess for the tests/test_daemon_*.py and tests/test_server_e2e.py tests:
+JSON logs in a file, an optional NOTIFY_SOCKET the test listens on (as systemd would), and SSE streaming
+helpers. Port, health wait and graceful stop are the benchmark's (ops/bench/servers.py)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,10 @@ from typing import Any
 
 import httpx
 
+from ops.bench.servers import ServerStartError, free_port, wait_healthy
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 240.0  # model load and worker spawn on a busy 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def pagedd_command(*args: str) -> list[str]:
@@ -94,17 +91,10 @@ class Daemon:
         raise AssertionError(f"no {name!r} log event; exit={self.process.poll()} log tail:\n{self.tail()}")
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"pagedd exited with {self.process.returncode} before ready:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"pagedd not ready within {timeout} s:\n{self.tail()}")
+        try:
+            wait_healthy(self.url, self.process, self.log_path, timeout)
+        except ServerStartError as error:
+            raise AssertionError(f"{error}\n{self.tail()}") from None
 
     def wait_exit(self, timeout: float = 120.0) -> int:
         try:

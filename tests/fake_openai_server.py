@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +17,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
+
+from ops.bench.servers import free_port
 
 REJECT_EVERY = 5
 TOKEN_DELAY_S = 0.002
@@ -102,12 +103,6 @@ def build_app(max_model_len: int, stall_every: int | None) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
     ]
     return Starlette(routes=routes)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

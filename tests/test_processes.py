@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from gateway.request import Request
 from gateway.scheduler import Scheduler
 from gateway.worker_link import RegistrationError, WorkerLink
 from gateway.worker_processes import RuntimeDir, local_workers
+from ops.bench.servers import free_port
 from shared.config import MiB, CacheConfig, ModelConfig, SchedulerConfig
 from shared.protocol import (
     PROTOCOL_VERSION,
@@ -348,12 +348,6 @@ async def test_drain_refuses_new_requests_and_finishes_running_ones() -> None:
 
 
 # --- gateway loss -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pid_alive(pid: int) -> bool:

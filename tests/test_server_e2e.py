@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +16,13 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ops.bench.servers import stop_server
 from shared.tokenizer import Tokenizer, load_tokenizer
+from tests.daemon_process import Daemon, start_daemon
 
 pytestmark = pytest.mark.slow
 
 PAGEDD = Path(sys.executable).parent / "pagedd"
-STARTUP_TIMEOUT_S = 180
 PROMPTS = [
     "Once upon a time",
     "Lily and Ben went to the park",
@@ -39,57 +35,21 @@ PROMPTS = [
 ]
 
 
-class Server:
-    def __init__(self, url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
-        self.url = url
-        self.process = process
-        self.log_path = log_path
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text()[-4000:]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(model_dir: Path, *extra: str) -> Iterator[Server]:
-    port = free_port()
-    log_file = tempfile.NamedTemporaryFile(prefix="pagedd-e2e-", suffix=".log", delete=False)
-    command = [str(PAGEDD), "--log-json", "serve", "--model", str(model_dir), "--device", "cpu", "--port", str(port), *extra]
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server = Server(f"http://127.0.0.1:{port}", process, Path(log_file.name))
+def serve_stories(log_dir: Path, model_dir: Path, *extra: str) -> Iterator[Daemon]:
+    """`pagedd serve` with stories260K on the CPU for a module's tests, then a graceful stop."""
+    if not PAGEDD.exists():
+        pytest.fail(f"{PAGEDD} not found: install the project into the venv")
+    daemon = start_daemon(log_dir, "--model", str(model_dir), "--device", "cpu", *extra, env={"PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"pagedd serve exited with {process.returncode}:\n{server.log_tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"pagedd serve not healthy after {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        yield server
+        daemon.wait_ready()
+        yield daemon
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log_file.close()
+        stop_server(daemon.process)
 
 
 @pytest.fixture(scope="module")
-def server(stories_dir: Path) -> Iterator[Server]:
-    if not PAGEDD.exists():
-        pytest.fail(f"{PAGEDD} not found: install the project into the venv")
-    yield from start_server(stories_dir)
+def server(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    yield from serve_stories(tmp_path_factory.mktemp("e2e"), stories_dir)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +74,7 @@ def completion(url: str, body: dict[str, Any]) -> dict[str, Any]:
     return response.json()
 
 
-def test_greedy_matches_transformers(server: Server, stories_dir: Path, tokenizer: Tokenizer) -> None:
+def test_greedy_matches_transformers(server: Daemon, stories_dir: Path, tokenizer: Tokenizer) -> None:
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     model = transformers.AutoModelForCausalLM.from_pretrained(str(stories_dir), torch_dtype=torch.float32).eval()
@@ -133,7 +93,7 @@ def test_greedy_matches_transformers(server: Server, stories_dir: Path, tokenize
         assert by_ids["choices"][0]["text"] == expected
 
 
-def test_both_endpoints_httpx_and_openai(server: Server) -> None:
+def test_both_endpoints_httpx_and_openai(server: Daemon) -> None:
     request = {"model": "stories260K", "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}
     whole = completion(server.url, request)
     streamed = ""
@@ -158,7 +118,7 @@ def test_both_endpoints_httpx_and_openai(server: Server) -> None:
     assert [m.id for m in client.models.list().data] == ["stories260K"]
 
 
-async def test_64_concurrent_streams_equal_alone(server: Server) -> None:
+async def test_64_concurrent_streams_equal_alone(server: Daemon) -> None:
     """Mixed lengths, greedy and seeded sampling: each of 64 concurrent streams equals the same
     request sent alone (batching must not change any request's output)."""
     distinct = [
@@ -184,7 +144,7 @@ async def test_64_concurrent_streams_equal_alone(server: Server) -> None:
         assert text == alone[i % len(distinct)], distinct[i % len(distinct)]
 
 
-def test_closed_stream_frees_its_blocks(server: Server) -> None:
+def test_closed_stream_frees_its_blocks(server: Daemon) -> None:
     body = {"prompt": PROMPTS[1], "max_tokens": 400, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as response:
         lines = response.iter_lines()  # kept referenced: dropping the iterator closes the connection
@@ -202,7 +162,7 @@ def test_closed_stream_frees_its_blocks(server: Server) -> None:
     assert metrics["paged_requests_finished_total{reason=abort}"] >= 1
 
 
-def test_metrics_exact_names(server: Server) -> None:
+def test_metrics_exact_names(server: Daemon) -> None:
     completion(server.url, {"prompt": PROMPTS[2], "max_tokens": 4})
     names = set(scrape(server.url))
     for name in (
@@ -224,7 +184,7 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
     return error
 
 
-def test_errors(server: Server) -> None:
+def test_errors(server: Daemon) -> None:
     url = f"{server.url}/v1/completions"
     assert error_of(httpx.post(url, json={"prompt": "x", "temperature": -1}), 400)["param"] == "temperature"
     assert error_of(httpx.post(url, json={"prompt": "x", "max_tokens": 0}), 400)["param"] == "max_tokens"
@@ -238,12 +198,12 @@ def test_errors(server: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def guarded_server(stories_dir: Path) -> Iterator[Server]:
+def guarded_server(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """--api-key, and caps small enough to refuse a burst: one running sequence, one waiting."""
-    yield from start_server(stories_dir, "--api-key", "e2e-key", "--max-num-seqs", "1", "--max-waiting-requests", "1")
+    yield from serve_stories(tmp_path_factory.mktemp("e2e-guarded"), stories_dir, "--api-key", "e2e-key", "--max-num-seqs", "1", "--max-waiting-requests", "1")
 
 
-async def test_api_key_and_admission_caps(guarded_server: Server) -> None:
+async def test_api_key_and_admission_caps(guarded_server: Daemon) -> None:
     url = guarded_server.url
     error_of(httpx.post(f"{url}/v1/completions", json={"prompt": "x"}), 401)
     error_of(httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}), 401)

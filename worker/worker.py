@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-from shared.config import CacheConfig, ModelConfig
+from shared.config import CacheConfig, ModelConfig, default_cpu_threads
 from shared.logging import get_logger
 from shared.protocol import NewSequence, ScheduledSeq, SeqError, SeqResult, StepInput, StepOutput, TokenLogprob
 from shared.sampling_params import SamplingParams
@@ -41,6 +41,8 @@ class Worker:
         leaves after a profiling forward of `max_num_batched_tokens` tokens (the largest step the
         scheduler will send); on CPU it gets cache_config.kv_cache_memory bytes."""
         device = resolve_device(model_config.device)
+        if device.type == "cpu":
+            torch.set_num_threads(model_config.cpu_threads or default_cpu_threads(1))
         backend = model_config.attention_backend
         if backend == "auto":
             backend = "triton" if device.type == "cuda" else "torch"

@@ -1,5 +1,6 @@
 """Starts `pagedd serve` as a subprocess for a baseline configuration, waits until /health says ready,
-and stops it afterwards, so that every system in a comparison runs the same workload on the same box."""
+and stops it afterwards, so that every system in a comparison runs the same workload on the same box.
+The tests start their daemons with the same port, health and stop helpers (tests/daemon_process.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class ServerStartError(RuntimeError):
     """`pagedd serve` exited or never became healthy; the message names its log."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -41,8 +42,9 @@ def _failure_line(log_path: Path) -> str:
     return (exceptions or lines or ["no output"])[-1]
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+def wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = STARTUP_TIMEOUT_S) -> None:
+    """Poll `url`/health until it answers 200; ServerStartError if the process exits first or time runs out."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ServerStartError(f"pagedd serve exited with {process.returncode}: {_failure_line(log_path)} (log: {log_path})")
@@ -51,14 +53,24 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path) ->
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
-    raise ServerStartError(f"pagedd serve not healthy after {STARTUP_TIMEOUT_S:.0f} s; see {log_path}")
+        time.sleep(0.2)
+    raise ServerStartError(f"pagedd serve not healthy after {timeout:.0f} s; see {log_path}")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, so the server drains and takes its workers down; SIGKILL if it has not exited in 30 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @contextmanager
 def running_server(model_dir: Path, config: str, extra_args: list[str], log_dir: Path) -> Iterator[str]:
     """Run `pagedd serve` with the baseline's options plus `extra_args`; yields its URL."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-c", "from gateway.cli import main; main()", "serve", "--model", str(model_dir),
                "--host", "127.0.0.1", "--port", str(port), *SERVER_CONFIGS[config], *extra_args]
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -67,12 +79,7 @@ def running_server(model_dir: Path, config: str, extra_args: list[str], log_dir:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_healthy(url, process, log_path)
+            wait_healthy(url, process, log_path)
             yield url
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_server(process)
