@@ -31,6 +31,10 @@ class ContiguousAllocator:
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def shared_prompt_blocks(self, prompt_len: int) -> int:
+        """Nothing is shared: each sequence has its own run."""
+        return 0
+
     def peak_blocks(self, prompt_len: int, max_num_tokens: int, n: int) -> int:
         return n * self._blocks_for(max_num_tokens)
 

@@ -69,10 +69,16 @@ class KVCacheManager:
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def shared_prompt_blocks(self, prompt_len: int) -> int:
+        """Blocks the n sequences of a request share: the full prompt blocks (the fork shares the
+        partial one too, until copy-on-write gives each sequence its own)."""
+        return prompt_len // self.block_size
+
     def peak_blocks(self, prompt_len: int, max_num_tokens: int, n: int) -> int:
         """Blocks a request needs at its largest when it runs alone: the full prompt blocks are
-        shared by its n sequences, the rest is each sequence's own."""
-        shared = prompt_len // self.block_size
+        shared by its n sequences, the rest is each sequence's own. The scheduler keeps that sharing
+        when it recomputes a preempted request, so this bound holds for its whole life."""
+        shared = self.shared_prompt_blocks(prompt_len)
         return shared + n * (self._blocks_for(max_num_tokens) - shared)
 
     # Prefix cache -----------------------------------------------------------------------------
@@ -201,6 +207,15 @@ class KVCacheManager:
         )
         child.block_hashes = list(parent.block_hashes)
         return []
+
+    def share_prefix(self, source: Sequence, seq: Sequence, num_blocks: int) -> None:
+        """Give a sequence without blocks the first `num_blocks` (full, computed) blocks of another's
+        table: how the sequences of a recomputed n > 1 request share their prompt again."""
+        source_record = self.seqs[source.seq_id]
+        table = source_record.table[:num_blocks]
+        self.pool.touch(table)
+        num_registered = min(source_record.num_registered, num_blocks)
+        self.seqs[seq.seq_id] = SeqBlocks(table, num_blocks * self.block_size, num_registered=num_registered)
 
     def take_table_delta(self, seq: Sequence) -> tuple[int, list[int]]:
         """(table_from, new_blocks) the worker needs to bring its table up to date."""

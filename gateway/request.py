@@ -72,6 +72,9 @@ class Request:
     # The n-1 children exist: forked when the prompt's last chunk is scheduled, or from the start when
     # n == 1 (none to fork), so a decode step tests this flag alone.
     forked: bool = field(init=False)
+    # After a recompute preemption of a forked request: the live sequences, all but the first, that
+    # wait for the first to recompute the full prompt blocks and then share them (see Scheduler._admit).
+    awaiting_shared_prompt: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first scheduling
     waiting_tokens: int = 0  # tokens it adds to the waiting queue's total while it waits

@@ -27,6 +27,11 @@ Preemption (when a running sequence cannot get a block): recompute frees the blo
 request back ahead of later arrivals (its prompt and generated tokens are recomputed later, mostly
 from the prefix cache); swap copies its blocks to the host pool and brings them back before any
 new admission once memory frees. Swap falls back to recompute when the host pool is short.
+
+Progress: add_request refuses (400) a request whose peak, running alone, exceeds the pool, and a
+recomputed n > 1 request shares its prompt blocks again (see _admit), so it never needs more than
+that peak. Victims are always the latest arrivals, so the oldest running request can always take
+the whole pool and finish: admitted work finishes, it is never stuck waiting or preempting itself.
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class Scheduler:
         self.waiting: list[Request] = []  # sorted by Request.order
         self.swapped: list[Request] = []  # sorted by Request.order
         self.running: list[Sequence] = []  # sorted by (request order, index); the tail is the next victim
+        self._awaiting_prompt: list[Request] = []  # running requests with awaiting_shared_prompt sequences
         self._seqs: dict[int, Sequence] = {}  # live sequences by id
         self._freed_seq_ids: list[int] = []  # for the next StepInput
         self._fork_copies: list[BlockCopy] = []  # for the next StepInput
@@ -198,6 +204,7 @@ class Scheduler:
                 self._finish_seq(seq, reason)
         if was is RUNNING:
             self.running = [seq for seq in self.running if seq.status is RUNNING]
+            self._stop_awaiting_prompt(request)
         self._forget_request(request, was)
 
     def _finish_seq(self, seq: Sequence, reason: str) -> None:
@@ -240,12 +247,16 @@ class Scheduler:
             for seq in request.live_seqs():
                 _reset_for_recompute(seq)
                 seq.ignore_results_until = -1
+            _fork_again_if_nothing_sampled(request)
         self._evictions_before += self.kv.stats().evictions
         self.kv = self._make_manager(self.kv.num_blocks)
         self.requests.clear()
         self.waiting.clear()
         self.swapped.clear()
         self.running.clear()
+        for request in self._awaiting_prompt:
+            request.awaiting_shared_prompt = []
+        self._awaiting_prompt.clear()
         self._seqs.clear()
         self._freed_seq_ids.clear()
         self._fork_copies.clear()
@@ -359,9 +370,12 @@ class Scheduler:
             self._preempt(self.running[-1].request, step)
 
     def _seats_taken(self) -> int:
-        """Running sequences, counting the children that running n > 1 requests will fork."""
-        return len(self.running) + sum(
-            seq.request.params.n - 1 for seq in self.running if seq.index == 0 and not seq.request.forked
+        """Running sequences, counting the children that running n > 1 requests will fork and the
+        sequences waiting to share a recomputed prompt."""
+        return (
+            len(self.running)
+            + sum(seq.request.params.n - 1 for seq in self.running if seq.index == 0 and not seq.request.forked)
+            + sum(len(request.awaiting_shared_prompt) for request in self._awaiting_prompt)
         )
 
     @staticmethod
@@ -369,7 +383,16 @@ class Scheduler:
         return len(seqs) if request.forked else request.params.n
 
     def _admit(self, request: Request, seqs: list[Sequence], step: _StepBuilder) -> bool:
-        """All of a request's live sequences join the running batch, or none do."""
+        """All of a request's live sequences join the running batch, or none do.
+
+        A forked request (back after a recompute preemption) lost the prompt blocks its sequences
+        shared, and each admitted with a copy of its own could need more than the whole pool: it
+        would never run again, or preempt itself forever. So only its first live sequence takes
+        blocks now; the others wait for it to recompute the full prompt blocks and then share them
+        (_attach_awaiting_prompt), which keeps the request within the peak add_request checked."""
+        awaiting: list[Sequence] = []
+        if request.forked and len(seqs) > 1 and self.kv.shared_prompt_blocks(request.num_prompt_tokens):
+            seqs, awaiting = seqs[:1], seqs[1:]
         reserve = self.watermark_blocks if self.running else 0
         budget = step.budget
         admitted: list[tuple[Sequence, int, int]] = []
@@ -397,7 +420,38 @@ class Scheduler:
             bisect.insort(self.running, seq, key=_seq_order)
             if num_new:
                 self._emit(step, seq, num_new, [])
+        if awaiting:
+            request.awaiting_shared_prompt = awaiting
+            self._awaiting_prompt.append(request)
         return True
+
+    def _attach_awaiting_prompt(self) -> None:
+        """Sequences awaiting a recomputed prompt share its full blocks once a step that computes
+        them has been sent (the worker runs steps in order), and compute their own tokens from the
+        next step on, as children do after a fork."""
+        block_size = self.cache_config.block_size
+        still_awaiting = []
+        for request in self._awaiting_prompt:
+            source = request.live_seqs()[0]
+            num_blocks = self.kv.shared_prompt_blocks(request.num_prompt_tokens)
+            if source.num_computed < num_blocks * block_size:
+                still_awaiting.append(request)
+                continue
+            for seq in request.awaiting_shared_prompt:
+                self.kv.share_prefix(source, seq, num_blocks)
+                seq.num_computed = num_blocks * block_size
+                seq.status = RUNNING
+                bisect.insort(self.running, seq, key=_seq_order)
+            request.awaiting_shared_prompt = []
+        self._awaiting_prompt = still_awaiting
+
+    def _stop_awaiting_prompt(self, request: Request) -> list[Sequence]:
+        """Forget a request's sequences awaiting its recomputed prompt (it is preempted or ends)."""
+        awaiting = request.awaiting_shared_prompt
+        if awaiting:
+            request.awaiting_shared_prompt = []
+            self._awaiting_prompt.remove(request)
+        return awaiting
 
     def _emit(self, step: _StepBuilder, seq: Sequence, num_new: int, copies: list[BlockCopy]) -> None:
         start = seq.num_computed
@@ -446,6 +500,7 @@ class Scheduler:
         while self.running and self.running[-1].request is request:
             seqs.append(self.running.pop())
         seqs.reverse()
+        seqs += self._stop_awaiting_prompt(request)
         # The worker runs a step's swap-outs before its swap-ins and copies. So swap only sequences
         # it knows that have no work (and no copy-on-write copy) in this step, and never in a step
         # that swaps in: its host blocks, just freed, may not be overwritten before they are read.
@@ -471,9 +526,12 @@ class Scheduler:
             _reset_for_recompute(seq)
             # Results of steps already sent for it belong to the dropped state.
             seq.ignore_results_until = step.step_id
+        _fork_again_if_nothing_sampled(request)
         self._push_waiting(request)
 
     def _finish_step(self, step: _StepBuilder) -> StepInput:
+        if self._awaiting_prompt:
+            self._attach_awaiting_prompt()
         for parent in step.forks:
             request = parent.request
             request.forked = True
@@ -612,3 +670,11 @@ def _reset_for_recompute(seq: Sequence) -> None:
     seq.num_computed = 0
     seq.num_tokens = len(seq.token_ids)
     seq.on_worker = False
+
+
+def _fork_again_if_nothing_sampled(request: Request) -> None:
+    """A forked request reset before the forking step's tokens arrived has n copies of the prompt and
+    nothing else: recompute the prompt once and fork anew. (Sharing the full prompt blocks, as after a
+    later preemption, would leave a block-aligned prompt no token to compute for the logits.)"""
+    if request.params.n > 1 and request.forked and all(seq.num_output_tokens == 0 for seq in request.seqs):
+        request.forked = False

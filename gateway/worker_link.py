@@ -21,6 +21,7 @@ import zmq.asyncio
 
 from shared.logging import get_logger
 from shared.protocol import (
+    HEARTBEAT_INTERVAL_S,
     PROTOCOL_VERSION,
     Codec,
     Heartbeat,
@@ -37,7 +38,6 @@ from shared.protocol import (
 
 log = get_logger("gateway.worker_link")
 
-HEARTBEAT_INTERVAL_S = 0.25
 DEATH_TIMEOUT_S = 1.5  # plus at most one heartbeat interval of checking: lost within 2 s
 SHUTDOWN_LINGER_MS = 500  # a closing socket still delivers the Shutdown queued just before
 

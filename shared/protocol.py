@@ -22,6 +22,8 @@ import msgspec
 from shared.sampling_params import SamplingParams
 
 PROTOCOL_VERSION = 1
+# Both ends send a Heartbeat this often; each end's silence timeout is a multiple of it.
+HEARTBEAT_INTERVAL_S = 0.25
 
 
 class NewSequence(msgspec.Struct, gc=False, array_like=True, omit_defaults=True):

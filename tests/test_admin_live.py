@@ -20,7 +20,8 @@ import pytest
 from click.testing import CliRunner
 
 from ops.cli import main as pagedctl
-from tests.test_server_e2e import Server, scrape, start_server
+from tests.daemon_process import Daemon
+from tests.test_server_e2e import scrape, serve_stories
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +35,11 @@ def admin_socket(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(stories_dir: Path, admin_socket: Path) -> Iterator[Server]:
+def server(stories_dir: Path, admin_socket: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     # 2 MiB of KV on stories260K: ~100 blocks of 16 tokens, small enough to read every block, and
     # room for two long requests (~30 blocks each) without preemption.
-    yield from start_server(stories_dir, "--admin-socket", str(admin_socket), "--kv-cache-memory", "2MiB")
+    log_dir = tmp_path_factory.mktemp("admin-live")
+    yield from serve_stories(log_dir, stories_dir, "--admin-socket", str(admin_socket), "--kv-cache-memory", "2MiB")
 
 
 def ctl(admin_socket: Path, *args: str) -> Any:
@@ -101,7 +103,7 @@ def layout(memory: dict[str, Any]) -> list[tuple[Any, ...]]:
     return [(b["id"], b["state"], b.get("ref", 0), tuple(b.get("holders", ()))) for b in memory["blocks"]]
 
 
-def consistent_snapshot(server: Server, admin_socket: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, float]]:
+def consistent_snapshot(server: Daemon, admin_socket: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, float]]:
     """Requests, memory map and metrics read while no block changed hands in between (decodes keep
     running, so retry until the layout before and after agree)."""
     for _ in range(50):
@@ -114,7 +116,7 @@ def consistent_snapshot(server: Server, admin_socket: Path) -> tuple[list[dict[s
     pytest.fail("blocks changed hands between every two memory maps")
 
 
-def test_memmap_shows_exactly_the_block_tables_and_agrees_with_metrics(server: Server, admin_socket: Path) -> None:
+def test_memmap_shows_exactly_the_block_tables_and_agrees_with_metrics(server: Daemon, admin_socket: Path) -> None:
     # Long requests (the prompt is ~70 tokens of the 512-token context), so they still run while we look.
     first = Stream(server.url, max_tokens=400)
     wait_for(lambda: running(admin_socket, 1), "the first request to run")
@@ -154,7 +156,7 @@ def test_memmap_shows_exactly_the_block_tables_and_agrees_with_metrics(server: S
     assert first.ended.wait(WAIT_S) and second.ended.wait(WAIT_S)
 
 
-def test_drain_refuses_new_requests_lets_running_ones_finish_and_resume_undoes_it(server: Server, admin_socket: Path) -> None:
+def test_drain_refuses_new_requests_lets_running_ones_finish_and_resume_undoes_it(server: Daemon, admin_socket: Path) -> None:
     running_one = Stream(server.url, max_tokens=60)  # long enough to still run when the drain starts
     wait_for(lambda: running(admin_socket, 1), "the request to run")
     assert ctl(admin_socket, "drain") == {"draining": True}
@@ -172,7 +174,7 @@ def test_drain_refuses_new_requests_lets_running_ones_finish_and_resume_undoes_i
     assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60).status_code == 200
 
 
-def test_the_admin_api_is_not_on_the_public_port(server: Server) -> None:
+def test_the_admin_api_is_not_on_the_public_port(server: Daemon) -> None:
     for method, path in (("GET", "/v1/status"), ("GET", "/v1/workers/0/memmap"), ("GET", "/v1/requests"), ("POST", "/v1/drain"), ("POST", "/v1/flush-cache")):
         response = httpx.request(method, f"{server.url}{path}", timeout=10)
         assert response.status_code == 404, (path, response.text)
@@ -181,7 +183,7 @@ def test_the_admin_api_is_not_on_the_public_port(server: Server) -> None:
     assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "ready"
 
 
-def test_top_reports_tokens_per_second_while_a_request_runs(server: Server, admin_socket: Path) -> None:
+def test_top_reports_tokens_per_second_while_a_request_runs(server: Daemon, admin_socket: Path) -> None:
     stream = Stream(server.url, max_tokens=40)
     wait_for(lambda: running(admin_socket, 1), "the request to run")
     result = CliRunner().invoke(pagedctl, ["top", "--socket", str(admin_socket), "--json", "--iterations", "2", "--interval", "0.5"])
@@ -192,7 +194,7 @@ def test_top_reports_tokens_per_second_while_a_request_runs(server: Server, admi
     assert stream.ended.wait(WAIT_S)
 
 
-def test_memmap_png_from_the_installed_pagedctl(server: Server, admin_socket: Path, tmp_path: Path) -> None:
+def test_memmap_png_from_the_installed_pagedctl(server: Daemon, admin_socket: Path, tmp_path: Path) -> None:
     png = tmp_path / "memmap.png"
     pagedctl_bin = Path(sys.executable).parent / "pagedctl"
     done = subprocess.run(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from worker.attention.metadata import AttentionMetadata
+from tests.batch_metadata import batch_metadata
 from worker.attention.torch_ops import paged_attention, write_kv
 
 NUM_KV_HEADS = 2
@@ -44,14 +45,7 @@ def build_batch(
         new_queries.append(queries)
         new_slots.append(slots[context:])
         per_seq.append((queries, keys, values, context))
-    meta = AttentionMetadata(
-        slot_mapping=torch.cat(new_slots),
-        query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=block_tables,
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-    )
+    meta = batch_metadata(torch.cat(new_slots), query_lens, seq_lens, block_tables)
     write_kv(torch.cat(new_keys), torch.cat(new_values), k_cache, v_cache, meta.slot_mapping)
     return torch.cat(new_queries), k_cache, v_cache, meta, per_seq
 

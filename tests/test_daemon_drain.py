@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +57,22 @@ class Streams:
         return [next((e["choices"][0]["finish_reason"] for e in events if e.get("choices") and e["choices"][0].get("finish_reason")), None) for events in self.events]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stop_signal_lets_running_streams_finish(tmp_path: Path, signum: signal.Signals) -> None:
-    daemon = start_daemon(tmp_path, "--drain-timeout", "300")
+@contextmanager
+def streaming_daemon(tmp_path: Path, drain_timeout: str, max_tokens: int) -> Iterator[tuple[Daemon, Streams]]:
+    """A daemon serving NUM_STREAMS started streams; killed afterwards if the test left it running."""
+    daemon = start_daemon(tmp_path, "--drain-timeout", drain_timeout)
     try:
         daemon.wait_ready()
-        streams = Streams(daemon, max_tokens=500)
+        streams = Streams(daemon, max_tokens=max_tokens)
         streams.wait_started()
+        yield daemon, streams
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_lets_running_streams_finish(tmp_path: Path, signum: signal.Signals) -> None:
+    with streaming_daemon(tmp_path, "300", max_tokens=500) as (daemon, streams):
         daemon.process.send_signal(signum)
         daemon.wait_for_log("engine_draining")
         # Draining: new requests are refused with 503, /health says so.
@@ -69,8 +80,6 @@ def test_stop_signal_lets_running_streams_finish(tmp_path: Path, signum: signal.
         health = httpx.get(f"{daemon.url}/health", timeout=30)
         streams.join()
         assert daemon.wait_exit() == 0, daemon.tail()
-    finally:
-        daemon.stop()
     assert refused.status_code == 503, refused.text
     assert health.status_code == 503 and health.json()["status"] == "draining"
     assert streams.finish_reasons() == ["length"] * NUM_STREAMS
@@ -81,16 +90,10 @@ def test_stop_signal_lets_running_streams_finish(tmp_path: Path, signum: signal.
 
 
 def test_drain_timeout_ends_unfinished_streams_with_an_error_event(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path, "--drain-timeout", "1")
-    try:
-        daemon.wait_ready()
-        streams = Streams(daemon, max_tokens=2000)
-        streams.wait_started()
+    with streaming_daemon(tmp_path, "1", max_tokens=2000) as (daemon, streams):
         daemon.process.send_signal(signal.SIGTERM)
         streams.join()
         assert daemon.wait_exit() == 0, daemon.tail()
-    finally:
-        daemon.stop()
     timed_out = daemon.events("drain_timed_out")
     assert len(timed_out) == 1 and timed_out[0]["aborted"] == NUM_STREAMS
     for events in streams.events:
@@ -100,18 +103,12 @@ def test_drain_timeout_ends_unfinished_streams_with_an_error_event(tmp_path: Pat
 
 
 def test_second_stop_signal_exits_at_once(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path, "--drain-timeout", "300")
-    try:
-        daemon.wait_ready()
-        streams = Streams(daemon, max_tokens=2000)
-        streams.wait_started()
+    with streaming_daemon(tmp_path, "300", max_tokens=2000) as (daemon, streams):
         daemon.process.send_signal(signal.SIGTERM)
         daemon.wait_for_log("engine_draining")
         daemon.process.send_signal(signal.SIGTERM)
         status = daemon.wait_exit(timeout=60)
         streams.join(expect_errors=True)  # the connections drop
-    finally:
-        daemon.stop()
     assert status == 1
     assert daemon.events("exiting_now")
     assert not daemon.events("drained")

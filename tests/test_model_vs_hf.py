@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 
+from tests.batch_metadata import batch_metadata
 from worker.attention.metadata import AttentionMetadata
 from worker.model_loader import LoadedModel, load_model
 
@@ -175,14 +176,7 @@ def run_in_steps(
         block_tables = torch.zeros(len(active), max_blocks, dtype=torch.int32)
         for row, b in enumerate(active):
             block_tables[row, : len(tables[b])] = tables[b]
-        meta = AttentionMetadata(
-            slot_mapping=torch.cat(slots),
-            query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=block_tables,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-        )
+        meta = batch_metadata(torch.cat(slots), query_lens, seq_lens, block_tables)
         with torch.inference_mode():
             step_logits = loaded.model.compute_logits(loaded.model(torch.tensor(ids), torch.cat(positions), kv_caches, meta))
         for b, part in zip(active, step_logits.split(query_lens)):

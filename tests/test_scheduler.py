@@ -4,6 +4,7 @@ ends with the block accounting audit; most also audit after every step."""
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -13,7 +14,7 @@ from gateway.block_accounting import assert_block_accounting
 from gateway.engine_client import AdmissionError
 from gateway.kv_cache_manager import KVCacheManager
 from gateway.outputs import RequestOutput
-from gateway.request import Request
+from gateway.request import Request, SequenceStatus
 from gateway.scheduler import Scheduler
 from ops.sim_worker import SimulatedWorker, StepLoop
 from shared.config import CacheConfig, SchedulerConfig
@@ -432,13 +433,95 @@ def test_parallel_sampling_request_is_preempted_whole(overlapped: bool) -> None:
 
     def check(step: StepInput) -> None:
         assert_block_accounting(scheduler)
-        statuses = {seq.status for seq in group.live_seqs()}
-        assert len(statuses) <= 1  # all running or all waiting, never split
+        # All waiting or all admitted (running, or awaiting a recomputed prompt), never split.
+        admitted = {seq for seq in group.live_seqs() if seq.status is SequenceStatus.RUNNING}
+        if admitted:
+            assert admitted | set(group.awaiting_shared_prompt) == set(group.live_seqs())
 
     loop.run(1000, after_step=check)
     assert group.num_preemptions >= 1
     out = texts(loop.outputs)
     assert [len(out["group"][index]) for index in range(3)] == [8, 8, 8]
+
+
+@ORDERS
+@pytest.mark.parametrize("prefix_caching", [True, False], ids=["cache", "no-cache"])
+def test_recomputed_parallel_request_shares_its_prompt_again(overlapped: bool, prefix_caching: bool) -> None:
+    # 12 blocks. The group (prompt 4 blocks, n=4, 24 tokens per sequence) peaks at 4 shared + 4 x 2
+    # own blocks, so it fits alone; beside "early" it does not, and is preempted after its first
+    # tokens. Recomputed with a prompt copy per sequence it would need 4 x 6 = 24 blocks and never
+    # be admitted again.
+    scheduler = make(num_blocks=12, prefix_caching=prefix_caching)
+    scheduler.add_request(req("early", [1, 2, 3, 4], max_tokens=16, ignore_eos=True))
+    scheduler.add_request(req("group", list(range(30, 46)), n=4, max_tokens=8, ignore_eos=True))
+    group = scheduler.requests["group"]
+    loop = loop_for(scheduler, overlapped)
+    peak_held = 0
+
+    def check(step: StepInput) -> None:
+        nonlocal peak_held
+        assert_block_accounting(scheduler)
+        tables = [scheduler.kv.block_table(seq.seq_id) for seq in group.seqs if scheduler.kv.holds(seq)]
+        peak_held = max(peak_held, len({block for table in tables for block in table}))
+
+    loop.run(500, after_step=check)
+    assert group.num_preemptions >= 1 and group.forked
+    assert peak_held <= scheduler.kv.peak_blocks(16, 24, 4) == 12
+    out = texts(loop.outputs)
+    assert [len(out["group"][index]) for index in range(4)] == [8, 8, 8, 8]
+    assert_block_accounting(scheduler)
+
+
+def test_parallel_request_preempted_before_its_first_tokens_forks_anew() -> None:
+    # Overlapped: the group is preempted in the step after its fork, before the forking step's
+    # tokens arrive, so its sequences hold only the block-aligned prompt. It recomputes the prompt
+    # once and forks again; sharing the full prompt blocks instead would leave the children no
+    # token to compute and the request would never finish.
+    scheduler = make(num_blocks=6, max_num_batched_tokens=8)
+    scheduler.add_request(req("early", [1, 2, 3, 4, 5, 6, 7], max_tokens=10, ignore_eos=True))
+    scheduler.add_request(req("group", list(range(30, 38)), n=2, max_tokens=4, ignore_eos=True))
+    group = scheduler.requests["group"]
+    loop = loop_for(scheduler, overlapped=True)
+    forks = 0
+
+    def check(step: StepInput) -> None:
+        nonlocal forks
+        assert_block_accounting(scheduler)
+        forks += sum(1 for scheduled in step.scheduled if scheduled.fork_ids)
+
+    loop.run(500, after_step=check)
+    assert group.num_preemptions >= 1 and forks >= 2
+    assert [len(texts(loop.outputs)["group"][index]) for index in range(2)] == [4, 4]
+
+
+@pytest.mark.parametrize("trial", [4, 97, 117])
+def test_random_trials_that_got_stuck_or_livelocked_finish(trial: int) -> None:
+    # Replays trials of a random search (notes: repro_stuck_scheduler.py). 4 and 97 got stuck with
+    # n > 1 requests waiting and an empty pool; 117 livelocked, an n = 4 request preempting itself
+    # ~1500 times in 3000 steps.
+    rng = random.Random(trial)
+    num_blocks = rng.choice([12, 25, 40])
+    scheduler = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=rng.choice([64, 256, 2048])),
+        CacheConfig(block_size=16),
+        num_blocks,
+        max_model_len=128,
+    )
+    loop = StepLoop(scheduler, SimulatedWorker(num_blocks, 16), overlapped=rng.random() < 0.5)
+    accepted = []
+    for index in range(rng.randint(2, 10)):
+        prompt = [rng.randint(3, 400) for _ in range(rng.randint(5, 100))]
+        params = SamplingParams(n=rng.choice([1, 2, 4]), max_tokens=rng.randint(1, 128 - len(prompt)), ignore_eos=True)
+        request = Request(f"r{index}", prompt, params)
+        try:
+            scheduler.add_request(request)
+        except AdmissionError:
+            continue
+        accepted.append(request)
+    assert any(request.params.n > 1 for request in accepted)
+    run(loop, max_steps=3000)
+    assert all(request.finished for request in accepted)
+    assert scheduler.stats().preemptions < 100
 
 
 # Admission -----------------------------------------------------------------------------------

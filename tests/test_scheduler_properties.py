@@ -3,7 +3,11 @@ eos, aborts and both call orders on a small pool, for every policy, preemption m
 After every step: the block accounting holds, the token budget and max_num_seqs hold, and the
 verifying worker reads back exactly the tokens each sequence should see (so prefix hits, copy-on-
 write and swaps moved the right data). At the end: no block leaks, every request that was not
-aborted finished with all n sequences, within their limits (no starvation)."""
+aborted finished with all n sequences, within their limits (no starvation).
+
+A second test packs pools that barely hold the requests add_request accepts (n up to 4, long
+prompts) so that n > 1 requests are preempted and recomputed often: every accepted request must
+still finish, neither stuck in the queue nor preempting itself forever."""
 
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ arrival = st.fixed_dictionaries(
         "system": st.sampled_from(range(len(SYSTEM_PROMPTS))),
         "suffix": st.lists(st.integers(1, 30), min_size=1, max_size=14),
         "max_tokens": st.integers(1, 14),
-        "n": st.sampled_from([1, 1, 1, 2, 3]),
+        "n": st.sampled_from([1, 1, 1, 2, 3, 4]),
         "priority": st.integers(0, 2),
         "salt": st.sampled_from([None, None, "tenant"]),
         "ignore_eos": st.booleans(),
@@ -44,8 +48,11 @@ action = st.one_of(
 )
 
 
-# PAGED_HYPOTHESIS_EXAMPLES=2000 for a longer hunt; the default keeps the suite fast.
-@settings(max_examples=int(os.environ.get("PAGED_HYPOTHESIS_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# PAGED_HYPOTHESIS_EXAMPLES=2000 for a longer hunt; the defaults keep the suite fast.
+EXAMPLES = int(os.environ.get("PAGED_HYPOTHESIS_EXAMPLES", "60"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     actions=st.lists(action, min_size=5, max_size=40),
     policy=st.sampled_from(["decode-first", "prefill-first", "priority"]),
@@ -53,8 +60,8 @@ action = st.one_of(
     allocator=st.sampled_from(["paged", "paged", "contiguous"]),
     prefix_caching=st.booleans(),
     overlapped=st.booleans(),
-    num_blocks=st.integers(14, 40),
-    budget=st.integers(4, 40),
+    num_blocks=st.integers(12, 40),
+    budget=st.one_of(st.integers(4, 40), st.just(64)),
     max_num_seqs=st.integers(1, 8),
     eos_every=st.integers(5, 40),
 )
@@ -158,3 +165,61 @@ def test_random_workloads_keep_every_invariant(
                 assert len(seq.token_ids) == min(len(request.prompt_token_ids) + request.params.max_tokens, 48)
             else:
                 assert tokens[-1] == EOS and EOS not in tokens[:-1]
+
+
+# Long prompts and outputs in a 48-token window: one sequence takes up to 12 of the 12 to 40 blocks.
+tight_arrival = st.fixed_dictionaries(
+    {
+        "prompt_len": st.integers(1, 40),
+        "max_tokens": st.integers(1, 47),
+        "n": st.sampled_from([1, 2, 4]),
+    }
+)
+
+
+# Cheap examples, and a stuck queue needs a rare mix (an n > 1 request preempted at the right
+# moment on the right pool): five times as many examples find it reliably.
+@settings(max_examples=5 * EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arrivals=st.lists(tight_arrival, min_size=2, max_size=10),
+    policy=st.sampled_from(["decode-first", "prefill-first"]),
+    allocator=st.sampled_from(["paged", "paged", "contiguous"]),
+    prefix_caching=st.booleans(),
+    overlapped=st.booleans(),
+    num_blocks=st.integers(12, 40),
+    budget=st.sampled_from([4, 16, 64, 512]),
+)
+def test_every_accepted_request_finishes_on_a_tight_pool(
+    arrivals: list,
+    policy: str,
+    allocator: str,
+    prefix_caching: bool,
+    overlapped: bool,
+    num_blocks: int,
+    budget: int,
+) -> None:
+    scheduler = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=budget, scheduling_policy=policy, kv_watermark=0.0),
+        CacheConfig(block_size=BS, enable_prefix_caching=prefix_caching, kv_allocator=allocator),
+        num_blocks,
+        max_model_len=48,
+    )
+    loop = StepLoop(scheduler, SimulatedWorker(num_blocks, BS), overlapped=overlapped)
+    accepted = []
+    for index, arg in enumerate(arrivals):
+        prompt = [1 + (index * 7 + position) % 29 for position in range(arg["prompt_len"])]
+        request = Request(f"r{index}", prompt, SamplingParams(n=arg["n"], max_tokens=arg["max_tokens"], ignore_eos=True))
+        try:
+            scheduler.add_request(request)
+        except AdmissionError as error:
+            assert error.status == 400
+            continue
+        accepted.append(request)
+
+    loop.run(max_steps=3000, after_step=lambda _: assert_block_accounting(scheduler))
+
+    assert scheduler.stats().used_blocks == 0
+    for request in accepted:
+        assert request.finished, f"{request.request_id} never finished"
+        for seq in request.seqs:
+            assert len(seq.token_ids) == min(request.num_prompt_tokens + request.params.max_tokens, 48)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed; the Triton attention path cannot be tested")
 
+from tests.batch_metadata import batch_metadata  # noqa: E402
 from worker.attention import torch_ops, triton_ops  # noqa: E402
 from worker.attention.metadata import AttentionMetadata  # noqa: E402
 
@@ -86,16 +87,7 @@ def make_batch(
 
     slot_mapping = torch.cat(slots).long()
     triton_ops.write_kv(torch.cat(new_keys), torch.cat(new_values), k_cache, v_cache, slot_mapping)
-    query_start_loc = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
-    query_start_loc[1:] = torch.tensor(query_lens).cumsum(0)
-    meta = AttentionMetadata(
-        slot_mapping=slot_mapping,
-        query_start_loc=query_start_loc,
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=block_tables,
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-    )
+    meta = batch_metadata(slot_mapping, query_lens, seq_lens, block_tables)
     query = torch.randn(sum(query_lens), num_q_heads, head_dim, generator=generator).to(dtype)
     return PagedBatch(query, k_cache, v_cache, meta, dense_keys, dense_values, head_dim**-0.5)
 

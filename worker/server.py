@@ -28,6 +28,7 @@ from shared.logging import configure_logging, get_logger
 from shared.startup_failure import exit_on_startup_failure
 from shared.systemd_notify import SystemdNotifier
 from shared.protocol import (
+    HEARTBEAT_INTERVAL_S,
     PROTOCOL_VERSION,
     Codec,
     Heartbeat,
@@ -46,7 +47,6 @@ from shared.protocol import (
 log = get_logger("worker.server")
 
 GatewayLossPolicy = Literal["exit", "wait"]
-HEARTBEAT_INTERVAL_S = 0.25
 GATEWAY_TIMEOUT_S = 3.0
 
 

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.api.disconnect import cancel_on_disconnect
 from gateway.api.errors import APIError
-from gateway.api.generation import ChoiceUpdate, Generation, GenerationFailed
-from gateway.api.json_response import MsgspecJSONResponse
+from gateway.api.generation import ChoiceUpdate, Generation
 from gateway.api.logprobs import chat_logprobs
 from gateway.api.protocol import ChatCompletionRequest, ChatMessage
 from gateway.api.request_body import decode_body, read_body
-from gateway.api.sse import sse_response
+from gateway.api.respond import respond
 from gateway.api.state import ApiState
-from gateway.api.validation import check_max_tokens, check_model, fit_to_context, sampling_params, stop_strings
-from shared.logging import get_logger
-
-log = get_logger("gateway.api")
+from gateway.api.validation import check_max_tokens, check_model, fit_to_context, sampling_params
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -46,18 +40,10 @@ async def _chat(state: ApiState, body: ChatCompletionRequest) -> Response:
     )
     check_max_tokens(max_tokens, max_tokens_param)
     params = fit_to_context(params, max_tokens, len(prompt), state.engine.max_model_len, "messages")
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    generation = Generation(
-        state.engine, state.tokenizer, state.metrics, request_id, [(prompt, params)], stop_strings(body),
-        priority=body.priority, cache_salt=body.cache_salt,
+    return await respond(
+        state, body, "chatcmpl", [(prompt, params)], _Formatter,
+        endpoint="chat", prompt_tokens=len(prompt), n=params.n,
     )
-    with structlog.contextvars.bound_contextvars(request_id=request_id):
-        log.info("request.received", endpoint="chat", prompt_tokens=len(prompt), n=params.n, stream=bool(body.stream))
-        await generation.start()
-        formatter = _Formatter(state, request_id, body)
-        if body.stream:
-            return sse_response(request_id, generation, formatter.chunks(generation))
-        return MsgspecJSONResponse(await formatter.collect(generation), headers={"X-Request-Id": request_id})
 
 
 def _template_message(message: ChatMessage, i: int) -> dict[str, Any]:
@@ -113,18 +99,13 @@ class _Formatter:
         texts = [""] * generation.num_choices
         logprobs: list[list[dict[str, Any]] | None] = [None] * generation.num_choices
         finish: list[str | None] = [None] * generation.num_choices
-        try:
-            async for updates in generation.updates():
-                for update in updates:
-                    texts[update.index] += update.text
-                    finish[update.index] = update.finish_reason
-                    more = self._logprobs(update)
-                    if more is not None:
-                        logprobs[update.index] = (logprobs[update.index] or []) + more
-        except GenerationFailed as e:
-            raise e.error from None
-        finally:
-            await generation.close()
+        async for updates in generation.updates():
+            for update in updates:
+                texts[update.index] += update.text
+                finish[update.index] = update.finish_reason
+                more = self._logprobs(update)
+                if more is not None:
+                    logprobs[update.index] = (logprobs[update.index] or []) + more
         choices = [
             {
                 "index": i,

@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.api.disconnect import cancel_on_disconnect
 from gateway.api.errors import APIError
-from gateway.api.generation import ChoiceUpdate, Generation, GenerationFailed
-from gateway.api.json_response import MsgspecJSONResponse
+from gateway.api.generation import ChoiceUpdate, Generation
 from gateway.api.logprobs import completion_logprobs
 from gateway.api.protocol import CompletionRequest
 from gateway.api.request_body import decode_body, read_body
-from gateway.api.sse import sse_response
+from gateway.api.respond import respond
 from gateway.api.state import ApiState
-from gateway.api.validation import check_max_tokens, check_model, fit_to_context, sampling_params, stop_strings
-from shared.logging import get_logger
+from gateway.api.validation import check_max_tokens, check_model, fit_to_context, sampling_params
 from shared.tokenizer import Tokenizer
-
-log = get_logger("gateway.api")
 
 PROMPT_TYPES = "a string, a list of strings, a list of token ids, or a list of token-id lists"
 
@@ -43,18 +37,7 @@ async def _complete(state: ApiState, body: CompletionRequest) -> Response:
     check_max_tokens(body.max_tokens)
     max_model_len = state.engine.max_model_len
     per_prompt = [(p, fit_to_context(params, body.max_tokens, len(p), max_model_len, "prompt")) for p in prompts]
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    generation = Generation(
-        state.engine, state.tokenizer, state.metrics, request_id, per_prompt, stop_strings(body),
-        priority=body.priority, cache_salt=body.cache_salt,
-    )
-    with structlog.contextvars.bound_contextvars(request_id=request_id):
-        log.info("request.received", endpoint="completions", prompts=len(prompts), n=params.n, stream=bool(body.stream))
-        await generation.start()
-        formatter = _Formatter(state, request_id, body)
-        if body.stream:
-            return sse_response(request_id, generation, formatter.chunks(generation))
-        return MsgspecJSONResponse(await formatter.collect(generation), headers={"X-Request-Id": request_id})
+    return await respond(state, body, "cmpl", per_prompt, _Formatter, endpoint="completions", prompts=len(prompts), n=params.n)
 
 
 def completion_prompts(prompt: str | list[str | int | list[int]], tokenizer: Tokenizer) -> list[list[int]]:
@@ -113,19 +96,14 @@ class _Formatter:
 
     async def collect(self, generation: Generation) -> dict[str, Any]:
         choices = [{"index": i, "text": "", "logprobs": None, "finish_reason": None} for i in range(generation.num_choices)]
-        try:
-            async for updates in generation.updates():
-                for update in updates:
-                    choice = choices[update.index]
-                    logprobs = self._logprobs(update)
-                    if logprobs is not None:
-                        choice["logprobs"] = _merged(choice["logprobs"], logprobs)
-                    choice["text"] += update.text
-                    choice["finish_reason"] = update.finish_reason
-        except GenerationFailed as e:
-            raise e.error from None
-        finally:
-            await generation.close()
+        async for updates in generation.updates():
+            for update in updates:
+                choice = choices[update.index]
+                logprobs = self._logprobs(update)
+                if logprobs is not None:
+                    choice["logprobs"] = _merged(choice["logprobs"], logprobs)
+                choice["text"] += update.text
+                choice["finish_reason"] = update.finish_reason
         return {**self._head, "choices": choices, "usage": generation.usage()}
 
 

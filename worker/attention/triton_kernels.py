@@ -68,6 +68,19 @@ def cache_row_offsets(
 
 
 @triton.jit
+def store_decode_output(out_ptr, acc, total, has_query, token, head, dims, stride_out_t, stride_out_h, head_dim):
+    """One query head's decode output, acc / total, stored only if the sequence has a query this step.
+    A sequence without one attended to nothing (total 0): the stand-in divisor keeps its unstored row finite."""
+    out = acc / tl.where(total > 0, total, 1.0)
+    dims_to_store = tl.where(has_query, head_dim, 0)
+    tl.store(
+        out_ptr + token * stride_out_t + head * stride_out_h + dims,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dims < dims_to_store,
+    )
+
+
+@triton.jit
 def paged_decode_kernel(
     out_ptr,
     query_ptr,
@@ -142,14 +155,7 @@ def paged_decode_kernel(
         running_max = new_max
 
     if NUM_SPLITS == 1:
-        # A sequence without a query never ran the loop; keep its (unstored) division finite.
-        out = acc / tl.where(running_sum > 0, running_sum, 1.0)
-        dims_to_store = tl.where(has_query, head_dim, 0)
-        tl.store(
-            out_ptr + token * stride_out_t + head * stride_out_h + dims,
-            out.to(out_ptr.dtype.element_ty),
-            mask=dims < dims_to_store,
-        )
+        store_decode_output(out_ptr, acc, running_sum, has_query, token, head, dims, stride_out_t, stride_out_h, head_dim)
     else:
         # Unnormalized partial state; combine_splits_kernel merges the splits. Empty splits store -inf / 0.
         partial = (seq * num_q_heads + head) * NUM_SPLITS + split
@@ -188,13 +194,9 @@ def combine_splits_kernel(
     global_max = tl.max(maxes, axis=0)
     global_max = tl.where(global_max > float("-inf"), global_max, 0.0)
     weights = tl.exp2(maxes - global_max)
-    total = tl.sum(weights * sums, axis=0)
-    out = tl.sum(weights[:, None] * accs, axis=0) / tl.where(total > 0, total, 1.0)
-    dims_to_store = tl.where(has_query, head_dim, 0)
-    tl.store(
-        out_ptr + token * stride_out_t + head * stride_out_h + dims,
-        out.to(out_ptr.dtype.element_ty),
-        mask=dims < dims_to_store,
+    store_decode_output(
+        out_ptr, tl.sum(weights[:, None] * accs, axis=0), tl.sum(weights * sums, axis=0), has_query,
+        token, head, dims, stride_out_t, stride_out_h, head_dim,
     )
 
 
