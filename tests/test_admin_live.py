@@ -25,7 +25,8 @@ from tests.test_server_e2e import scrape, serve_stories
 
 pytestmark = pytest.mark.slow
 
-PROMPT = "Once upon a time there was a little girl named Lily. She loved to play outside in the park with her dog. " * 2
+# ~140 tokens: two full 64-token blocks that a second request with the same prompt shares.
+PROMPT = "Once upon a time there was a little girl named Lily. She loved to play outside in the park with her dog. " * 4
 WAIT_S = 120
 
 
@@ -36,10 +37,13 @@ def admin_socket(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(stories_dir: Path, admin_socket: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    # 2 MiB of KV on stories260K: ~100 blocks of 16 tokens, small enough to read every block, and
-    # room for two long requests (~30 blocks each) without preemption.
+    # 2 MiB of KV on stories260K: 25 blocks of 64 tokens, room for two long requests (8 blocks each)
+    # without preemption. Large blocks change hands rarely (every 64 tokens of a sequence), which
+    # gives the tests time to read a consistent memory map while requests decode.
     log_dir = tmp_path_factory.mktemp("admin-live")
-    yield from serve_stories(log_dir, stories_dir, "--admin-socket", str(admin_socket), "--kv-cache-memory", "2MiB")
+    yield from serve_stories(
+        log_dir, stories_dir, "--admin-socket", str(admin_socket), "--kv-cache-memory", "2MiB", "--block-size", "64"
+    )
 
 
 def ctl(admin_socket: Path, *args: str) -> Any:
@@ -117,10 +121,10 @@ def consistent_snapshot(server: Daemon, admin_socket: Path) -> tuple[list[dict[s
 
 
 def test_memmap_shows_exactly_the_block_tables_and_agrees_with_metrics(server: Daemon, admin_socket: Path) -> None:
-    # Long requests (the prompt is ~70 tokens of the 512-token context), so they still run while we look.
-    first = Stream(server.url, max_tokens=400)
+    # Long requests (the prompt is ~140 tokens of the 512-token context), so they still run while we look.
+    first = Stream(server.url, max_tokens=370)
     wait_for(lambda: running(admin_socket, 1), "the first request to run")
-    second = Stream(server.url, max_tokens=400)  # same prompt: its full blocks come from the prefix cache
+    second = Stream(server.url, max_tokens=370)  # same prompt: its full blocks come from the prefix cache
     wait_for(lambda: running(admin_socket, 2), "both requests to run")
     requests, memory, metrics = consistent_snapshot(server, admin_socket)
     assert len(requests) == 2
@@ -157,7 +161,7 @@ def test_memmap_shows_exactly_the_block_tables_and_agrees_with_metrics(server: D
 
 
 def test_drain_refuses_new_requests_lets_running_ones_finish_and_resume_undoes_it(server: Daemon, admin_socket: Path) -> None:
-    running_one = Stream(server.url, max_tokens=60)  # long enough to still run when the drain starts
+    running_one = Stream(server.url, max_tokens=370)  # long enough to still run when the drain starts
     wait_for(lambda: running(admin_socket, 1), "the request to run")
     assert ctl(admin_socket, "drain") == {"draining": True}
     assert not running_one.ended.is_set()
@@ -184,7 +188,7 @@ def test_the_admin_api_is_not_on_the_public_port(server: Daemon) -> None:
 
 
 def test_top_reports_tokens_per_second_while_a_request_runs(server: Daemon, admin_socket: Path) -> None:
-    stream = Stream(server.url, max_tokens=40)
+    stream = Stream(server.url, max_tokens=370)
     wait_for(lambda: running(admin_socket, 1), "the request to run")
     result = CliRunner().invoke(pagedctl, ["top", "--socket", str(admin_socket), "--json", "--iterations", "2", "--interval", "0.5"])
     assert result.exit_code == 0, result.output

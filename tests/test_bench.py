@@ -142,7 +142,7 @@ def test_hf_static_baseline_and_ratios(tmp_path: Path, stories_dir: Path) -> Non
 def test_live_server(tmp_path: Path, stories_dir: Path) -> None:
     """The tool starts `pagedd serve` itself (no --url), runs a short burst, reads its /metrics, stops it."""
     document = run_bench(tmp_path, "--model", str(stories_dir), "--kv-cache-memory", "1MiB", "--workload", "shared-prefix",
-                         "--num-requests", "8", "--max-model-len", "96")
+                         "--num-requests", "16", "--max-model-len", "96", "--metrics-interval", "0.05")
     assert_sane(document)
-    assert document["requests_completed"] == 8, document["failure_reasons"] | document["rejection_reasons"]
+    assert document["requests_completed"] == 16, document["failure_reasons"] | document["rejection_reasons"]
     assert document["prefix_hit_rate"] > 0.3  # 48 of every ~70 prompt tokens are the shared system prompt
