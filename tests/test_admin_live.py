@@ -19,9 +19,10 @@ import matplotlib.image
 import pytest
 from click.testing import CliRunner
 
+from ops.admin_client import AdminClient
 from ops.cli import main as pagedctl
 from tests.daemon_process import Daemon
-from tests.test_server_e2e import scrape, serve_stories
+from tests.test_server_e2e import parse_metrics, serve_stories
 
 pytestmark = pytest.mark.slow
 
@@ -109,14 +110,18 @@ def layout(memory: dict[str, Any]) -> list[tuple[Any, ...]]:
 
 def consistent_snapshot(server: Daemon, admin_socket: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, float]]:
     """Requests, memory map and metrics read while no block changed hands in between (decodes keep
-    running, so retry until the layout before and after agree)."""
-    for _ in range(50):
-        before = ctl(admin_socket, "memmap")
-        requests = ctl(admin_socket, "requests")
-        metrics = scrape(server.url)
-        after = ctl(admin_socket, "memmap")
-        if layout(before) == layout(after):
-            return requests, after, metrics
+    running, so retry until the layout before and after agree). Read through one open admin client
+    and one HTTP client, which takes milliseconds, where a pagedctl invocation per read takes ~0.1 s:
+    long enough for stories260K to fill a block."""
+    admin = AdminClient(socket_path=admin_socket)
+    with httpx.Client(base_url=server.url) as public:
+        for _ in range(50):
+            before = admin.get("/workers/0/memmap")
+            requests = admin.get("/requests")
+            metrics = parse_metrics(public.get("/metrics").text)
+            after = admin.get("/workers/0/memmap")
+            if layout(before) == layout(after):
+                return requests, after, metrics
     pytest.fail("blocks changed hands between every two memory maps")
 
 

@@ -59,7 +59,11 @@ def tokenizer(stories_dir: Path) -> Tokenizer:
 
 def scrape(url: str) -> dict[str, float]:
     """Sample name (with labels) -> value."""
-    text = httpx.get(f"{url}/metrics").text
+    return parse_metrics(httpx.get(f"{url}/metrics").text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Sample name (with labels) -> value, from the Prometheus text format."""
     values = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
