@@ -41,9 +41,6 @@ class BlockPool:
         """Blocks an allocation can take: free plus cached-free."""
         return len(self._free)
 
-    def is_free(self, block: int) -> bool:
-        return block in self._free
-
     def free_queue(self) -> list[int]:
         """The free queue, next to be reused first (for audits and tests)."""
         return list(self._free)

@@ -284,7 +284,7 @@ class AsyncEngine:
                     self._abort(tracked)
 
     def worker_of(self, request_id: str) -> str | None:
-        """The worker a running request is on (for logs, tests and the admin API)."""
+        """The worker a running request is on (tests use it to see routing)."""
         tracked = self._requests.get(request_id)
         return None if tracked is None else tracked.replica.name
 
@@ -492,7 +492,7 @@ def _metrics_from_stats(name: str, ready: bool, scheduler: Scheduler) -> WorkerM
     return WorkerMetrics(
         worker=name,
         ready=ready,
-        requests_running=scheduler.num_running,
+        requests_running=scheduler.num_running_requests,
         requests_waiting=scheduler.num_waiting,
         kv_blocks_total=stats.num_blocks,
         kv_blocks_used=stats.used_blocks,

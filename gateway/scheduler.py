@@ -275,10 +275,16 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
+        """Sequences in the running batch (an n > 1 request counts n times): the load on the worker."""
         return len(self.running)
 
     @property
+    def num_running_requests(self) -> int:
+        return len({seq.request for seq in self.running})
+
+    @property
     def num_waiting(self) -> int:
+        """Requests waiting for admission (including ones preempted by recompute)."""
         return len(self.waiting)
 
     # Scheduling ---------------------------------------------------------------------------------
@@ -524,8 +530,9 @@ class Scheduler:
             if seq.on_worker:
                 self._freed_seq_ids.append(seq.seq_id)
             _reset_for_recompute(seq)
-            # Results of steps already sent for it belong to the dropped state.
-            seq.ignore_results_until = step.step_id
+            # Results of steps already sent for it belong to the dropped state. Not this step's: the
+            # priority policy may admit it again within the step being built.
+            seq.ignore_results_until = step.step_id - 1
         _fork_again_if_nothing_sampled(request)
         self._push_waiting(request)
 

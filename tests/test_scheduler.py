@@ -4,8 +4,9 @@ ends with the block accounting audit; most also audit after every step."""
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 
 import pytest
@@ -702,3 +703,50 @@ def test_contiguous_fork_copies_go_out_in_the_next_step_even_if_the_child_waits(
     run(loop)
     out = texts(loop.outputs)["a"]
     assert out[0] == [EOS] and out[1] == [7] * 4 and out[2] == [7] * 4
+
+
+def _random_traffic_leaves_nothing_unfinished(seed: int, policy: str, mode: str) -> list[str]:
+    """Requests arriving while others run, two steps in flight as the engine keeps them; returns
+    the ids of accepted requests that never finished."""
+    rng = random.Random(seed)
+    scheduler = Scheduler(
+        SchedulerConfig(
+            scheduling_policy=policy,  # type: ignore[arg-type]
+            kv_watermark=0.0,
+            max_num_batched_tokens=rng.choice([8, 16, 64]),
+            preemption_mode=mode,  # type: ignore[arg-type]
+        ),
+        CacheConfig(block_size=4),
+        num_blocks=rng.choice([12, 16, 24]),
+        max_model_len=48,
+        num_host_blocks=16,
+    )
+    in_flight: deque[StepInput] = deque()
+    accepted: list[Request] = []
+    prefix = [rng.randrange(3, 500) for _ in range(12)]
+    for iteration in range(600):
+        if iteration < 60 and rng.random() < 0.4:
+            prompt = prefix[: rng.randrange(0, 12)] + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 14))]
+            params = SamplingParams(max_tokens=rng.randrange(1, 16), n=rng.choice([1, 1, 2, 3]))
+            request = Request(f"r{iteration}", prompt, params, priority=rng.randrange(0, 3))
+            with contextlib.suppress(AdmissionError):
+                scheduler.add_request(request)
+                accepted.append(request)
+        while len(in_flight) < 2 and (scheduler.has_unfinished_requests() or not in_flight):
+            in_flight.append(scheduler.schedule())
+        step = in_flight.popleft()
+        results = []
+        for scheduled in step.scheduled:
+            if scheduled.sample:
+                for seq_id in (scheduled.seq_id, *scheduled.fork_ids):
+                    results.append(SeqResult(seq_id, rng.randrange(3, 500)))
+        scheduler.update(step, StepOutput(step_id=step.step_id, results=results))
+        assert_block_accounting(scheduler)
+    return [request.request_id for request in accepted if not request.finished]
+
+
+@pytest.mark.parametrize(("seed", "policy", "mode"), [(40, "priority", "recompute"), (5, "priority", "swap"), (36, "priority", "swap")])
+def test_request_preempted_and_readmitted_in_one_step_keeps_its_results(seed: int, policy: str, mode: str) -> None:
+    """Priority preemption can free a request and admit it again within the same step; the results
+    of that step are its own and must not be ignored (it would never be scheduled again)."""
+    assert _random_traffic_leaves_nothing_unfinished(seed, policy, mode) == []

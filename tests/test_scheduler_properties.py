@@ -173,6 +173,7 @@ tight_arrival = st.fixed_dictionaries(
         "prompt_len": st.integers(1, 40),
         "max_tokens": st.integers(1, 47),
         "n": st.sampled_from([1, 2, 4]),
+        "priority": st.integers(0, 3),
     }
 )
 
@@ -182,7 +183,7 @@ tight_arrival = st.fixed_dictionaries(
 @settings(max_examples=5 * EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     arrivals=st.lists(tight_arrival, min_size=2, max_size=10),
-    policy=st.sampled_from(["decode-first", "prefill-first"]),
+    policy=st.sampled_from(["decode-first", "prefill-first", "priority"]),
     allocator=st.sampled_from(["paged", "paged", "contiguous"]),
     prefix_caching=st.booleans(),
     overlapped=st.booleans(),
@@ -208,7 +209,8 @@ def test_every_accepted_request_finishes_on_a_tight_pool(
     accepted = []
     for index, arg in enumerate(arrivals):
         prompt = [1 + (index * 7 + position) % 29 for position in range(arg["prompt_len"])]
-        request = Request(f"r{index}", prompt, SamplingParams(n=arg["n"], max_tokens=arg["max_tokens"], ignore_eos=True))
+        params = SamplingParams(n=arg["n"], max_tokens=arg["max_tokens"], ignore_eos=True)
+        request = Request(f"r{index}", prompt, params, priority=arg["priority"])
         try:
             scheduler.add_request(request)
         except AdmissionError as error:

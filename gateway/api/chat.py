@@ -39,7 +39,7 @@ async def _chat(state: ApiState, body: ChatCompletionRequest) -> Response:
         else (body.max_tokens, "max_tokens")
     )
     check_max_tokens(max_tokens, max_tokens_param)
-    params = fit_to_context(params, max_tokens, len(prompt), state.engine.max_model_len, "messages")
+    params = fit_to_context(params, max_tokens, len(prompt), state.engine.max_model_len, "messages", max_tokens_param)
     return await respond(
         state, body, "chatcmpl", [(prompt, params)], _Formatter,
         endpoint="chat", prompt_tokens=len(prompt), n=params.n,

@@ -36,7 +36,7 @@ async def _complete(state: ApiState, body: CompletionRequest) -> Response:
     params = sampling_params(body, body.logprobs)
     check_max_tokens(body.max_tokens)
     max_model_len = state.engine.max_model_len
-    per_prompt = [(p, fit_to_context(params, body.max_tokens, len(p), max_model_len, "prompt")) for p in prompts]
+    per_prompt = [(p, fit_to_context(params, body.max_tokens, len(p), max_model_len, "prompt", "max_tokens")) for p in prompts]
     return await respond(state, body, "cmpl", per_prompt, _Formatter, endpoint="completions", prompts=len(prompts), n=params.n)
 
 

@@ -83,7 +83,12 @@ def check_max_tokens(max_tokens: int | None, param: str = "max_tokens") -> None:
 
 
 def fit_to_context(
-    params: SamplingParams, max_tokens: int | None, prompt_len: int, max_model_len: int, prompt_param: str
+    params: SamplingParams,
+    max_tokens: int | None,
+    prompt_len: int,
+    max_model_len: int,
+    prompt_param: str,
+    max_tokens_param: str,
 ) -> SamplingParams:
     """Set max_tokens for one prompt: as asked if prompt + max_tokens fits the context window,
     else 400 with the numbers; by default whatever room the prompt leaves."""
@@ -104,7 +109,7 @@ def fit_to_context(
             400,
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
             f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the completion).",
-            param="max_tokens",
+            param=max_tokens_param,
             code="context_length_exceeded",
         )
     return structs.replace(params, max_tokens=max_tokens)
