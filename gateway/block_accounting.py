@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from gateway.block_pool import BlockPool
-from gateway.contiguous_allocator import ContiguousAllocator
-from gateway.kv_cache_manager import KVCacheManager
-from gateway.request import SequenceStatus
-from gateway.scheduler import Scheduler
+from paged.gateway.block_pool import BlockPool
+from paged.gateway.contiguous_allocator import ContiguousAllocator
+from paged.gateway.kv_cache_manager import KVCacheManager
+from paged.gateway.request import SequenceStatus
+from paged.gateway.scheduler import Scheduler
 
 
 @dataclass(slots=True)

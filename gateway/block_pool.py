@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from gateway.block_hash import BlockHash
+from paged.gateway.block_hash import BlockHash
 
 
 class BlockPool:

@@ -9,21 +9,21 @@ from typing import Any, TypeVar
 import click
 import uvloop
 
-from gateway.admin.server import AdminSettings, AdminSocketError
-from gateway.cli_options import build_config, config_options
-from gateway.config_file import check_config_option, config_file_option, config_file_path
-from gateway.config_reload import ConfigReloader
-from gateway.daemon import run_daemon
-from gateway.drain import DEFAULT_DRAIN_TIMEOUT_S
-from gateway.engine import AsyncEngine, WorkerSpec
-from gateway.worker_link import RegistrationError
-from gateway.worker_processes import RuntimeDir, local_workers
-from shared.config import CacheConfig, ModelConfig, SchedulerConfig
-from shared.logging import LEVELS, configure_logging
-from shared.sampling_params import SamplingParams
-from shared.startup_failure import StartupError, check_model_directory, exit_on_startup_failure
-from shared.tokenizer import TokenizerLoadError, load_tokenizer
-from worker.server import GATEWAY_TIMEOUT_S, GatewayLossPolicy, run_worker
+from paged.gateway.admin.server import AdminSettings, AdminSocketError
+from paged.gateway.cli_options import build_config, config_options
+from paged.gateway.config_file import check_config_option, config_file_option, config_file_path
+from paged.gateway.config_reload import ConfigReloader
+from paged.gateway.daemon import run_daemon
+from paged.gateway.drain import DEFAULT_DRAIN_TIMEOUT_S
+from paged.gateway.engine import AsyncEngine, WorkerSpec
+from paged.gateway.worker_link import RegistrationError
+from paged.gateway.worker_processes import RuntimeDir, local_workers
+from paged.shared.config import CacheConfig, ModelConfig, SchedulerConfig
+from paged.shared.logging import LEVELS, configure_logging
+from paged.shared.sampling_params import SamplingParams
+from paged.shared.startup_failure import StartupError, check_model_directory, exit_on_startup_failure
+from paged.shared.tokenizer import TokenizerLoadError, load_tokenizer
+from paged.worker.server import GATEWAY_TIMEOUT_S, GatewayLossPolicy, run_worker
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,7 +49,7 @@ def main(log_level: str, log_json: bool | None) -> None:
 @click.option("--n", default=1, show_default=True, type=click.IntRange(1, 16), help="Continuations to sample (share the prompt's blocks).")
 def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int, sampling_seed: int | None, n: int, **kwargs: Any) -> None:
     """Run the engine in-process on one prompt and print the continuation (a debugging tool)."""
-    from gateway.llm_engine import LLMEngine  # imports torch: only this command needs it in the gateway process
+    from paged.gateway.llm_engine import LLMEngine  # imports torch: only this command needs it in the gateway process
 
     engine = LLMEngine(build_config(ModelConfig, kwargs), CacheConfig(), SchedulerConfig())
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=sampling_seed, max_tokens=max_tokens, n=n)

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 import click
 import msgspec
 
-from shared.config import GiB, MiB
+from paged.shared.config import GiB, MiB
 
 S = TypeVar("S", bound=msgspec.Struct)
 F = TypeVar("F", bound=Callable[..., Any])

@@ -27,8 +27,8 @@ from typing import Any, Literal
 import click
 import msgspec
 
-from gateway.cli_options import BYTE_FIELDS
-from shared.config import CacheConfig, ModelConfig, SchedulerConfig
+from paged.gateway.cli_options import BYTE_FIELDS
+from paged.shared.config import CacheConfig, ModelConfig, SchedulerConfig
 
 CONFIG_STRUCTS = (ModelConfig, CacheConfig, SchedulerConfig)
 _STRUCT_FIELD_TYPES = {field.name: field.type for struct in CONFIG_STRUCTS for field in msgspec.structs.fields(struct)}

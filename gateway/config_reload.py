@@ -16,10 +16,10 @@ import click
 import msgspec
 from click.core import ParameterSource
 
-from gateway.config_file import read_config_file
-from gateway.engine import AsyncEngine
-from shared.config import SchedulerConfig
-from shared.logging import get_logger, set_log_level
+from paged.gateway.config_file import read_config_file
+from paged.gateway.engine import AsyncEngine
+from paged.shared.config import SchedulerConfig
+from paged.shared.logging import get_logger, set_log_level
 
 log = get_logger("gateway.config_reload")
 

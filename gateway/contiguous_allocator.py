@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import bisect
 
-from gateway.kv_cache_manager import CacheHit, KVStats, SeqBlocks
-from gateway.request import Sequence
-from shared.protocol import BlockCopy
+from paged.gateway.kv_cache_manager import CacheHit, KVStats, SeqBlocks
+from paged.gateway.request import Sequence
+from paged.shared.protocol import BlockCopy
 
 
 class ContiguousAllocator:

@@ -9,17 +9,17 @@ import gc
 import socket
 from collections.abc import Callable
 
-from gateway.admin.server import AdminServer, AdminSettings
-from gateway.api.app import build_app
-from gateway.api.server import http_server
-from gateway.drain import DEFAULT_DRAIN_TIMEOUT_S, drain
-from gateway.engine import AsyncEngine
-from gateway.http_listener import bind_http_listener
-from gateway.service_state import draining_status, follow_status, ping_watchdog, serving_status, starting_status
-from gateway.signals import DaemonSignals
-from shared.logging import get_logger
-from shared.systemd_notify import SystemdNotifier
-from shared.tokenizer import Tokenizer
+from paged.gateway.admin.server import AdminServer, AdminSettings
+from paged.gateway.api.app import build_app
+from paged.gateway.api.server import http_server
+from paged.gateway.drain import DEFAULT_DRAIN_TIMEOUT_S, drain
+from paged.gateway.engine import AsyncEngine
+from paged.gateway.http_listener import bind_http_listener
+from paged.gateway.service_state import draining_status, follow_status, ping_watchdog, serving_status, starting_status
+from paged.gateway.signals import DaemonSignals
+from paged.shared.logging import get_logger
+from paged.shared.systemd_notify import SystemdNotifier
+from paged.shared.tokenizer import Tokenizer
 
 log = get_logger("gateway.daemon")
 

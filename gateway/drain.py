@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.engine import AsyncEngine
-from shared.logging import get_logger
+from paged.gateway.engine import AsyncEngine
+from paged.shared.logging import get_logger
 
 log = get_logger("gateway.drain")
 

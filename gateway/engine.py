@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 
 import zmq.asyncio
 
-from gateway.engine_client import AdmissionError, WorkerMetrics
-from gateway.kv_cache_manager import KVCacheManager
-from gateway.outputs import RequestOutput
-from gateway.request import Request
-from gateway.scheduler import Scheduler
-from gateway.worker_link import ChildProcess, RegistrationError, WorkerLink, WorkerLost
-from shared.config import CacheConfig, SchedulerConfig
-from shared.logging import get_logger
-from shared.protocol import StepInput, StepOutput, WorkerRegistration
-from shared.sampling_params import SamplingParams
+from paged.gateway.engine_client import AdmissionError, WorkerMetrics
+from paged.gateway.kv_cache_manager import KVCacheManager
+from paged.gateway.outputs import RequestOutput
+from paged.gateway.request import Request
+from paged.gateway.scheduler import Scheduler
+from paged.gateway.worker_link import ChildProcess, RegistrationError, WorkerLink, WorkerLost
+from paged.shared.config import CacheConfig, SchedulerConfig
+from paged.shared.logging import get_logger
+from paged.shared.protocol import StepInput, StepOutput, WorkerRegistration
+from paged.shared.sampling_params import SamplingParams
 
 log = get_logger("gateway.engine")
 

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.outputs import RequestOutput
-from shared.sampling_params import SamplingParams
+from paged.gateway.outputs import RequestOutput
+from paged.shared.sampling_params import SamplingParams
 
 
 class AdmissionError(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from shared.startup_failure import StartupError
+from paged.shared.startup_failure import StartupError
 
 
 def bind_http_listener(host: str, port: int) -> socket.socket:

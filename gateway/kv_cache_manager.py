@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.block_hash import BlockHash, extend_block_hashes, hash_block
-from gateway.block_pool import BlockPool
-from gateway.request import Sequence
-from shared.protocol import BlockCopy
+from paged.gateway.block_hash import BlockHash, extend_block_hashes, hash_block
+from paged.gateway.block_pool import BlockPool
+from paged.gateway.request import Sequence
+from paged.shared.protocol import BlockCopy
 
 
 @dataclass(slots=True)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
-from gateway.outputs import RequestOutput
-from gateway.request import Request
-from gateway.scheduler import Scheduler
-from shared.config import CacheConfig, ModelConfig, SchedulerConfig
-from shared.sampling_params import SamplingParams
-from shared.tokenizer import Tokenizer, load_tokenizer
-from worker.worker import Worker
+from paged.gateway.outputs import RequestOutput
+from paged.gateway.request import Request
+from paged.gateway.scheduler import Scheduler
+from paged.shared.config import CacheConfig, ModelConfig, SchedulerConfig
+from paged.shared.sampling_params import SamplingParams
+from paged.shared.tokenizer import Tokenizer, load_tokenizer
+from paged.worker.worker import Worker
 
 
 class LLMEngine:

@@ -23,10 +23,10 @@ from collections import defaultdict
 
 import msgspec
 
-from gateway.contiguous_allocator import ContiguousAllocator
-from gateway.kv_cache_manager import KVCacheManager
-from gateway.request import Request, SequenceStatus
-from gateway.scheduler import Scheduler
+from paged.gateway.contiguous_allocator import ContiguousAllocator
+from paged.gateway.kv_cache_manager import KVCacheManager
+from paged.gateway.request import Request, SequenceStatus
+from paged.gateway.scheduler import Scheduler
 
 HASH_PREFIX_HEX = 12  # enough to tell cached prefixes apart on screen
 HOTTEST_PREFIXES = 10

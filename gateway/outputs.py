@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from shared.protocol import TokenLogprob
+from paged.shared.protocol import TokenLogprob
 
 
 # msgspec Structs rather than dataclasses: several are built per sequence per step, and Structs are

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from shared.protocol import TokenLogprob
-from shared.sampling_params import SamplingParams
+from paged.shared.protocol import TokenLogprob
+from paged.shared.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
 

@@ -40,13 +40,13 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
-from gateway.contiguous_allocator import ContiguousAllocator
-from gateway.engine_client import AdmissionError
-from gateway.kv_cache_manager import KVCacheManager
-from gateway.outputs import RequestOutput, SequenceDelta
-from gateway.request import Request, Sequence, SequenceStatus
-from shared.config import CacheConfig, SchedulerConfig
-from shared.protocol import BlockCopy, NewSequence, ScheduledSeq, StepInput, StepOutput
+from paged.gateway.contiguous_allocator import ContiguousAllocator
+from paged.gateway.engine_client import AdmissionError
+from paged.gateway.kv_cache_manager import KVCacheManager
+from paged.gateway.outputs import RequestOutput, SequenceDelta
+from paged.gateway.request import Request, Sequence, SequenceStatus
+from paged.shared.config import CacheConfig, SchedulerConfig
+from paged.shared.protocol import BlockCopy, NewSequence, ScheduledSeq, StepInput, StepOutput
 
 RUNNING = SequenceStatus.RUNNING
 FINISHED = SequenceStatus.FINISHED

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.engine import AsyncEngine
-from shared.systemd_notify import SystemdNotifier
+from paged.gateway.engine import AsyncEngine
+from paged.shared.systemd_notify import SystemdNotifier
 
 STATUS_REFRESH_S = 1.0  # how often a change of state (a worker lost or back) reaches STATUS=
 

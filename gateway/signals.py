@@ -13,8 +13,8 @@ import os
 import signal
 from collections.abc import Callable
 
-from gateway.engine import AsyncEngine
-from shared.logging import get_logger
+from paged.gateway.engine import AsyncEngine
+from paged.shared.logging import get_logger
 
 log = get_logger("gateway.signals")
 

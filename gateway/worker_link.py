@@ -19,8 +19,8 @@ from typing import Protocol
 import zmq
 import zmq.asyncio
 
-from shared.logging import get_logger
-from shared.protocol import (
+from paged.shared.logging import get_logger
+from paged.shared.protocol import (
     HEARTBEAT_INTERVAL_S,
     PROTOCOL_VERSION,
     Codec,

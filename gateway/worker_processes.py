@@ -14,9 +14,9 @@ from pathlib import Path
 
 import msgspec
 
-from gateway.engine import WorkerSpec
-from shared.config import CacheConfig, ModelConfig, default_cpu_threads
-from worker.server import GatewayLossPolicy, run_worker
+from paged.gateway.engine import WorkerSpec
+from paged.shared.config import CacheConfig, ModelConfig, default_cpu_threads
+from paged.worker.server import GatewayLossPolicy, run_worker
 
 
 def visible_cuda_devices() -> int:

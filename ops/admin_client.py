@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import click
 import httpx
 
-from shared.admin_socket import default_admin_socket
+from paged.shared.admin_socket import default_admin_socket
 
 F = TypeVar("F", bound=Callable[..., Any])
 TIMEOUT_S = 10.0

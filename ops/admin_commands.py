@@ -12,11 +12,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ops.admin_client import AdminClient, admin_command
-from ops.admin_tables import pct, requests_table, workers_table
-from ops.admin_top import top
-from ops.memmap_render import render_memmap, write_png
-from shared.logging import LEVELS
+from paged.ops.admin_client import AdminClient, admin_command
+from paged.ops.admin_tables import pct, requests_table, workers_table
+from paged.ops.admin_top import top
+from paged.ops.memmap_render import render_memmap, write_png
+from paged.shared.logging import LEVELS
 
 
 def _print_json(payload: Any) -> None:

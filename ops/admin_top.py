@@ -14,8 +14,8 @@ from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.text import Text
 
-from ops.admin_client import AdminClient, admin_command
-from ops.admin_tables import pct, requests_table, workers_table
+from paged.ops.admin_client import AdminClient, admin_command
+from paged.ops.admin_tables import pct, requests_table, workers_table
 
 TOP_REQUESTS = 20
 

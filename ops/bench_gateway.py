@@ -1,6 +1,6 @@
 """Gateway overhead per step, measured against a null worker process over ipc.
 
-    python -m ops.bench_gateway [--seqs 1,64,256] [--steps 400] [--step-ms 0,5] [--model DIR|builtin]
+    python -m paged.ops.bench_gateway [--seqs 1,64,256] [--steps 400] [--step-ms 0,5] [--model DIR|builtin]
 
 For each number of running sequences (all decoding: short prompts, long max_tokens, ignore_eos)
 and each simulated forward time of the null worker (0 = the gateway alone), it prints steps per
@@ -22,11 +22,11 @@ import uvloop
 from rich.console import Console
 from rich.table import Table
 
-from gateway.engine import AsyncEngine, StepLoopStats
-from gateway.worker_processes import RuntimeDir, local_workers
-from shared.config import GiB, MiB, CacheConfig, ModelConfig, SchedulerConfig
-from shared.logging import configure_logging
-from shared.sampling_params import SamplingParams
+from paged.gateway.engine import AsyncEngine, StepLoopStats
+from paged.gateway.worker_processes import RuntimeDir, local_workers
+from paged.shared.config import GiB, MiB, CacheConfig, ModelConfig, SchedulerConfig
+from paged.shared.logging import configure_logging
+from paged.shared.sampling_params import SamplingParams
 
 PROMPT_LEN = 16
 

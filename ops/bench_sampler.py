@@ -3,7 +3,7 @@ parameter mixes. Prints microseconds per step; asserts nothing. The figure is th
 repeats, not the median: on a shared machine the minimum is the closest estimate of the uncontended
 cost, and the median mostly measures the neighbours.
 
-    python -m ops.bench_sampler [--batch 64] [--vocab 32000] [--prompt-len 512] [--output-len 128]
+    python -m paged.ops.bench_sampler [--batch 64] [--vocab 32000] [--prompt-len 512] [--output-len 128]
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import Callable
 import click
 import torch
 
-from shared.sampling_params import SamplingParams
-from worker.sampler import Sampler
-from worker.sampling_batch import SamplingBatch
+from paged.shared.sampling_params import SamplingParams
+from paged.worker.sampler import Sampler
+from paged.worker.sampling_batch import SamplingBatch
 
 
 def _best_us(fn: Callable[[], object], repeats: int) -> float:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ops.admin_commands import ADMIN_COMMANDS
-from ops.bench.command import bench
+from paged.ops.admin_commands import ADMIN_COMMANDS
+from paged.ops.bench.command import bench
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -4,7 +4,7 @@ For each context length, a batch of decode tokens attends over that many cached 
 the paged decode kernel reading shuffled pages, once through torch SDPA reading [B, Hkv, S, D] tensors
 that need no block table. Prints milliseconds (median) and paged / dense; asserts nothing.
 
-    python -m ops.kernel_bench [--batch 8] [--contexts 512,2048] [--block-size 16] [--dtype float16]
+    python -m paged.ops.kernel_bench [--batch 8] [--contexts 512,2048] [--block-size 16] [--dtype float16]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import click
 import torch
 import torch.nn.functional as F
 
-from worker.attention.metadata import AttentionMetadata
+from paged.worker.attention.metadata import AttentionMetadata
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -70,7 +70,7 @@ def main(
     # Imported only on CUDA machines: triton is not needed to print the message above.
     import triton.testing
 
-    from worker.attention import triton_ops
+    from paged.worker.attention import triton_ops
 
     torch.manual_seed(0)
     scale = head_dim**-0.5

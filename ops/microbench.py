@@ -6,7 +6,7 @@ then decoded greedily for --decode-steps steps. Attention: one decode token per 
 `context` cached tokens read through shuffled block tables (torch path; Triton too on CUDA) versus
 SDPA over [B, Hkv, context, D] tensors; the figure is the median time and paged / dense.
 
-    python -m ops.microbench [--model DIR] [--batch-sizes 1,8,64] [--contexts 512,2048]
+    python -m paged.ops.microbench [--model DIR] [--batch-sizes 1,8,64] [--contexts 512,2048]
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from ops.kernel_bench import _decode_case
-from shared.config import CacheConfig, ModelConfig
-from shared.logging import configure_logging
-from shared.protocol import NewSequence, ScheduledSeq, StepInput
-from shared.sampling_params import SamplingParams
-from worker.attention import torch_ops
-from worker.worker import Worker
+from paged.ops.kernel_bench import _decode_case
+from paged.shared.config import CacheConfig, ModelConfig
+from paged.shared.logging import configure_logging
+from paged.shared.protocol import NewSequence, ScheduledSeq, StepInput
+from paged.shared.sampling_params import SamplingParams
+from paged.worker.attention import torch_ops
+from paged.worker.worker import Worker
 
 DEFAULT_MODEL = Path("/work/shared/models/stories260K")
 GREEDY = SamplingParams(temperature=0.0)
@@ -126,7 +126,7 @@ def attention_rows(
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     backends = {"torch": torch_ops}
     if device.type == "cuda":
-        from worker.attention import triton_ops  # CUDA only: CPU installs need no Triton here
+        from paged.worker.attention import triton_ops  # CUDA only: CPU installs need no Triton here
 
         backends["triton"] = triton_ops
     num_q_heads, num_kv_heads = heads

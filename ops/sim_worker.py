@@ -14,9 +14,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.outputs import RequestOutput
-from gateway.scheduler import Scheduler
-from shared.protocol import SeqResult, StepInput, StepOutput
+from paged.gateway.outputs import RequestOutput
+from paged.gateway.scheduler import Scheduler
+from paged.shared.protocol import SeqResult, StepInput, StepOutput
 
 
 class ProtocolViolation(AssertionError):

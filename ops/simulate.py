@@ -1,6 +1,6 @@
 """Simulate the gateway's scheduler and block manager on a synthetic workload, no model needed.
 
-    python -m ops.simulate [--num-requests 10000] [--json] ...
+    python -m paged.ops.simulate [--num-requests 10000] [--json] ...
 
 Runs the real Scheduler against a simulated worker (ops/sim_worker.py) for each configuration:
 paged with prefix caching on, paged with it off, and the contiguous allocator, all with the same
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import click
 
-from gateway.request import Request
-from gateway.scheduler import Scheduler
-from ops.sim_worker import SimulatedWorker, StepLoop
-from shared.config import CacheConfig, SchedulerConfig
-from shared.sampling_params import SamplingParams
+from paged.gateway.request import Request
+from paged.gateway.scheduler import Scheduler
+from paged.ops.sim_worker import SimulatedWorker, StepLoop
+from paged.shared.config import CacheConfig, SchedulerConfig
+from paged.shared.sampling_params import SamplingParams
 
 EOS = 0
 VOCAB = 32000

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import msgspec
 
-from shared.sampling_params import SamplingParams
+from paged.shared.sampling_params import SamplingParams
 
 PROTOCOL_VERSION = 1
 # Both ends send a Heartbeat this often; each end's silence timeout is a multiple of it.

@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from shared.logging import get_logger
+from paged.shared.logging import get_logger
 
 log = get_logger("startup")
 

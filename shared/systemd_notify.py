@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import socket
 
-from shared.logging import get_logger
+from paged.shared.logging import get_logger
 
 log = get_logger("shared.systemd_notify")
 

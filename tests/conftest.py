@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from shared.logging import configure_logging
+from paged.shared.logging import configure_logging
 
 # structlog's unconfigured default renders exceptions with rich, frame locals included: seconds per
 # logged error. Tests get the same plain renderer a terminal user gets.

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from shared.tokenizer import BUILTIN_BOS_ID, BUILTIN_EOS_ID, BUILTIN_VOCAB_SIZE
-from worker.attention.backend import AttentionOps
-from worker.model_config import ModelArch
-from worker.models.llama import LlamaForCausalLM
+from paged.shared.tokenizer import BUILTIN_BOS_ID, BUILTIN_EOS_ID, BUILTIN_VOCAB_SIZE
+from paged.worker.attention.backend import AttentionOps
+from paged.worker.model_config import ModelArch
+from paged.worker.models.llama import LlamaForCausalLM
 
 INIT_STD = 0.02
 

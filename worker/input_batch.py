@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.protocol import ScheduledSeq
-from worker.attention.metadata import AttentionMetadata
-from worker.sequence_state import SequenceState
+from paged.shared.protocol import ScheduledSeq
+from paged.worker.attention.metadata import AttentionMetadata
+from paged.worker.sequence_state import SequenceState
 
 
 @dataclass

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from shared.protocol import BlockCopy
-from worker.model_config import ModelArch
+from paged.shared.protocol import BlockCopy
+from paged.worker.model_config import ModelArch
 
 BLOCK_DIM = 2  # the dimension of the pool tensors that indexes blocks
 

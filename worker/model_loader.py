@@ -16,11 +16,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from shared.logging import get_logger
-from worker.attention.backend import AttentionBackendName, get_attention_ops
-from worker.builtin_model import BUILTIN_ARCH, build_builtin_model
-from worker.model_config import ModelArch, ModelConfigError, load_model_arch
-from worker.models.llama import LlamaForCausalLM
+from paged.shared.logging import get_logger
+from paged.worker.attention.backend import AttentionBackendName, get_attention_ops
+from paged.worker.builtin_model import BUILTIN_ARCH, build_builtin_model
+from paged.worker.model_config import ModelArch, ModelConfigError, load_model_arch
+from paged.worker.models.llama import LlamaForCausalLM
 
 log = get_logger("worker.model_loader")
 

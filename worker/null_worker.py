@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 
-from shared.config import CacheConfig, ModelConfig
-from shared.protocol import SeqError, SeqResult, StepInput, StepOutput
-from shared.tokenizer import BUILTIN_VOCAB_SIZE
+from paged.shared.config import CacheConfig, ModelConfig
+from paged.shared.protocol import SeqError, SeqResult, StepInput, StepOutput
+from paged.shared.tokenizer import BUILTIN_VOCAB_SIZE
 
 NULL_VOCAB_SIZE = BUILTIN_VOCAB_SIZE  # every token decodes with the built-in byte-level tokenizer
 NULL_MAX_MODEL_LEN = 4096

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.sampling_batch import Penalties, SamplingBatch
-from worker.seeded_noise import seeded_uniform
+from paged.worker.sampling_batch import Penalties, SamplingBatch
+from paged.worker.seeded_noise import seeded_uniform
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.sampling_params import SamplingParams
-from worker.seeded_noise import as_int64
+from paged.shared.sampling_params import SamplingParams
+from paged.worker.seeded_noise import as_int64
 
 
 @dataclass(frozen=True, slots=True)

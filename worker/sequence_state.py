@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from shared.sampling_params import SamplingParams
+from paged.shared.sampling_params import SamplingParams
 
 
 @dataclass

@@ -23,11 +23,11 @@ from typing import Literal, Protocol
 
 import zmq
 
-from shared.config import CacheConfig, ModelConfig
-from shared.logging import configure_logging, get_logger
-from shared.startup_failure import exit_on_startup_failure
-from shared.systemd_notify import SystemdNotifier
-from shared.protocol import (
+from paged.shared.config import CacheConfig, ModelConfig
+from paged.shared.logging import configure_logging, get_logger
+from paged.shared.startup_failure import exit_on_startup_failure
+from paged.shared.systemd_notify import SystemdNotifier
+from paged.shared.protocol import (
     HEARTBEAT_INTERVAL_S,
     PROTOCOL_VERSION,
     Codec,
@@ -307,11 +307,11 @@ def build_runner(
 ) -> tuple[StepRunner, str, str, str]:
     """The step runner and its identity: (runner, model, device, dtype)."""
     if null_model:
-        from worker.null_worker import NullWorker
+        from paged.worker.null_worker import NullWorker
 
         null = NullWorker(model_config, cache_config, max_num_batched_tokens, null_step_s)
         return null, "null", null.device, null.dtype
-    from worker.worker import Worker  # imports torch: only when a model is run
+    from paged.worker.worker import Worker  # imports torch: only when a model is run
 
     runner = Worker(model_config, cache_config, max_num_batched_tokens)
     dtype = str(runner.dtype).removeprefix("torch.")

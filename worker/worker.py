@@ -13,16 +13,16 @@ from collections.abc import Iterable
 
 import torch
 
-from shared.config import CacheConfig, ModelConfig, default_cpu_threads
-from shared.logging import get_logger
-from shared.protocol import NewSequence, ScheduledSeq, SeqError, SeqResult, StepInput, StepOutput, TokenLogprob
-from shared.sampling_params import SamplingParams
-from worker.input_batch import check_scheduled, prepare_inputs
-from worker.kv_cache import KVCache, cuda_kv_cache_budget, num_blocks_for_budget
-from worker.model_loader import load_model
-from worker.sampler import Sampler, SamplerOutput
-from worker.sampling_batch import SamplingBatch
-from worker.sequence_state import SequenceState
+from paged.shared.config import CacheConfig, ModelConfig, default_cpu_threads
+from paged.shared.logging import get_logger
+from paged.shared.protocol import NewSequence, ScheduledSeq, SeqError, SeqResult, StepInput, StepOutput, TokenLogprob
+from paged.shared.sampling_params import SamplingParams
+from paged.worker.input_batch import check_scheduled, prepare_inputs
+from paged.worker.kv_cache import KVCache, cuda_kv_cache_budget, num_blocks_for_budget
+from paged.worker.model_loader import load_model
+from paged.worker.sampler import Sampler, SamplerOutput
+from paged.worker.sampling_batch import SamplingBatch
+from paged.worker.sequence_state import SequenceState
 
 log = get_logger("worker")
 

@@ -27,9 +27,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.admin.views import AdminViews
-from gateway.engine import AsyncEngine
-from shared.logging import LEVELS, get_logger, set_log_level
+from paged.gateway.admin.views import AdminViews
+from paged.gateway.engine import AsyncEngine
+from paged.shared.logging import LEVELS, get_logger, set_log_level
 
 log = get_logger("gateway.admin")
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from gateway.admin.app import build_admin_app
-from gateway.engine import AsyncEngine
-from shared.admin_socket import default_admin_socket
-from shared.logging import get_logger
+from paged.gateway.admin.app import build_admin_app
+from paged.gateway.engine import AsyncEngine
+from paged.shared.admin_socket import default_admin_socket
+from paged.shared.logging import get_logger
 
 log = get_logger("gateway.admin")
 

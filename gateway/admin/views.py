@@ -9,8 +9,8 @@ from importlib.metadata import PackageNotFoundError, version
 import msgspec
 from prometheus_client import CollectorRegistry
 
-from gateway.engine import AsyncEngine, _Replica
-from gateway.memory_map import CacheSummary, MemoryMap, RequestInfo, cache_summary, memory_map, request_info
+from paged.gateway.engine import AsyncEngine, _Replica
+from paged.gateway.memory_map import CacheSummary, MemoryMap, RequestInfo, cache_summary, memory_map, request_info
 
 
 class WorkerStatus(msgspec.Struct):

@@ -9,18 +9,18 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from gateway.api.auth import ApiKeyMiddleware
-from gateway.api.chat import create_chat_completion
-from gateway.api.chat_template import ChatTemplate
-from gateway.api.completions import create_completion
-from gateway.api.errors import APIError, api_error_handler, http_error_handler
-from gateway.api.health import health
-from gateway.api.logprobs import TokenStrings
-from gateway.api.metrics import Metrics
-from gateway.api.models import list_models
-from gateway.api.state import ApiState
-from gateway.engine_client import EngineClient
-from shared.tokenizer import Tokenizer
+from paged.gateway.api.auth import ApiKeyMiddleware
+from paged.gateway.api.chat import create_chat_completion
+from paged.gateway.api.chat_template import ChatTemplate
+from paged.gateway.api.completions import create_completion
+from paged.gateway.api.errors import APIError, api_error_handler, http_error_handler
+from paged.gateway.api.health import health
+from paged.gateway.api.logprobs import TokenStrings
+from paged.gateway.api.metrics import Metrics
+from paged.gateway.api.models import list_models
+from paged.gateway.api.state import ApiState
+from paged.gateway.engine_client import EngineClient
+from paged.shared.tokenizer import Tokenizer
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # room for a full context of token ids as JSON, many times over
 

@@ -7,7 +7,7 @@ import secrets
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.api.errors import APIError
+from paged.gateway.api.errors import APIError
 
 PROTECTED_PREFIX = "/v1/"
 

@@ -21,7 +21,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from gateway.api.errors import APIError
+from paged.gateway.api.errors import APIError
 
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}"

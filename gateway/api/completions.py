@@ -9,16 +9,16 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.api.disconnect import cancel_on_disconnect
-from gateway.api.errors import APIError
-from gateway.api.generation import ChoiceUpdate, Generation
-from gateway.api.logprobs import completion_logprobs
-from gateway.api.protocol import CompletionRequest
-from gateway.api.request_body import decode_body, read_body
-from gateway.api.respond import respond
-from gateway.api.state import ApiState
-from gateway.api.validation import check_max_tokens, check_model, fit_to_context, sampling_params
-from shared.tokenizer import Tokenizer
+from paged.gateway.api.disconnect import cancel_on_disconnect
+from paged.gateway.api.errors import APIError
+from paged.gateway.api.generation import ChoiceUpdate, Generation
+from paged.gateway.api.logprobs import completion_logprobs
+from paged.gateway.api.protocol import CompletionRequest
+from paged.gateway.api.request_body import decode_body, read_body
+from paged.gateway.api.respond import respond
+from paged.gateway.api.state import ApiState
+from paged.gateway.api.validation import check_max_tokens, check_model, fit_to_context, sampling_params
+from paged.shared.tokenizer import Tokenizer
 
 PROMPT_TYPES = "a string, a list of strings, a list of token ids, or a list of token-id lists"
 

@@ -10,7 +10,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.logging import get_logger
+from paged.shared.logging import get_logger
 
 log = get_logger("gateway.api")
 

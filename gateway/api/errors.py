@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gateway.engine_client import AdmissionError
+from paged.gateway.engine_client import AdmissionError
 
 # OpenAI's `type` for each status we send; the openai client picks its exception class by status.
 ERROR_TYPES = {

@@ -14,16 +14,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.api.detokenizer import IncrementalDetokenizer
-from gateway.api.errors import APIError
-from gateway.api.metrics import Metrics
-from gateway.api.stop_strings import StopStringMatcher
-from gateway.engine_client import AdmissionError, EngineClient
-from gateway.outputs import RequestOutput, SequenceDelta
-from shared.logging import get_logger
-from shared.protocol import TokenLogprob
-from shared.sampling_params import SamplingParams
-from shared.tokenizer import Tokenizer
+from paged.gateway.api.detokenizer import IncrementalDetokenizer
+from paged.gateway.api.errors import APIError
+from paged.gateway.api.metrics import Metrics
+from paged.gateway.api.stop_strings import StopStringMatcher
+from paged.gateway.engine_client import AdmissionError, EngineClient
+from paged.gateway.outputs import RequestOutput, SequenceDelta
+from paged.shared.logging import get_logger
+from paged.shared.protocol import TokenLogprob
+from paged.shared.sampling_params import SamplingParams
+from paged.shared.tokenizer import Tokenizer
 
 log = get_logger("gateway.api")
 

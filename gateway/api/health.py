@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gateway.api.state import ApiState
+from paged.gateway.api.state import ApiState
 
 
 async def health(request: Request) -> JSONResponse:

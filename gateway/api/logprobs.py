@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from shared.protocol import TokenLogprob
-from shared.tokenizer import Tokenizer
+from paged.shared.protocol import TokenLogprob
+from paged.shared.tokenizer import Tokenizer
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SENTENCEPIECE_SPACE = "\u2581"

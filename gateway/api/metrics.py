@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.engine_client import EngineClient, WorkerMetrics
+from paged.gateway.engine_client import EngineClient, WorkerMetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

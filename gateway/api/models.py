@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gateway.api.state import ApiState
+from paged.gateway.api.state import ApiState
 
 
 async def list_models(request: Request) -> JSONResponse:

@@ -8,7 +8,7 @@ from typing import TypeVar
 import msgspec
 from starlette.requests import Request
 
-from gateway.api.errors import APIError
+from paged.gateway.api.errors import APIError
 
 T = TypeVar("T")
 

@@ -11,14 +11,14 @@ from typing import Any, Protocol, TypeVar
 import structlog
 from starlette.responses import Response
 
-from gateway.api.generation import Generation, GenerationFailed
-from gateway.api.json_response import MsgspecJSONResponse
-from gateway.api.protocol import SamplingRequest
-from gateway.api.sse import sse_response
-from gateway.api.state import ApiState
-from gateway.api.validation import stop_strings
-from shared.logging import get_logger
-from shared.sampling_params import SamplingParams
+from paged.gateway.api.generation import Generation, GenerationFailed
+from paged.gateway.api.json_response import MsgspecJSONResponse
+from paged.gateway.api.protocol import SamplingRequest
+from paged.gateway.api.sse import sse_response
+from paged.gateway.api.state import ApiState
+from paged.gateway.api.validation import stop_strings
+from paged.shared.logging import get_logger
+from paged.shared.sampling_params import SamplingParams
 
 log = get_logger("gateway.api")
 

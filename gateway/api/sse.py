@@ -10,7 +10,7 @@ import msgspec
 import structlog
 from starlette.responses import StreamingResponse
 
-from gateway.api.generation import Generation, GenerationFailed
+from paged.gateway.api.generation import Generation, GenerationFailed
 
 DONE = b"data: [DONE]\n\n"
 

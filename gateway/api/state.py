@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.api.chat_template import ChatTemplate
-from gateway.api.errors import DEFAULT_RETRY_AFTER_S, APIError
-from gateway.api.logprobs import TokenStrings
-from gateway.api.metrics import Metrics
-from gateway.engine_client import EngineClient
-from shared.tokenizer import Tokenizer
+from paged.gateway.api.chat_template import ChatTemplate
+from paged.gateway.api.errors import DEFAULT_RETRY_AFTER_S, APIError
+from paged.gateway.api.logprobs import TokenStrings
+from paged.gateway.api.metrics import Metrics
+from paged.gateway.engine_client import EngineClient
+from paged.shared.tokenizer import Tokenizer
 
 
 @dataclass

@@ -15,9 +15,9 @@ from typing import TypeVar
 
 from msgspec import structs
 
-from gateway.api.errors import APIError
-from gateway.api.protocol import SamplingRequest
-from shared.sampling_params import SamplingParams
+from paged.gateway.api.errors import APIError
+from paged.gateway.api.protocol import SamplingRequest
+from paged.shared.sampling_params import SamplingParams
 
 T = TypeVar("T")
 

@@ -17,10 +17,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import AutoModelForCausalLM
 
-from ops.bench.loadgen import LoadShape
-from ops.bench.results import RequestResult
-from ops.bench.server_metrics import ServerStats
-from ops.bench.workloads import RequestSpec, arrival_times
+from paged.ops.bench.loadgen import LoadShape
+from paged.ops.bench.results import RequestResult
+from paged.ops.bench.server_metrics import ServerStats
+from paged.ops.bench.workloads import RequestSpec, arrival_times
 
 
 class StaticBatchGenerator:

@@ -11,13 +11,13 @@ import click
 from rich.console import Console
 from rich.markdown import Markdown
 
-from ops.bench import plots
-from ops.bench.loadgen import LoadShape
-from ops.bench.model_info import resolve_model_info
-from ops.bench.report import markdown_table, sweep_table
-from ops.bench.runner import BASELINES, BenchPlan, run_plan, systems_of
-from ops.bench.servers import ServerStartError
-from ops.bench.workloads import WORKLOADS
+from paged.ops.bench import plots
+from paged.ops.bench.loadgen import LoadShape
+from paged.ops.bench.model_info import resolve_model_info
+from paged.ops.bench.report import markdown_table, sweep_table
+from paged.ops.bench.runner import BASELINES, BenchPlan, run_plan, systems_of
+from paged.ops.bench.servers import ServerStartError
+from paged.ops.bench.workloads import WORKLOADS
 
 
 def _float_list(_: click.Context, __: click.Parameter, value: str | None) -> tuple[float, ...]:

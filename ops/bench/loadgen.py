@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import httpx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ops.bench.results import RequestResult
-from ops.bench.server_metrics import MetricsSampler, ServerStats
-from ops.bench.workloads import RequestSpec, arrival_times
+from paged.ops.bench.results import RequestResult
+from paged.ops.bench.server_metrics import MetricsSampler, ServerStats
+from paged.ops.bench.workloads import RequestSpec, arrival_times
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ops.bench.server_metrics import ServerStats
+from paged.ops.bench.server_metrics import ServerStats
 
 Outcome = Literal["completed", "rejected", "failed"]
 

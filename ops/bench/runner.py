@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ops.bench.loadgen import LoadShape, run_load, warm_up
-from ops.bench.model_info import ModelInfo, served_model
-from ops.bench.report import ratios
-from ops.bench.results import RequestResult, summarize
-from ops.bench.servers import SERVER_CONFIGS, running_server
-from ops.bench.server_metrics import ServerStats
-from ops.bench.workloads import RequestSpec, build_workload
+from paged.ops.bench.loadgen import LoadShape, run_load, warm_up
+from paged.ops.bench.model_info import ModelInfo, served_model
+from paged.ops.bench.report import ratios
+from paged.ops.bench.results import RequestResult, summarize
+from paged.ops.bench.servers import SERVER_CONFIGS, running_server
+from paged.ops.bench.server_metrics import ServerStats
+from paged.ops.bench.workloads import RequestSpec, build_workload
 
 HF_BASELINE = "hf-static"
 BASELINES = (*[name for name in SERVER_CONFIGS if name != "paged"], HF_BASELINE)
@@ -59,7 +59,7 @@ def _run_once(plan: BenchPlan, system: str, url: str | None, served_name: str, s
               shape: LoadShape) -> tuple[list[RequestResult], float, ServerStats]:
     label = f"{system} {plan.workload}"
     if url is None:
-        from ops.bench.baseline_hf import run_hf_static  # imports torch and transformers only when asked for
+        from paged.ops.bench.baseline_hf import run_hf_static  # imports torch and transformers only when asked for
 
         assert plan.model_dir is not None
         return run_hf_static(plan.model_dir, specs, shape, plan.hf_batch_size, label)

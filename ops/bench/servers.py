@@ -1,6 +1,6 @@
 """Starts `pagedd serve` as a subprocess for a baseline configuration, waits until /health says ready,
 and stops it afterwards, so that every system in a comparison runs the same workload on the same box.
-The tests start their daemons with the same port, health and stop helpers (tests/daemon_process.py)."""
+The tests start their daemons with the same port, health and stop helpers (tests/support/daemon_process.py)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ops.bench.model_info import ModelInfo
+from paged.ops.bench.model_info import ModelInfo
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Literal, Protocol, cast
 
 import torch
 
-from worker.attention.metadata import AttentionMetadata
+from paged.worker.attention.metadata import AttentionMetadata
 
 AttentionBackendName = Literal["torch", "triton"]
 
@@ -37,7 +37,7 @@ class AttentionOps(Protocol):
 def get_attention_ops(name: AttentionBackendName) -> AttentionOps:
     """The ops module of a backend. Triton is imported only when asked for, so CPU-only installs never touch it."""
     if name == "torch":
-        return cast(AttentionOps, importlib.import_module("worker.attention.torch_ops"))
+        return cast(AttentionOps, importlib.import_module("paged.worker.attention.torch_ops"))
     if name == "triton":
-        return cast(AttentionOps, importlib.import_module("worker.attention.triton_ops"))
+        return cast(AttentionOps, importlib.import_module("paged.worker.attention.triton_ops"))
     raise ValueError(f"unknown attention backend {name!r}: expected 'torch' or 'triton'")

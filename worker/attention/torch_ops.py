@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from worker.attention.metadata import AttentionMetadata
+from paged.worker.attention.metadata import AttentionMetadata
 
 
 def write_kv(

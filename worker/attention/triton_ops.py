@@ -21,8 +21,8 @@ import functools
 import torch
 import triton
 
-from worker.attention.metadata import AttentionMetadata
-from worker.attention.triton_kernels import (
+from paged.worker.attention.metadata import AttentionMetadata
+from paged.worker.attention.triton_kernels import (
     combine_splits_kernel,
     paged_decode_kernel,
     paged_prefill_kernel,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.attention.backend import AttentionOps
-from worker.attention.metadata import AttentionMetadata
-from worker.layers.rms_norm import RMSNorm
-from worker.layers.rotary import RotaryEmbedding
-from worker.model_config import ModelArch
+from paged.worker.attention.backend import AttentionOps
+from paged.worker.attention.metadata import AttentionMetadata
+from paged.worker.layers.rms_norm import RMSNorm
+from paged.worker.layers.rotary import RotaryEmbedding
+from paged.worker.model_config import ModelArch
 
 
 class PagedSelfAttention(nn.Module):

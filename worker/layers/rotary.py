@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from worker.model_config import RopeScaling
+from paged.worker.model_config import RopeScaling
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.attention.backend import AttentionOps
-from worker.attention.metadata import AttentionMetadata
-from worker.layers.attention import PagedSelfAttention
-from worker.layers.mlp import GatedMLP
-from worker.layers.rms_norm import RMSNorm
-from worker.layers.rotary import RotaryEmbedding
-from worker.model_config import ModelArch
+from paged.worker.attention.backend import AttentionOps
+from paged.worker.attention.metadata import AttentionMetadata
+from paged.worker.layers.attention import PagedSelfAttention
+from paged.worker.layers.mlp import GatedMLP
+from paged.worker.layers.rms_norm import RMSNorm
+from paged.worker.layers.rotary import RotaryEmbedding
+from paged.worker.model_config import ModelArch
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
 

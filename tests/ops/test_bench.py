@@ -1,0 +1,148 @@
+"""`pagedctl bench`: workloads are reproducible and fit the model, the results JSON carries every figure
+with sane values, and no request is lost (sent = completed + rejected + failed, each with a reason).
+Runs against a fake OpenAI-compatible server, and (marked slow) against a live `pagedd serve`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from paged.ops.bench.model_info import ModelInfo, resolve_model_info
+from paged.ops.bench.workloads import WORKLOADS, arrival_times, build_workload
+from paged.ops.cli import main
+from support.fake_openai_server import REJECT_EVERY, fake_server
+
+LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms")
+TOP_LEVEL_KEYS = (
+    "requests_sent", "requests_completed", "requests_failed", "requests_rejected", "request_throughput",
+    "input_tokens_per_s", "output_tokens_per_s", *LATENCY_KEYS, "kv_utilization_mean", "kv_utilization_peak",
+    "peak_concurrency", "prefix_hit_rate", "preemptions",
+)
+MODEL = ModelInfo(name="m", token_ids=tuple(range(3, 500)), max_model_len=512)
+
+
+def run_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
+    output = tmp_path / "results.json"
+    main(["bench", *args, "--output-json", str(output), "--output-dir", str(tmp_path / "report")], standalone_mode=False)
+    return json.loads(output.read_text())
+
+
+def assert_sane(summary: dict[str, Any], server_side: bool = True) -> None:
+    for key in TOP_LEVEL_KEYS:
+        assert key in summary, key
+    assert summary["requests_sent"] == summary["requests_completed"] + summary["requests_rejected"] + summary["requests_failed"]
+    assert sum(summary["rejection_reasons"].values()) == summary["requests_rejected"]
+    assert sum(summary["failure_reasons"].values()) == summary["requests_failed"]
+    assert summary["requests_completed"] > 0
+    for key in ("request_throughput", "input_tokens_per_s", "output_tokens_per_s"):
+        assert summary[key] > 0, key
+    for key in LATENCY_KEYS:
+        stats = summary[key]
+        assert set(stats) == {"p50", "p90", "p99", "mean"}
+        assert 0 <= stats["p50"] <= stats["p90"] <= stats["p99"], (key, stats)
+    assert summary["ttft_ms"]["p50"] <= summary["e2e_latency_ms"]["p99"]
+    if server_side:
+        assert 0 < summary["kv_utilization_mean"] <= summary["kv_utilization_peak"] <= 1
+        assert summary["peak_concurrency"] >= 1
+        assert 0 <= summary["prefix_hit_rate"] <= 1
+        assert summary["preemptions"] >= 0
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_workloads_are_reproducible_and_fit_the_context(name: str) -> None:
+    specs = build_workload(name, MODEL, 40, seed=3)
+    assert specs == build_workload(name, MODEL, 40, seed=3)
+    assert specs != build_workload(name, MODEL, 40, seed=4)
+    for spec in specs:
+        assert len(spec.prompt) + spec.max_tokens <= MODEL.max_model_len
+        assert spec.max_tokens >= 1 and set(spec.prompt) <= set(MODEL.token_ids)
+    assert all(spec.n == (4 if name == "parallel" else 1) for spec in specs)
+
+
+def test_shared_prefix_requests_share_a_long_system_prompt() -> None:
+    specs = build_workload("shared-prefix", MODEL, 10, seed=0)
+    prefix = MODEL.max_model_len // 2
+    assert all(spec.prompt[:prefix] == specs[0].prompt[:prefix] for spec in specs)
+    assert len({tuple(spec.prompt[prefix:]) for spec in specs}) == len(specs)
+
+
+def test_poisson_arrivals_have_the_requested_rate() -> None:
+    times = arrival_times(2000, request_rate=10.0, seed=0)
+    assert times == sorted(times) and times[0] == 0.0
+    assert 9.0 < len(times) / times[-1] < 11.0
+    assert arrival_times(5, float("inf"), seed=0) == [0.0] * 5
+
+
+def test_prompt_vocabulary_excludes_special_tokens(stories_dir: Path) -> None:
+    model = resolve_model_info(None, stories_dir, None)
+    assert model.max_model_len == 512
+    assert {0, 1, 2}.isdisjoint(model.token_ids) and len(model.token_ids) == 509
+
+
+def test_open_loop_run_accounts_for_every_request(tmp_path: Path) -> None:
+    with fake_server() as url:
+        document = run_bench(tmp_path, "--url", url, "--workload", "mixed", "--num-requests", "30",
+                             "--request-rate", "40", "--seed", "1", "--compare", "20,80", "--max-model-len", "160")
+    assert_sane(document)
+    assert document["requests_sent"] == 30
+    assert document["requests_rejected"] > 0  # the fake server refuses prompts starting with a multiple of 5
+    assert all(reason.startswith("HTTP 429") for reason in document["rejection_reasons"])
+    specs = build_workload("mixed", ModelInfo("fake", tuple(range(3, 256)), 160), 30, seed=1)
+    assert document["requests_rejected"] == sum(spec.prompt[0] % REJECT_EVERY == 0 for spec in specs)
+    assert [point["request_rate"] for point in document["sweep"]["paged"]] == [20.0, 80.0]
+    for point in document["sweep"]["paged"]:
+        assert_sane(point)
+    report = tmp_path / "report"
+    assert "| request throughput (req/s) |" in (report / "results.md").read_text()
+    for plot in ("latency_cdf.png", "kv_utilization.png", "throughput_vs_rate.png"):
+        assert (report / plot).stat().st_size > 1000
+
+
+def test_closed_loop_parallel_sampling_counts_every_choice(tmp_path: Path) -> None:
+    with fake_server() as url:
+        document = run_bench(tmp_path, "--url", url, "--workload", "parallel", "--num-requests", "12",
+                             "--concurrency", "3", "--max-model-len", "96")
+    assert_sane(document)
+    assert document["concurrency"] == 3 and document["request_rate"] is None
+    assert 4 <= document["peak_concurrency"] <= 3 * 4  # n=4 sequences per request, at most 3 requests in flight
+    specs = build_workload("parallel", ModelInfo("fake", tuple(range(3, 256)), 96), 12, seed=0)
+    completed = [spec for spec in specs if spec.prompt[0] % REJECT_EVERY]
+    tokens = sum(4 * spec.max_tokens for spec in completed)
+    assert document["output_tokens_per_s"] * document["duration_s"] == pytest.approx(tokens)
+
+
+def test_stalled_requests_fail_with_a_reason(tmp_path: Path) -> None:
+    with fake_server(stall_every=3) as url:
+        document = run_bench(tmp_path, "--url", url, "--workload", "mixed", "--num-requests", "12",
+                             "--max-model-len", "64", "--stall-timeout", "1")
+    assert_sane(document)
+    specs = build_workload("mixed", ModelInfo("fake", tuple(range(3, 256)), 64), 12, seed=0)
+    stalled = sum(spec.prompt[0] % 3 == 0 and spec.prompt[0] % REJECT_EVERY != 0 for spec in specs)
+    assert stalled > 0 and document["requests_failed"] == stalled
+    assert list(document["failure_reasons"]) == ["ReadTimeout"]
+
+
+def test_hf_static_baseline_and_ratios(tmp_path: Path, stories_dir: Path) -> None:
+    with fake_server() as url:
+        document = run_bench(tmp_path, "--url", url, "--model", str(stories_dir), "--workload", "mixed",
+                             "--num-requests", "4", "--max-model-len", "40", "--baselines", "hf-static", "--hf-batch-size", "4")
+    hf = document["baselines"]["hf-static"]
+    assert_sane(hf)
+    assert hf["requests_completed"] == 4 and hf["peak_concurrency"] == 4
+    assert hf["ttft_ms"]["p50"] == hf["e2e_latency_ms"]["p50"]  # static batches: nothing before the batch ends
+    ratio = document["ratios"]["hf-static"]["output tokens/s"]
+    assert ratio == pytest.approx(document["output_tokens_per_s"] / hf["output_tokens_per_s"])
+    assert "(×" in (tmp_path / "report" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_live_server(tmp_path: Path, stories_dir: Path) -> None:
+    """The tool starts `pagedd serve` itself (no --url), runs a short burst, reads its /metrics, stops it."""
+    document = run_bench(tmp_path, "--model", str(stories_dir), "--kv-cache-memory", "1MiB", "--workload", "shared-prefix",
+                         "--num-requests", "16", "--max-model-len", "96", "--metrics-interval", "0.05")
+    assert_sane(document)
+    assert document["requests_completed"] == 16, document["failure_reasons"] | document["rejection_reasons"]
+    assert document["prefix_hit_rate"] > 0.3  # 48 of every ~70 prompt tokens are the shared system prompt

@@ -1,0 +1,150 @@
+"""A deterministic stand-in for the engine behind the HTTP API (gateway.engine_client.EngineClient).
+
+Each sequence "generates" the tokens of a script, one step at a time, honouring max_tokens, EOS,
+stop_token_ids and ignore_eos like the real scheduler. Knobs make it refuse admission, fail in
+the middle of a stream, or stream slowly; it records what it was asked and what was aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from paged.gateway.engine_client import AdmissionError, WorkerMetrics
+from paged.gateway.outputs import RequestOutput, SequenceDelta
+from paged.shared.protocol import TokenLogprob
+from paged.shared.sampling_params import SamplingParams
+
+# Token ids of stories260K's vocabulary: "▁Once", "▁upon", "▁a", "▁time" ... ; any ids < 512 work.
+Script = Callable[[list[int], int], list[int]]
+
+
+def cycling_script(tokens: list[int]) -> Script:
+    """Sequence j repeats `tokens` starting j tokens in, so the n choices differ."""
+
+    def script(prompt: list[int], j: int) -> list[int]:
+        return [tokens[(j + k) % len(tokens)] for k in range(4096)]
+
+    return script
+
+
+@dataclass
+class Submitted:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int]
+    priority: int
+    cache_salt: str | None
+
+
+class FakeEngine:
+    def __init__(self, script: Script, max_model_len: int = 512, *, tokens_per_step: int = 1, step_delay_s: float = 0.0) -> None:
+        self.max_model_len = max_model_len
+        self.script = script
+        self.tokens_per_step = tokens_per_step
+        self.step_delay_s = step_delay_s
+        self.refusal: AdmissionError | None = None
+        self.fail_after_steps: int | None = None  # an output with `error` after this many steps
+        self.raise_after_steps: int | None = None  # an exception out of the iterator instead
+        self.cached_tokens = 0
+        self.ready = True
+        self.draining = False
+        self.submitted: list[Submitted] = []
+        self.live: set[str] = set()
+        self.aborted: list[str] = []
+        self.completed: list[str] = []
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        eos_token_ids: frozenset[int],
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        self.submitted.append(Submitted(request_id, list(prompt_token_ids), params, eos_token_ids, priority, cache_salt))
+        return self._run(request_id, prompt_token_ids, params, eos_token_ids)
+
+    async def _run(
+        self, request_id: str, prompt: list[int], params: SamplingParams, eos: frozenset[int]
+    ) -> AsyncIterator[RequestOutput]:
+        if self.refusal is not None:
+            raise self.refusal
+        sequences = [self._sequence(prompt, j, params, eos) for j in range(params.n)]
+        self.live.add(request_id)
+        finished = False
+        try:
+            step = 0
+            while any(sequences):
+                if self.step_delay_s:
+                    await asyncio.sleep(self.step_delay_s)
+                else:
+                    await asyncio.sleep(0)
+                if self.raise_after_steps is not None and step >= self.raise_after_steps:
+                    raise RuntimeError("fake engine exploded")
+                if self.fail_after_steps is not None and step >= self.fail_after_steps:
+                    finished = True
+                    yield RequestOutput(request_id, error="worker lost", finished=True)
+                    return
+                deltas = []
+                for j, (tokens, reason) in enumerate(sequences):
+                    if not tokens:
+                        continue
+                    now, rest = tokens[: self.tokens_per_step], tokens[self.tokens_per_step :]
+                    sequences[j] = (rest, reason)
+                    deltas.append(SequenceDelta(j, now, *self._logprobs(now, params), finish_reason=None if rest else reason))
+                step += 1
+                finished = not any(sequences)
+                yield RequestOutput(
+                    request_id,
+                    deltas,
+                    num_prompt_tokens=len(prompt),
+                    num_cached_tokens=self.cached_tokens,
+                    queue_s=0.001 if step == 1 else None,
+                    finished=finished,
+                )
+        finally:
+            self.live.discard(request_id)
+            (self.completed if finished else self.aborted).append(request_id)
+
+    def _sequence(self, prompt: list[int], j: int, params: SamplingParams, eos: frozenset[int]) -> tuple[list[int], str]:
+        tokens: list[int] = []
+        for token in self.script(prompt, j):
+            tokens.append(token)
+            if (token in eos and not params.ignore_eos) or token in params.stop_token_ids:
+                return tokens, "stop"
+            if len(tokens) == params.max_tokens:
+                return tokens, "length"
+        return tokens, "stop"
+
+    @staticmethod
+    def _logprobs(tokens: list[int], params: SamplingParams) -> tuple[list[float] | None, list[list[TokenLogprob]] | None]:
+        if params.logprobs is None:
+            return None, None
+        logprobs = [-0.25 for _ in tokens]
+        top = [[TokenLogprob(t, -0.25)] + [TokenLogprob(100 + k, -2.0 - k) for k in range(params.logprobs - 1)] for t in tokens]
+        return logprobs, [alts[: params.logprobs] for alts in top]
+
+    async def abort(self, request_id: str) -> bool:
+        return request_id in self.live
+
+    def is_ready(self) -> bool:
+        return self.ready and not self.draining
+
+    def is_draining(self) -> bool:
+        return self.draining
+
+    def worker_metrics(self) -> list[WorkerMetrics]:
+        used = 2 * len(self.live)
+        return [
+            WorkerMetrics(
+                worker="0", ready=self.ready, requests_running=len(self.live), requests_waiting=0,
+                kv_blocks_total=64, kv_blocks_used=used, kv_blocks_free=64 - used - 3, kv_blocks_cached=3,
+                kv_utilization=0.75 if used else 0.0, prefix_cache_queries_tokens=100, prefix_cache_hits_tokens=40,
+                preemptions=1, evictions=2, swaps_out=0, swaps_in=0,
+            )
+        ]

@@ -1,0 +1,40 @@
+"""The built-in model: deterministic weights from the seed, usable with the built-in tokenizer."""
+
+from __future__ import annotations
+
+import torch
+
+from paged.shared.tokenizer import load_tokenizer
+from paged.worker.attention.metadata import AttentionMetadata
+from paged.worker.model_loader import load_model
+
+
+def first_token_logits(seed: int) -> torch.Tensor:
+    loaded = load_model(None, seed=seed)
+    ids = torch.tensor(load_tokenizer(None).encode("hello"))
+    arch = loaded.arch
+    shape = (1, 16, arch.num_kv_heads, arch.head_dim)
+    kv_caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(arch.num_layers)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(len(ids)),
+        query_start_loc=torch.tensor([0, len(ids)], dtype=torch.int32),
+        seq_lens=torch.tensor([len(ids)], dtype=torch.int32),
+        block_tables=torch.zeros(1, 1, dtype=torch.int32),
+        max_query_len=len(ids),
+        max_seq_len=len(ids),
+    )
+    with torch.inference_mode():
+        return loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), kv_caches, meta)[-1:])
+
+
+def test_same_seed_same_weights_other_seed_other_weights() -> None:
+    assert torch.equal(first_token_logits(0), first_token_logits(0))
+    assert not torch.equal(first_token_logits(0), first_token_logits(1))
+
+
+def test_builtin_model_shapes() -> None:
+    loaded = load_model(None)
+    assert loaded.model_dir is None and loaded.dtype == torch.float32
+    assert first_token_logits(0).shape == (1, loaded.arch.vocab_size)
+    assert loaded.arch.max_model_len == 2048
+    assert load_model(None, dtype="bfloat16").model.model.norm.weight.dtype == torch.bfloat16
