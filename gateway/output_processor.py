@@ -8,13 +8,14 @@ for it, overlapped scheduling) or that was reset by a recompute preemption is st
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from paged.gateway.block_allocator import BlockAllocator
 from paged.gateway.outputs import RequestOutput, SequenceDelta
 from paged.gateway.request import Request, Sequence, SequenceStatus
 from paged.gateway.step_builder import is_stale
-from paged.shared.protocol import SeqResult, StepInput, StepOutput
+from paged.shared.protocol import StepInput, StepOutput
 
 
 def stop_reason(seq: Sequence, token: int) -> str | None:
@@ -37,13 +38,6 @@ def register_computed_blocks(step: StepInput, seqs: dict[int, Sequence], allocat
             seq = seqs.get(scheduled.seq_id)
             if seq is not None and seq.status is SequenceStatus.RUNNING and not is_stale(seq, step_id):
                 allocator.cache_computed(seq, end)
-
-
-def _delta(seq: Sequence, result: SeqResult, finish_reason: str | None) -> SequenceDelta:
-    if seq.request.params.logprobs is None:
-        return SequenceDelta(seq.index, [result.token_id], None, None, finish_reason)
-    logprob = result.logprob if result.logprob is not None else 0.0
-    return SequenceDelta(seq.index, [result.token_id], [logprob], [result.top_logprobs or []], finish_reason)
 
 
 class OutputProcessor:
@@ -81,20 +75,29 @@ class OutputProcessor:
         if allocator.enable_prefix_caching:
             register_computed_blocks(step, seqs, allocator)
         any_running_finished = False
+        now = 0.0
+        # The hot loop of the gateway (every sampled token of every step): names bound locally and
+        # the stale check (step_builder.is_stale) inlined.
         for result in output.results:
             seq = seqs.get(result.seq_id)
-            if seq is None or is_stale(seq, step_id) or seq.num_tokens == len(seq.token_ids):
+            if seq is None or step_id <= seq.ignore_results_until or seq.num_tokens == len(seq.token_ids):
                 continue
             request = seq.request
-            seq.token_ids.append(result.token_id)
-            finish_reason = stop_reason(seq, result.token_id)
-            delta = _delta(seq, result, finish_reason)
+            token = result.token_id
+            seq.token_ids.append(token)
+            finish_reason = stop_reason(seq, token)
+            if not request.wants_logprobs:
+                delta = SequenceDelta(seq.index, [token], None, None, finish_reason)
+            else:
+                logprob = result.logprob if result.logprob is not None else 0.0
+                delta = SequenceDelta(seq.index, [token], [logprob], [result.top_logprobs or []], finish_reason)
             request_output = outputs.get(request.request_id)
             if request_output is None:
                 request_output = outputs[request.request_id] = RequestOutput(
-                    request.request_id, [delta], request.num_prompt_tokens, request.num_cached_tokens
+                    request.request_id, [delta], len(request.prompt_token_ids), request.num_cached_tokens
                 )
-                request.mark_first_token()
+                if request.first_token_time is None:
+                    request.first_token_time = now = now or time.monotonic()
             else:
                 request_output.deltas.append(delta)
             if finish_reason is not None:

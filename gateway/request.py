@@ -66,6 +66,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(init=False)
     stop_token_ids: frozenset[int] = field(init=False)  # eos (unless ignore_eos) and stop_token_ids
+    wants_logprobs: bool = field(init=False)  # each result's logprobs go into its delta
     # The n-1 children exist: forked when the prompt's last chunk is scheduled, or from the start when
     # n == 1 (none to fork), so a decode step tests this flag alone.
     forked: bool = field(init=False)
@@ -90,6 +91,7 @@ class Request:
                 sampling = msgspec.structs.replace(self.params, seed=seed + index)
             tokens = list(self.prompt_token_ids)
             self.seqs.append(Sequence(next(_seq_ids), index, self, sampling, tokens, len(tokens)))
+        self.wants_logprobs = self.params.logprobs is not None
         stop = set(self.params.stop_token_ids)
         if not self.params.ignore_eos:
             stop |= self.eos_token_ids
@@ -100,10 +102,6 @@ class Request:
         if self.first_scheduled_time is None:
             self.first_scheduled_time = time.monotonic()
             self.num_cached_tokens = num_cached_tokens
-
-    def mark_first_token(self) -> None:
-        if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -62,13 +62,12 @@ class SimulatedWorker:
             return self._sample_only(step)
         for seq_id in step.freed_seq_ids:
             self.seqs.pop(seq_id, None)
-        if self.verify:
-            for copy in step.swap_out:
-                self.host[copy.dst] = list(self.device[copy.src])
-            for copy in step.swap_in:
-                self.device[copy.dst] = list(self.host[copy.src])
-            for copy in step.copies:
-                self.device[copy.dst] = list(self.device[copy.src])
+        for copy in step.swap_out:
+            self.host[copy.dst] = list(self.device[copy.src])
+        for copy in step.swap_in:
+            self.device[copy.dst] = list(self.host[copy.src])
+        for copy in step.copies:
+            self.device[copy.dst] = list(self.device[copy.src])
         for new in step.new_seqs:
             if new.seq_id in self.seqs:
                 raise ProtocolViolation(f"new sequence {new.seq_id} already exists")
@@ -95,16 +94,15 @@ class SimulatedWorker:
                 raise ProtocolViolation(f"seq {scheduled.seq_id}: computes position {end - 1} of unknown token")
             if len(state.table) * size < end:
                 raise ProtocolViolation(f"seq {scheduled.seq_id}: {len(state.table)} blocks for {end} tokens")
-            if self.verify:
-                for position in range(scheduled.start, end):
-                    self.device[state.table[position // size]][position % size] = state.tokens[position]
-                for position in range(end):
-                    slot = self.device[state.table[position // size]][position % size]
-                    if slot != state.tokens[position]:
-                        raise ProtocolViolation(
-                            f"seq {scheduled.seq_id}: position {position} reads token {slot}, "
-                            f"expected {state.tokens[position]} (block {state.table[position // size]})"
-                        )
+            for position in range(scheduled.start, end):
+                self.device[state.table[position // size]][position % size] = state.tokens[position]
+            for position in range(end):
+                slot = self.device[state.table[position // size]][position % size]
+                if slot != state.tokens[position]:
+                    raise ProtocolViolation(
+                        f"seq {scheduled.seq_id}: position {position} reads token {slot}, "
+                        f"expected {state.tokens[position]} (block {state.table[position // size]})"
+                    )
             state.num_computed = end
             self.num_tokens_computed += scheduled.num_tokens
             if scheduled.sample:
