@@ -94,9 +94,3 @@ class PolicyQueues:
     @property
     def num_running_requests(self) -> int:
         return len({seq.request for seq in self.running})
-
-    def clear(self) -> None:
-        self.waiting.clear()
-        self.swapped.clear()
-        self.running.clear()
-        self.waiting_tokens = 0

@@ -123,11 +123,6 @@ class WorkerMirror:
             copies=copies,
         )
 
-    def forget_all(self) -> None:
-        """The worker is gone: it holds nothing."""
-        self.freed_seq_ids.clear()
-        self.fork_copies.clear()
-
     @property
     def has_news(self) -> bool:
         return bool(self.freed_seq_ids)

@@ -220,7 +220,8 @@ async def test_kill_only_worker_fails_requests_cleanly() -> None:
 
 
 def start_split_worker(endpoint: str, *extra: str) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "paged.ops.pagedd", "--log-json", "worker", "--endpoint", endpoint, "--null-model", *extra]
+    """`paged-worker` (the worker's own program; `pagedd worker` is tested in test_daemon_notify.py)."""
+    command = [sys.executable, "-m", "paged.worker.cli", "--log-json", "--endpoint", endpoint, "--null-model", *extra]
     return subprocess.Popen(command, cwd=PROJECT_ROOT, stderr=subprocess.DEVNULL)
 
 
