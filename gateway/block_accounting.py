@@ -1,21 +1,20 @@
 """Block accounting audit: the invariants every test step checks, and the admin API can report.
 
-Paged: every block is exactly one of free, cached-free or held; a block's ref count equals the
-number of block tables holding it; the hash map and the pool's counters agree with the blocks.
-Contiguous: free extents and reserved runs partition the pool. Scheduler: exactly the running and
-swapped sequences hold blocks, each as many slots as it has computed.
+Each allocator audits itself (`audit()`, beside its own bookkeeping): paged, every block is exactly
+one of free, cached-free or held, a block's ref count equals the number of block tables holding
+it, and the hash map and the pool's counters agree with the blocks (`audit_pool` below);
+contiguous, free extents and reserved runs partition the pool. The scheduler adds its own
+(Scheduler.audit): exactly the running and swapped sequences hold blocks, each as many slots as it
+has computed.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from paged.gateway.block_pool import BlockPool
-from paged.gateway.contiguous_allocator import ContiguousAllocator
-from paged.gateway.kv_cache_manager import KVCacheManager
-from paged.gateway.request import SequenceStatus
-from paged.gateway.scheduler import Scheduler
 
 
 @dataclass(slots=True)
@@ -30,7 +29,12 @@ class AccountingReport:
         return not self.problems
 
 
-def _audit_pool(pool: BlockPool, tables: list[list[int]], report: AccountingReport, name: str) -> None:
+class Auditable(Protocol):
+    def audit(self) -> AccountingReport: ...
+
+
+def audit_pool(pool: BlockPool, tables: list[list[int]], report: AccountingReport, name: str, count_fill: bool = True) -> None:
+    """A BlockPool against the block tables that hold its blocks."""
     holders = Counter(block for table in tables for block in table)
     free = set(pool.free_queue())
     if len(free) != pool.num_free:
@@ -67,75 +71,11 @@ def _audit_pool(pool: BlockPool, tables: list[list[int]], report: AccountingRepo
         report.problems.append(f"{name}: cached-free counter {pool.num_cached_free}, counted {report.num_cached_free}")
     if pool.num_shared != shared:
         report.problems.append(f"{name}: shared counter {pool.num_shared}, counted {shared}")
-    if name == "device" and pool.num_filled_slots != filled:
+    if count_fill and pool.num_filled_slots != filled:
         report.problems.append(f"{name}: filled-slot counter {pool.num_filled_slots}, counted {filled}")
 
 
-def audit_manager(manager: KVCacheManager | ContiguousAllocator) -> AccountingReport:
-    report = AccountingReport()
-    if isinstance(manager, ContiguousAllocator):
-        _audit_contiguous(manager, report)
-        return report
-    device = [record.table for record in manager.seqs.values() if not record.swapped]
-    host = [record.table for record in manager.seqs.values() if record.swapped]
-    _audit_pool(manager.pool, device, report, "device")
-    host_report = AccountingReport()
-    _audit_pool(manager.host_pool, host, host_report, "host")
-    report.problems += host_report.problems
-    size = manager.block_size
-    for seq_id, record in manager.seqs.items():
-        if len(record.table) != -(-record.num_slots // size):
-            report.problems.append(f"seq {seq_id}: {len(record.table)} blocks for {record.num_slots} slots")
-    return report
-
-
-def _audit_contiguous(manager: ContiguousAllocator, report: AccountingReport) -> None:
-    owners = [0] * manager.num_blocks
-    runs = [record.table for record in manager.seqs.values()] + manager.fork_runs()
-    for run in runs:
-        if run != list(range(run[0], run[0] + len(run))):
-            report.problems.append(f"run starting at {run[0]} is not contiguous")
-        for block in run:
-            owners[block] += 1
-    for start, length in manager.free_extents():
-        for block in range(start, start + length):
-            owners[block] += 1
-            report.num_free += 1
-    report.num_held = manager.num_blocks - report.num_free
-    for block, count in enumerate(owners):
-        if count != 1:
-            report.problems.append(f"block {block} is owned {count} times (free extents + runs)")
-    if manager.num_free_blocks != report.num_free:
-        report.problems.append(f"free counter {manager.num_free_blocks}, counted {report.num_free}")
-
-
-def audit_scheduler(scheduler: Scheduler) -> AccountingReport:
-    """The manager's own invariants plus: exactly the running and swapped sequences hold blocks."""
-    report = audit_manager(scheduler.kv)
-    holding = {seq.seq_id for seq in scheduler.running}
-    holding |= {seq.seq_id for request in scheduler.swapped for seq in request.live_seqs()}
-    if set(scheduler.kv.seqs) != holding:
-        report.problems.append(
-            f"block tables for {sorted(set(scheduler.kv.seqs))} but running/swapped are {sorted(holding)}"
-        )
-    for seq in scheduler.running:
-        if seq.status is not SequenceStatus.RUNNING:
-            report.problems.append(f"seq {seq.seq_id} in the running list is {seq.status.value}")
-        record = scheduler.kv.seqs.get(seq.seq_id)
-        if record is not None and record.num_slots != seq.num_computed:
-            report.problems.append(f"seq {seq.seq_id}: {record.num_slots} slots for {seq.num_computed} computed tokens")
-    if len(scheduler.running) > scheduler.config.max_num_seqs:
-        report.problems.append(f"{len(scheduler.running)} running sequences > max_num_seqs")
-    for request in scheduler.waiting:
-        for seq in request.live_seqs():
-            if seq.status is not SequenceStatus.WAITING:
-                report.problems.append(f"seq {seq.seq_id} of waiting request {request.request_id} is {seq.status.value}")
-    return report
-
-
-def assert_block_accounting(scheduler_or_manager: Scheduler | KVCacheManager | ContiguousAllocator) -> None:
-    if isinstance(scheduler_or_manager, Scheduler):
-        report = audit_scheduler(scheduler_or_manager)
-    else:
-        report = audit_manager(scheduler_or_manager)
+def assert_block_accounting(subject: Auditable) -> None:
+    """A scheduler or an allocator passes its audit (the first problems are in the message)."""
+    report = subject.audit()
     assert report.ok, "block accounting: " + "; ".join(report.problems[:20])

@@ -16,7 +16,7 @@ import click
 import msgspec
 from click.core import ParameterSource
 
-from paged.gateway.config_file import read_config_file
+from paged.shared.config_file import read_config_file
 from paged.gateway.engine import AsyncEngine
 from paged.shared.config import SchedulerConfig
 from paged.shared.logging import get_logger, set_log_level

@@ -2,22 +2,30 @@
 
 Each sequence reserves, on admission, one contiguous run of blocks sized for its whole possible
 length (prompt + max_tokens, capped at the context window), found first-fit. Nothing is shared:
-no prefix cache, and n > 1 reserves a run per sequence with the prompt copied at the fork. The
-interface matches KVCacheManager so the scheduler and benchmarks run unchanged on either; swapping
-is not offered (swap_out returns None, so the scheduler falls back to recompute).
+no prefix cache, and n > 1 reserves a run per sequence with the prompt copied at the fork. It
+implements the BlockAllocator protocol (gateway/block_allocator.py), so the scheduler and
+benchmarks run unchanged on it; swapping is not offered (swap_out returns None, so the scheduler
+falls back to recompute).
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Mapping
 
-from paged.gateway.kv_cache_manager import CacheHit, KVStats, SeqBlocks
+from paged.gateway.block_accounting import AccountingReport
+from paged.gateway.block_allocator import BlockInfo, CacheHit, SeqBlocks, holders_by_block
 from paged.gateway.request import Sequence
+from paged.gateway.stats import PoolStats
 from paged.shared.protocol import BlockCopy
+
+FORK_RESERVE = "(fork reserve)"  # the holder the memory map names for runs reserved for children
 
 
 class ContiguousAllocator:
+    kind = "contiguous"
     enable_prefix_caching = False
+    num_host_blocks = 0
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
@@ -75,7 +83,7 @@ class ContiguousAllocator:
         """Runs reserved for children not forked yet."""
         return [run for runs in self._fork_runs.values() for run in runs]
 
-    # The KVCacheManager interface ---------------------------------------------------------------
+    # The BlockAllocator protocol ----------------------------------------------------------------
 
     def probe(self, seq: Sequence) -> CacheHit:
         return CacheHit()
@@ -85,6 +93,9 @@ class ContiguousAllocator:
 
     def cache_computed(self, seq: Sequence, num_tokens: int) -> None:
         pass
+
+    def evict_cached_free(self) -> int:
+        return 0
 
     def admit(self, seq: Sequence, hit: CacheHit, num_new_tokens: int, reserve_blocks: int, num_children: int = 0) -> bool:
         length = self._blocks_for(seq.max_num_tokens)
@@ -122,6 +133,9 @@ class ContiguousAllocator:
         num_written = self._blocks_for(record.num_slots)
         return [BlockCopy(src, dst) for src, dst in zip(record.table[:num_written], run[:num_written], strict=True)]
 
+    def share_prefix(self, source: Sequence, seq: Sequence, num_blocks: int) -> None:
+        raise ValueError("the contiguous allocator shares no blocks: shared_prompt_blocks() is always 0")
+
     def take_table_delta(self, seq: Sequence) -> tuple[int, list[int]]:
         record = self.seqs[seq.seq_id]
         table_from = record.num_sent
@@ -152,17 +166,49 @@ class ContiguousAllocator:
     def swap_in(self, seqs: list[Sequence], reserve_blocks: int) -> list[BlockCopy] | None:
         return None
 
-    def stats(self) -> KVStats:
+    def stats(self) -> PoolStats:
         used = self.num_blocks - self.num_free_blocks
-        return KVStats(
+        return PoolStats(
             num_blocks=self.num_blocks,
+            block_size=self.block_size,
             free_blocks=self.num_free_blocks,
-            cached_blocks=0,
             used_blocks=used,
-            shared_blocks=0,
             slots_reserved=used * self.block_size,
             slots_filled=self._filled,
-            evictions=0,
-            host_blocks=0,
-            host_free_blocks=0,
         )
+
+    def describe(self, names: Mapping[int, str]) -> list[BlockInfo]:
+        """Runs reserved for sequences (filled up to their slots) and for children not forked yet."""
+        holders = holders_by_block(self.seqs, names)
+        blocks = [BlockInfo(block, "free") for block in range(self.num_blocks)]
+        size = self.block_size
+        for record in self.seqs.values():
+            for index, block in enumerate(record.table):
+                fill = min(size, max(0, record.num_slots - index * size))
+                blocks[block] = BlockInfo(block, "held", 1, fill, holders.get(block, []))
+        for run in self.fork_runs():
+            for block in run:
+                blocks[block] = BlockInfo(block, "held", 1, 0, [FORK_RESERVE])
+        return blocks
+
+    def audit(self) -> AccountingReport:
+        """Free extents and reserved runs (of sequences and of children to fork) partition the pool."""
+        report = AccountingReport()
+        owners = [0] * self.num_blocks
+        runs = [record.table for record in self.seqs.values()] + self.fork_runs()
+        for run in runs:
+            if run != list(range(run[0], run[0] + len(run))):
+                report.problems.append(f"run starting at {run[0]} is not contiguous")
+            for block in run:
+                owners[block] += 1
+        for start, length in self._extents:
+            for block in range(start, start + length):
+                owners[block] += 1
+                report.num_free += 1
+        report.num_held = self.num_blocks - report.num_free
+        for block, count in enumerate(owners):
+            if count != 1:
+                report.problems.append(f"block {block} is owned {count} times (free extents + runs)")
+        if self.num_free_blocks != report.num_free:
+            report.problems.append(f"free counter {self.num_free_blocks}, counted {report.num_free}")
+        return report

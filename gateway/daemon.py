@@ -9,6 +9,8 @@ import gc
 import socket
 from collections.abc import Callable
 
+from starlette.applications import Starlette
+
 from paged.gateway.admin.server import AdminServer, AdminSettings
 from paged.gateway.api.app import build_app
 from paged.gateway.api.server import http_server
@@ -18,6 +20,7 @@ from paged.gateway.http_listener import bind_http_listener
 from paged.gateway.service_state import draining_status, follow_status, ping_watchdog, serving_status, starting_status
 from paged.gateway.signals import DaemonSignals
 from paged.shared.logging import get_logger
+from paged.shared.sampling_params import GenerationDefaults
 from paged.shared.systemd_notify import SystemdNotifier
 from paged.shared.tokenizer import Tokenizer
 
@@ -35,6 +38,7 @@ async def run_daemon(
     *,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
     reload: Callable[[AsyncEngine], None] | None = None,
+    generation_defaults: GenerationDefaults = GenerationDefaults(),
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain (gateway/drain.py: no new requests, running ones get
     `drain_timeout` seconds) and shut down; SIGHUP calls `reload` (gateway/signals.py). systemd hears
@@ -58,7 +62,8 @@ async def run_daemon(
         # the collector's generations keeps full collections from rescanning it while serving.
         gc.collect()
         gc.freeze()
-        await _serve(engine, tokenizer, served_model_name, host, port, api_key, admin, listener, notifier, stopping, drain_timeout)
+        app = build_app(engine, tokenizer, served_model_name, api_key, generation_defaults=generation_defaults)
+        await _serve(engine, app, served_model_name, host, port, admin, listener, notifier, stopping, drain_timeout)
     finally:
         stopping.cancel()
         pinging.cancel()
@@ -69,18 +74,16 @@ async def run_daemon(
 
 async def _serve(
     engine: AsyncEngine,
-    tokenizer: Tokenizer,
+    app: Starlette,
     served_model_name: str,
     host: str,
     port: int,
-    api_key: str | None,
     admin: AdminSettings | None,
     listener: socket.socket,
     notifier: SystemdNotifier,
     stopping: asyncio.Task[object],
     drain_timeout: float,
 ) -> None:
-    app = build_app(engine, tokenizer, served_model_name, api_key)
     admin_server = AdminServer(engine, admin, served_model_name, app.state.api.metrics.registry) if admin else None
     if admin_server is not None:
         try:

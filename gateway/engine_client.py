@@ -1,50 +1,27 @@
-"""The interface the HTTP and admin layers use to talk to the engine, whatever runs behind it."""
+"""The interfaces the HTTP and admin layers use to talk to the engine, whatever runs behind it:
+`EngineClient` for the OpenAI API (requests and metrics), `EngineAdmin` for the admin API
+(snapshots of each worker and the operator's actions)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
+from paged.gateway.admission import AdmissionError, Refusal
 from paged.gateway.outputs import RequestOutput
+from paged.gateway.scheduler import Scheduler
+from paged.gateway.stats import WorkerStats
+from paged.shared.config import CacheConfig, SchedulerConfig
 from paged.shared.sampling_params import SamplingParams
 
-
-class AdmissionError(Exception):
-    """A request the engine refuses up front. `status` is the HTTP status it maps to:
-    429 for admission caps (queue full), 400 for a request that can never fit, 503 when no worker
-    is ready or the server is draining."""
-
-    def __init__(self, message: str, status: int, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.retry_after = retry_after
-
-
-@dataclass(slots=True)
-class WorkerMetrics:
-    """A point-in-time view of one worker's scheduler and page pool, read at every /metrics scrape."""
-
-    worker: str  # label, e.g. "0"
-    ready: bool
-    requests_running: int
-    requests_waiting: int
-    kv_blocks_total: int
-    kv_blocks_used: int  # held by live requests (cached-free blocks not counted)
-    kv_blocks_free: int  # neither held nor cached
-    kv_blocks_cached: int  # cached-free: ref count 0, kept for prefix hits until evicted
-    kv_utilization: float  # token slots holding tokens / token slots reserved
-    prefix_cache_queries_tokens: int  # counters: monotonically increasing
-    prefix_cache_hits_tokens: int
-    preemptions: int
-    evictions: int
-    swaps_out: int
-    swaps_in: int
+__all__ = ["AdmissionError", "EngineAdmin", "EngineClient", "Refusal", "WorkerView"]
 
 
 class EngineClient(Protocol):
-    max_model_len: int
+    @property
+    def max_model_len(self) -> int:
+        """The context window every worker serves (0 before they registered)."""
+        ...
 
     def generate(
         self,
@@ -56,9 +33,9 @@ class EngineClient(Protocol):
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Admit the request (raising AdmissionError before the first yield if refused) and yield
-        its outputs step by step until finished. Closing or cancelling the iterator aborts the
-        request and frees its blocks within one scheduler step."""
+        """Admit the request (raising AdmissionError, with the kind of refusal, before the first
+        yield if refused) and yield its outputs step by step until finished. Closing or cancelling
+        the iterator aborts the request and frees its blocks within one scheduler step."""
         ...
 
     async def abort(self, request_id: str) -> bool: ...
@@ -69,4 +46,37 @@ class EngineClient(Protocol):
 
     def is_draining(self) -> bool: ...
 
-    def worker_metrics(self) -> list[WorkerMetrics]: ...
+    def worker_stats(self) -> list[WorkerStats]:
+        """One snapshot per worker, read at every /metrics scrape."""
+        ...
+
+
+class WorkerView(Protocol):
+    """One worker, read only: its name, its snapshot and its scheduler (None while it registers)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def scheduler(self) -> Scheduler | None: ...
+
+    def stats(self) -> WorkerStats: ...
+
+
+class EngineAdmin(EngineClient, Protocol):
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def scheduler_config(self) -> SchedulerConfig: ...
+
+    @property
+    def cache_config(self) -> CacheConfig: ...
+
+    def workers(self) -> Sequence[WorkerView]: ...
+
+    def drain(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def flush_prefix_cache(self) -> int: ...

@@ -1,54 +1,27 @@
 """Paged KV allocation: one block table per sequence over a shared BlockPool, with prefix caching,
 fork (n > 1) and copy-on-write, and swapping to a host pool.
 
-The scheduler drives it per sequence; `gateway/contiguous_allocator.py` offers the same interface
-without paging so the scheduler does not care which one it has.
+It implements the BlockAllocator protocol (gateway/block_allocator.py), which the scheduler drives
+per sequence; `gateway/contiguous_allocator.py` implements it without paging.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from collections.abc import Mapping
 
+from paged.gateway.block_accounting import AccountingReport, audit_pool
+from paged.gateway.block_allocator import BlockInfo, CacheHit, SeqBlocks, hash_prefix, holders_by_block
 from paged.gateway.block_hash import BlockHash, extend_block_hashes, hash_block
 from paged.gateway.block_pool import BlockPool
 from paged.gateway.request import Sequence
+from paged.gateway.stats import PoolStats
 from paged.shared.protocol import BlockCopy
 
 
-@dataclass(slots=True)
-class CacheHit:
-    """Prefix-cache blocks a sequence would reuse (not yet taken)."""
-
-    blocks: list[int] = field(default_factory=list)
-    num_tokens: int = 0
-
-
-@dataclass(slots=True)
-class SeqBlocks:
-    """A sequence's block table and what the worker already knows of it."""
-
-    table: list[int]
-    num_slots: int  # leading token slots in use (computed or being computed)
-    num_sent: int = 0  # leading table entries the worker has; the next delta starts there
-    num_registered: int = 0  # leading full blocks offered to the prefix cache
-    swapped: bool = False  # table holds host block ids
-
-
-@dataclass(slots=True)
-class KVStats:
-    num_blocks: int
-    free_blocks: int  # free, not holding cached content
-    cached_blocks: int  # free but holding reusable cached content
-    used_blocks: int
-    shared_blocks: int  # held by more than one block table
-    slots_reserved: int  # token slots in held blocks
-    slots_filled: int  # of those, slots holding tokens
-    evictions: int
-    host_blocks: int
-    host_free_blocks: int
-
-
 class KVCacheManager:
+    kind = "paged"
+
     def __init__(
         self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_host_blocks: int = 0
     ) -> None:
@@ -65,6 +38,10 @@ class KVCacheManager:
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free
+
+    @property
+    def num_host_blocks(self) -> int:
+        return self.host_pool.num_blocks
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -116,6 +93,9 @@ class KVCacheManager:
                 break
             matched += size
         return matched
+
+    def evict_cached_free(self) -> int:
+        return self.pool.evict_cached_free()
 
     def cache_computed(self, seq: Sequence, num_tokens: int) -> None:
         """Offer to the prefix cache the sequence's full blocks within its first `num_tokens`,
@@ -280,13 +260,14 @@ class KVCacheManager:
             dst_pool.touch([block] * (count - 1))
         return [BlockCopy(src, dst) for src, dst in mapping.items()]
 
-    # Statistics ---------------------------------------------------------------------------------
+    # Views ------------------------------------------------------------------------------------
 
-    def stats(self) -> KVStats:
+    def stats(self) -> PoolStats:
         pool = self.pool
         used = pool.num_blocks - pool.num_free
-        return KVStats(
+        return PoolStats(
             num_blocks=pool.num_blocks,
+            block_size=self.block_size,
             free_blocks=pool.num_free - pool.num_cached_free,
             cached_blocks=pool.num_cached_free,
             used_blocks=used,
@@ -297,3 +278,33 @@ class KVCacheManager:
             host_blocks=self.host_pool.num_blocks,
             host_free_blocks=self.host_pool.num_free,
         )
+
+    def describe(self, names: Mapping[int, str]) -> list[BlockInfo]:
+        pool = self.pool
+        holders = holders_by_block(self.seqs, names)
+        lru = {block: rank for rank, block in enumerate(pool.free_queue()) if pool.block_hashes[block] is not None}
+        now = time.monotonic()
+        blocks = []
+        for block in range(pool.num_blocks):
+            ref = pool.ref_counts[block]
+            block_hash = hash_prefix(pool.block_hashes[block])
+            if ref:
+                blocks.append(BlockInfo(block, "held", ref, pool.fill[block], holders.get(block, []), block_hash))
+            elif block_hash is not None:
+                blocks.append(BlockInfo(block, "cached", hash=block_hash, lru=lru[block], age_s=now - pool.cached_since[block]))
+            else:
+                blocks.append(BlockInfo(block, "free"))
+        return blocks
+
+    def audit(self) -> AccountingReport:
+        report = AccountingReport()
+        device = [record.table for record in self.seqs.values() if not record.swapped]
+        host = [record.table for record in self.seqs.values() if record.swapped]
+        audit_pool(self.pool, device, report, "device")
+        host_report = AccountingReport()
+        audit_pool(self.host_pool, host, host_report, "host", count_fill=False)
+        report.problems += host_report.problems
+        for seq_id, record in self.seqs.items():
+            if len(record.table) != -(-record.num_slots // self.block_size):
+                report.problems.append(f"seq {seq_id}: {len(record.table)} blocks for {record.num_slots} slots")
+        return report

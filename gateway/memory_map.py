@@ -1,8 +1,8 @@
 """A read-only picture of one worker's page pool, for the admin API and `pagedctl memmap`.
 
-It walks the scheduler's block manager without changing it: every block with its state (free,
-cached-free, held), who holds it, its ref count and filled token slots, plus the pool's figures and
-the prefix cache's summary. The admin API runs in the engine's event loop, so a map is consistent
+The scheduler's block allocator describes its blocks (BlockAllocator.describe): every block with
+its state (free, cached-free, held), who holds it, its ref count and filled token slots; here they
+get the pool's figures, the prefix cache's summary and the requests' views. The admin API runs in the engine's event loop, so a map is consistent
 with the scheduler (no step updates it halfway).
 
 Figures, as reported:
@@ -23,27 +23,12 @@ from collections import defaultdict
 
 import msgspec
 
-from paged.gateway.contiguous_allocator import ContiguousAllocator
-from paged.gateway.kv_cache_manager import KVCacheManager
+from paged.gateway.block_allocator import BlockInfo
 from paged.gateway.request import Request, SequenceStatus
 from paged.gateway.scheduler import Scheduler
+from paged.gateway.stats import PoolStats
 
-HASH_PREFIX_HEX = 12  # enough to tell cached prefixes apart on screen
 HOTTEST_PREFIXES = 10
-
-
-class BlockInfo(msgspec.Struct, omit_defaults=True):
-    """One block. `holders` has one request id per block table holding it, so len(holders) == ref.
-    Fields at their default (0, empty, None) are left out of the JSON: a pool has thousands of blocks."""
-
-    id: int
-    state: str  # "free", "cached" (cached-free) or "held"
-    ref: int = 0
-    fill: int = 0  # token slots holding tokens (held blocks)
-    holders: list[str] = []
-    hash: str | None = None  # prefix of the content hash (cached-free, and held blocks in the cache)
-    lru: int | None = None  # cached-free: how many free blocks are reused before this one (0: next)
-    age_s: float | None = None  # cached-free: seconds since its last holder freed it
 
 
 class PoolFigures(msgspec.Struct):
@@ -91,21 +76,9 @@ class CacheSummary(msgspec.Struct):
     hottest_prefixes: list[SharedPrefix]
 
 
-def _hash_prefix(block_hash: int | None) -> str | None:
-    return None if block_hash is None else f"{block_hash:032x}"[:HASH_PREFIX_HEX]
-
-
-def _holders(scheduler: Scheduler) -> dict[int, list[str]]:
-    """Block id -> the request id of each device block table holding it."""
-    request_of = {seq.seq_id: request.request_id for request in scheduler.requests.values() for seq in request.seqs}
-    holders: dict[int, list[str]] = defaultdict(list)
-    for seq_id, record in scheduler.kv.seqs.items():
-        if record.swapped:
-            continue
-        owner = request_of.get(seq_id, f"seq-{seq_id}")
-        for block in record.table:
-            holders[block].append(owner)
-    return holders
+def _holder_names(scheduler: Scheduler) -> dict[int, str]:
+    """Seq id -> the id of its request, for every sequence of the scheduler's requests."""
+    return {seq.seq_id: request.request_id for request in scheduler.requests.values() for seq in request.seqs}
 
 
 def _largest_run(allocatable: list[bool]) -> int:
@@ -116,15 +89,13 @@ def _largest_run(allocatable: list[bool]) -> int:
     return best
 
 
-def _figures(kv: KVCacheManager | ContiguousAllocator, blocks: list[BlockInfo]) -> PoolFigures:
-    stats = kv.stats()
+def _figures(stats: PoolStats, blocks: list[BlockInfo]) -> PoolFigures:
     allocatable = [block.state != "held" for block in blocks]
     num_allocatable = sum(allocatable)
     largest = _largest_run(allocatable)
-    slot_utilization = stats.slots_filled / stats.slots_reserved if stats.slots_reserved else 0.0
     return PoolFigures(
         num_blocks=stats.num_blocks,
-        block_size=kv.block_size,
+        block_size=stats.block_size,
         free=stats.free_blocks,
         cached=stats.cached_blocks,
         held=stats.used_blocks,
@@ -132,47 +103,18 @@ def _figures(kv: KVCacheManager | ContiguousAllocator, blocks: list[BlockInfo]) 
         slots_reserved=stats.slots_reserved,
         slots_filled=stats.slots_filled,
         utilization=stats.used_blocks / stats.num_blocks if stats.num_blocks else 0.0,
-        slot_utilization=slot_utilization,
-        internal_fragmentation=1.0 - slot_utilization if stats.slots_reserved else 0.0,
+        slot_utilization=stats.kv_utilization,
+        internal_fragmentation=1.0 - stats.kv_utilization if stats.slots_reserved else 0.0,
         external_fragmentation=1.0 - largest / num_allocatable if num_allocatable else 0.0,
         largest_free_run=largest,
     )
 
 
 def memory_map(scheduler: Scheduler, worker: str) -> MemoryMap:
+    """The worker's pool as its allocator describes it (gateway/block_allocator.py)."""
     kv = scheduler.kv
-    holders = _holders(scheduler)
-    if isinstance(kv, ContiguousAllocator):
-        blocks = _contiguous_blocks(kv, holders)
-        return MemoryMap(worker, "contiguous", _figures(kv, blocks), blocks)
-    pool = kv.pool
-    lru = {block: rank for rank, block in enumerate(pool.free_queue()) if pool.block_hashes[block] is not None}
-    now = time.monotonic()
-    blocks = []
-    for block in range(pool.num_blocks):
-        ref = pool.ref_counts[block]
-        block_hash = _hash_prefix(pool.block_hashes[block])
-        if ref:
-            blocks.append(BlockInfo(block, "held", ref, pool.fill[block], holders.get(block, []), block_hash))
-        elif block_hash is not None:
-            blocks.append(BlockInfo(block, "cached", hash=block_hash, lru=lru[block], age_s=now - pool.cached_since[block]))
-        else:
-            blocks.append(BlockInfo(block, "free"))
-    return MemoryMap(worker, "paged", _figures(kv, blocks), blocks)
-
-
-def _contiguous_blocks(kv: ContiguousAllocator, holders: dict[int, list[str]]) -> list[BlockInfo]:
-    """Runs reserved for sequences (filled up to their slots) and for children not forked yet."""
-    blocks = [BlockInfo(block, "free") for block in range(kv.num_blocks)]
-    size = kv.block_size
-    for record in kv.seqs.values():
-        for index, block in enumerate(record.table):
-            fill = min(size, max(0, record.num_slots - index * size))
-            blocks[block] = BlockInfo(block, "held", 1, fill, holders.get(block, []))
-    for run in kv.fork_runs():
-        for block in run:
-            blocks[block] = BlockInfo(block, "held", 1, 0, ["(fork reserve)"])
-    return blocks
+    blocks = kv.describe(_holder_names(scheduler))
+    return MemoryMap(worker, kv.kind, _figures(kv.stats(), blocks), blocks)
 
 
 def hottest_prefixes(blocks: list[BlockInfo], limit: int = HOTTEST_PREFIXES) -> list[SharedPrefix]:
@@ -192,15 +134,14 @@ def hottest_prefixes(blocks: list[BlockInfo], limit: int = HOTTEST_PREFIXES) -> 
 def cache_summary(scheduler: Scheduler, worker: str) -> CacheSummary:
     stats = scheduler.stats()
     blocks = memory_map(scheduler, worker).blocks
-    queries = stats.prefix_queries_tokens
     return CacheSummary(
         worker=worker,
         enabled=scheduler.kv.enable_prefix_caching,
         cached_free_blocks=stats.cached_blocks,
         cached_held_blocks=sum(1 for block in blocks if block.state == "held" and block.hash is not None),
-        queries_tokens=queries,
+        queries_tokens=stats.prefix_queries_tokens,
         hits_tokens=stats.prefix_hits_tokens,
-        hit_rate=stats.prefix_hits_tokens / queries if queries else 0.0,
+        hit_rate=stats.prefix_hit_rate,
         evictions=stats.evictions,
         hottest_prefixes=hottest_prefixes(blocks),
     )
@@ -240,10 +181,10 @@ def _request_state(request: Request) -> str:
 def request_info(scheduler: Scheduler, request: Request, worker: str, now: float | None = None) -> RequestInfo:
     now = time.monotonic() if now is None else now
     started = request.first_scheduled_time
-    kv = scheduler.kv
+    tables = scheduler.kv.seqs
     seqs = []
     for seq in request.live_seqs():
-        record = kv.seqs.get(seq.seq_id)
+        record = tables.get(seq.seq_id)
         table = list(record.table) if record is not None else []
         swapped = bool(record is not None and record.swapped)
         seqs.append(SeqInfo(seq.index, seq.status.value, len(seq.token_ids), seq.num_computed, table, swapped))

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from paged.shared.protocol import TokenLogprob
 from paged.shared.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
@@ -46,8 +45,6 @@ class Sequence:
     on_worker: bool = False  # the worker holds state for it (a NewSequence or fork was sent)
     ignore_results_until: int = -1  # results of steps with id <= this are stale (recompute preemption)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full known blocks
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[TokenLogprob]] | None = None
 
     @property
     def num_output_tokens(self) -> int:
@@ -69,11 +66,12 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(init=False)
     stop_token_ids: frozenset[int] = field(init=False)  # eos (unless ignore_eos) and stop_token_ids
+    wants_logprobs: bool = field(init=False)  # each result's logprobs go into its delta
     # The n-1 children exist: forked when the prompt's last chunk is scheduled, or from the start when
     # n == 1 (none to fork), so a decode step tests this flag alone.
     forked: bool = field(init=False)
     # After a recompute preemption of a forked request: the live sequences, all but the first, that
-    # wait for the first to recompute the full prompt blocks and then share them (see Scheduler._admit).
+    # wait for the first to recompute the full prompt blocks and then share them (sequence_groups.py).
     awaiting_shared_prompt: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first scheduling
@@ -81,7 +79,6 @@ class Request:
     order: tuple[int, int] = (0, 0)  # (priority under the priority policy else 0, arrival number)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
-    finished_time: float | None = None
     error: str | None = None
 
     def __post_init__(self) -> None:
@@ -94,15 +91,17 @@ class Request:
                 sampling = msgspec.structs.replace(self.params, seed=seed + index)
             tokens = list(self.prompt_token_ids)
             self.seqs.append(Sequence(next(_seq_ids), index, self, sampling, tokens, len(tokens)))
-        want_logprobs = self.params.logprobs is not None
-        for seq in self.seqs:
-            if want_logprobs:
-                seq.logprobs = []
-                seq.top_logprobs = []
+        self.wants_logprobs = self.params.logprobs is not None
         stop = set(self.params.stop_token_ids)
         if not self.params.ignore_eos:
             stop |= self.eos_token_ids
         self.stop_token_ids = frozenset(stop)
+
+    def mark_scheduled(self, num_cached_tokens: int) -> None:
+        """First admission to a running batch (a later one after a preemption changes nothing)."""
+        if self.first_scheduled_time is None:
+            self.first_scheduled_time = time.monotonic()
+            self.num_cached_tokens = num_cached_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,11 +1,12 @@
 """`pagedd serve`'s worker processes: one per visible CUDA device (or `--workers N` on CPU), each on
-an ipc:// endpoint in a private runtime directory, started with multiprocessing's spawn method (no
-fork: the gateway has threads and sockets a child must not inherit)."""
+an ipc:// endpoint in a private runtime directory, started at the worker's entry point by its
+qualified name (shared/entry_points.py: the gateway never imports the worker) with
+multiprocessing's spawn method (no fork: the gateway has threads and sockets a child must not
+inherit)."""
 
 from __future__ import annotations
 
 import functools
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -14,9 +15,11 @@ from pathlib import Path
 
 import msgspec
 
-from paged.gateway.engine import WorkerSpec
+from paged.gateway.replica import WorkerSpec
 from paged.shared.config import CacheConfig, ModelConfig, default_cpu_threads
-from paged.worker.server import GatewayLossPolicy, run_worker
+from paged.shared.entry_points import spawn_entry_point
+
+WORKER_ENTRY_POINT = "paged.worker.server:run_worker"
 
 
 def visible_cuda_devices() -> int:
@@ -67,22 +70,15 @@ def spawn_worker(
     worker_id: str,
     null_model: bool,
     null_step_s: float,
-    on_gateway_loss: GatewayLossPolicy,
+    on_gateway_loss: str,
     log_level: str,
     log_json: bool | None,
 ) -> BaseProcess:
-    process = multiprocessing.get_context("spawn").Process(
-        target=run_worker,
-        args=(endpoint, model_config, cache_config, max_num_batched_tokens),
-        kwargs=dict(
-            null_model=null_model, null_step_s=null_step_s, worker_id=worker_id, on_gateway_loss=on_gateway_loss,
-            log_level=log_level, log_json=log_json, ignore_sigint=True,
-        ),
-        name=f"paged-worker-{worker_id}",
-        daemon=True,
-    )
-    process.start()
-    return process
+    return spawn_entry_point(
+        WORKER_ENTRY_POINT, endpoint, model_config, cache_config, max_num_batched_tokens,
+        process_name=f"paged-worker-{worker_id}", null_model=null_model, null_step_s=null_step_s, worker_id=worker_id,
+        on_gateway_loss=on_gateway_loss, log_level=log_level, log_json=log_json, ignore_sigint=True,
+    )  # fmt: skip
 
 
 def local_workers(

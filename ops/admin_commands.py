@@ -1,5 +1,5 @@
-"""pagedctl's admin commands: look inside a running daemon (status, memmap, requests, cache, top)
-and act on it (abort, drain, resume, flush-cache, log-level). All talk to the admin API through
+"""pagedctl's admin commands: look inside a running daemon (status, memmap, requests, cache; `top`
+is in ops/admin_top.py) and act on it (abort, drain, resume, flush-cache, log-level). All talk to the admin API through
 ops/admin_client.py and take --json, --socket, --url and --token."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from rich.table import Table
 
 from paged.ops.admin_client import AdminClient, admin_command
 from paged.ops.admin_tables import pct, requests_table, workers_table
-from paged.ops.admin_top import top
 from paged.ops.memmap_render import render_memmap, write_png
 from paged.shared.logging import LEVELS
 
@@ -151,5 +150,3 @@ def log_level(client: AdminClient, as_json: bool, level: str) -> None:
     """Change the gateway's log level while it runs."""
     _act(client, as_json, "/log-level", "log level {level}", {"level": level.lower()})
 
-
-ADMIN_COMMANDS = (status, memmap, requests, request, cache, top, abort, drain, resume, flush_cache, log_level)

@@ -22,7 +22,8 @@ import uvloop
 from rich.console import Console
 from rich.table import Table
 
-from paged.gateway.engine import AsyncEngine, StepLoopStats
+from paged.gateway.engine import AsyncEngine
+from paged.gateway.replica import StepLoopStats
 from paged.gateway.worker_processes import RuntimeDir, local_workers
 from paged.shared.config import GiB, MiB, CacheConfig, ModelConfig, SchedulerConfig
 from paged.shared.logging import configure_logging
@@ -64,7 +65,7 @@ async def measure(engine: AsyncEngine, num_seqs: int, num_steps: int, max_tokens
     while replica.scheduler is None or replica.scheduler.num_running < num_seqs:  # all admitted and prefilled
         await asyncio.sleep(0.001)
     await asyncio.sleep(0.05)
-    replica.stats = stats = StepLoopStats()
+    replica.step_stats = stats = StepLoopStats()
     replica.link.decode_s = 0.0
     started, cpu_started = time.perf_counter(), time.thread_time()
     while stats.steps < num_steps:

@@ -14,8 +14,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from paged.gateway.outputs import RequestOutput
 from paged.gateway.scheduler import Scheduler
+from paged.gateway.step_pipeline import LocalStepLoop
 from paged.shared.protocol import SeqResult, StepInput, StepOutput
 
 
@@ -62,17 +62,16 @@ class SimulatedWorker:
             return self._sample_only(step)
         for seq_id in step.freed_seq_ids:
             self.seqs.pop(seq_id, None)
-        if self.verify:
-            for copy in step.swap_out:
-                self.host[copy.dst] = list(self.device[copy.src])
-            for copy in step.swap_in:
-                self.device[copy.dst] = list(self.host[copy.src])
-            for copy in step.copies:
-                self.device[copy.dst] = list(self.device[copy.src])
+        for copy in step.swap_out:
+            self.host[copy.dst] = list(self.device[copy.src])
+        for copy in step.swap_in:
+            self.device[copy.dst] = list(self.host[copy.src])
+        for copy in step.copies:
+            self.device[copy.dst] = list(self.device[copy.src])
         for new in step.new_seqs:
             if new.seq_id in self.seqs:
                 raise ProtocolViolation(f"new sequence {new.seq_id} already exists")
-            self.seqs[new.seq_id] = _SeqState(list(new.token_ids), list(new.block_table), -1)
+            self.seqs[new.seq_id] = _SeqState(list(new.token_ids), [], -1)
         results = []
         forks = []
         size = self.block_size
@@ -95,16 +94,15 @@ class SimulatedWorker:
                 raise ProtocolViolation(f"seq {scheduled.seq_id}: computes position {end - 1} of unknown token")
             if len(state.table) * size < end:
                 raise ProtocolViolation(f"seq {scheduled.seq_id}: {len(state.table)} blocks for {end} tokens")
-            if self.verify:
-                for position in range(scheduled.start, end):
-                    self.device[state.table[position // size]][position % size] = state.tokens[position]
-                for position in range(end):
-                    slot = self.device[state.table[position // size]][position % size]
-                    if slot != state.tokens[position]:
-                        raise ProtocolViolation(
-                            f"seq {scheduled.seq_id}: position {position} reads token {slot}, "
-                            f"expected {state.tokens[position]} (block {state.table[position // size]})"
-                        )
+            for position in range(scheduled.start, end):
+                self.device[state.table[position // size]][position % size] = state.tokens[position]
+            for position in range(end):
+                slot = self.device[state.table[position // size]][position % size]
+                if slot != state.tokens[position]:
+                    raise ProtocolViolation(
+                        f"seq {scheduled.seq_id}: position {position} reads token {slot}, "
+                        f"expected {state.tokens[position]} (block {state.table[position // size]})"
+                    )
             state.num_computed = end
             self.num_tokens_computed += scheduled.num_tokens
             if scheduled.sample:
@@ -125,7 +123,6 @@ class SimulatedWorker:
             results.append(SeqResult(child_id, token))
         return StepOutput(step.step_id, results=results)
 
-
     def _sample_only(self, step: StepInput) -> StepOutput:
         """The fast path for benchmarks: no state, positions come from the step itself."""
         sample = self._sample
@@ -142,49 +139,10 @@ class SimulatedWorker:
         return StepOutput(step.step_id, results=results)
 
 
-class StepLoop:
-    """Drives a scheduler against a simulated worker the way the engine does: in `overlapped`
-    mode schedule() for step N+1 runs before update() for step N (one step in flight)."""
+class StepLoop(LocalStepLoop):
+    """The step pipeline against a simulated worker, as the server drives a real one: `overlapped`
+    keeps two steps in flight (schedule() for step N+1 runs before update() for step N)."""
 
     def __init__(self, scheduler: Scheduler, worker: SimulatedWorker, *, overlapped: bool = True) -> None:
-        self.scheduler = scheduler
+        super().__init__(scheduler, worker.execute, depth=2 if overlapped else 1)
         self.worker = worker
-        self.overlapped = overlapped
-        self.in_flight: tuple[StepInput, StepOutput] | None = None
-        self.num_steps = 0
-        self.outputs: list[RequestOutput] = []
-
-    def step(self) -> StepInput:
-        """One engine iteration; returns the step just scheduled."""
-        step = self.scheduler.schedule()
-        output = self.worker.execute(step)
-        self.num_steps += 1
-        if self.overlapped:
-            self._deliver()
-            self.in_flight = (step, output)
-        else:
-            self.outputs += self.scheduler.update(step, output)
-        return step
-
-    def _deliver(self) -> None:
-        if self.in_flight is not None:
-            step, output = self.in_flight
-            self.in_flight = None
-            self.outputs += self.scheduler.update(step, output)
-
-    def drain(self) -> None:
-        """Deliver the step still in flight."""
-        self._deliver()
-
-    def run(self, max_steps: int = 100_000, after_step: Callable[[StepInput], None] | None = None) -> int:
-        """Step until nothing is left; returns the number of steps."""
-        while self.scheduler.needs_step() or self.in_flight is not None:
-            if not self.scheduler.needs_step():
-                self.drain()
-                continue
-            step = self.step()
-            if after_step is not None:
-                after_step(step)
-            if self.num_steps > max_steps:
-                raise RuntimeError(f"no progress after {max_steps} steps")
-        return self.num_steps

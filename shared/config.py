@@ -35,19 +35,23 @@ class CacheConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     swap_space: int = 1 * GiB  # bytes of host memory per worker for swapped-out blocks
 
 
+SchedulingPolicy = Literal["prefill-first", "decode-first", "priority"]
+PreemptionMode = Literal["recompute", "swap"]
+
+
 class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Iteration-level scheduling and admission caps."""
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     # decode-first: running sequences keep their per-token latency under load; new prefills take
-    # what is left of the token budget (see gateway/scheduler.py for the reasoning).
+    # what is left of the token budget (see gateway/step_planner.py for the reasoning).
     # priority: a LOWER request `priority` value is served first (as in vLLM); FCFS within a value.
-    scheduling_policy: Literal["prefill-first", "decode-first", "priority"] = "decode-first"
+    scheduling_policy: SchedulingPolicy = "decode-first"
     max_waiting_requests: int = 4096
     max_waiting_tokens: int = 4 * 1024 * 1024
     kv_watermark: float = 0.01
-    preemption_mode: Literal["recompute", "swap"] = "recompute"
+    preemption_mode: PreemptionMode = "recompute"
 
 
 def default_cpu_threads(num_workers: int) -> int:

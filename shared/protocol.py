@@ -4,7 +4,8 @@ One step is the unit of work. The gateway owns every scheduling decision (which 
 which physical blocks they use); the worker owns the KV tensors and the token ids it has computed
 or sampled. Because the worker keeps each live sequence's token list and block table, a step only
 carries *deltas*: new sequences once, then per step how many tokens to compute and which blocks were
-appended. A full block table travels only in `NewSequence` (first sight or re-registration).
+appended. A sequence's table starts empty on the worker: the first ScheduledSeq after its
+NewSequence sends the whole table (table_from 0).
 
 Overlapped scheduling: the gateway may send step N+1 before step N's result arrives. A decode in
 step N+1 computes the token sampled in step N, which only the worker knows yet; this is why
@@ -21,7 +22,7 @@ import msgspec
 
 from paged.shared.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: NewSequence lost its block_table field
 # Both ends send a Heartbeat this often; each end's silence timeout is a multiple of it.
 HEARTBEAT_INTERVAL_S = 0.25
 
@@ -33,7 +34,6 @@ class NewSequence(msgspec.Struct, gc=False, array_like=True, omit_defaults=True)
     token_ids: list[int]  # prompt, followed by tokens generated before a recompute preemption
     sampling: SamplingParams
     num_output_tokens: int = 0  # how many of token_ids are generated (penalties count only those)
-    block_table: list[int] = []  # full block table; usually empty, the first ScheduledSeq appends
 
 
 class ScheduledSeq(msgspec.Struct, gc=False, array_like=True, omit_defaults=True):

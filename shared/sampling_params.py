@@ -32,3 +32,16 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+class GenerationDefaults(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+    """A checkpoint's sampling defaults (its generation_config.json), for what a request leaves
+    out. As in transformers and vLLM: a value the request sets wins, then the checkpoint's, then
+    SamplingParams' own default. None: the checkpoint sets nothing."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None  # generation_config's max_new_tokens

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, processors
+
+from paged.shared.sampling_params import GenerationDefaults
 
 # The built-in model's vocabulary (worker/builtin_model.py): three specials, then byte b at id 3 + b,
 # spelled "<0xNN>" as in Llama's byte-fallback tokens.
@@ -21,8 +24,15 @@ BUILTIN_BOS_ID = 1
 BUILTIN_EOS_ID = 2
 BUILTIN_VOCAB_SIZE = len(BUILTIN_SPECIAL_TOKENS) + 256
 
-# generation_config.json fields that are sampling defaults (the names match SamplingParams where they overlap).
-GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
+# generation_config.json fields that are sampling defaults -> the GenerationDefaults field each fills.
+GENERATION_DEFAULT_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
 
 
 class TokenizerLoadError(RuntimeError):
@@ -89,12 +99,18 @@ def builtin_tokenizer() -> Tokenizer:
     return Tokenizer(backend, bos, eos, BUILTIN_BOS_ID, frozenset({BUILTIN_EOS_ID}), None)
 
 
-def load_generation_defaults(model_dir: str | Path | None) -> dict[str, Any]:
-    """The sampling defaults a checkpoint ships in generation_config.json (empty for the built-in model)."""
+def load_generation_defaults(model_dir: str | Path | None) -> GenerationDefaults:
+    """The sampling defaults a checkpoint ships in generation_config.json (none for the built-in
+    model). Its eos_token_id is read by load_tokenizer: any of them ends a sequence."""
     if model_dir is None:
-        return {}
-    config = read_json(Path(model_dir) / "generation_config.json")
-    return {key: config[key] for key in GENERATION_DEFAULT_KEYS if config.get(key) is not None}
+        return GenerationDefaults()
+    path = Path(model_dir) / "generation_config.json"
+    config = read_json(path)
+    values = {field: config[key] for key, field in GENERATION_DEFAULT_KEYS.items() if config.get(key) is not None}
+    try:
+        return msgspec.convert(values, GenerationDefaults)
+    except msgspec.ValidationError as exc:
+        raise TokenizerLoadError(f"{path}: {exc}") from None
 
 
 def chat_template(root: Path, tokenizer_config: dict[str, Any]) -> str | None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import zmq
+from setproctitle import setproctitle
 
 from paged.shared.config import CacheConfig, ModelConfig
 from paged.shared.logging import configure_logging, get_logger
@@ -333,13 +334,15 @@ def run_worker(
     log_json: bool | None = None,
     ignore_sigint: bool = False,
 ) -> None:
-    """Process entry point (`pagedd worker`, and each worker `pagedd serve` spawns: those ignore
-    SIGINT, so that Ctrl-C on the terminal's process group lets the gateway drain them first)."""
+    """Process entry point (`paged-worker`, and each worker `pagedd serve` spawns by this function's
+    qualified name: those ignore SIGINT, so that Ctrl-C on the terminal's process group lets the
+    gateway drain them first). `ps` shows the process as `paged-worker WORKER_ID`."""
     if ignore_sigint:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     if log_level is not None:
         configure_logging(log_level, json=log_json)
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    setproctitle(f"paged-worker {worker_id}")
     notifier = SystemdNotifier.from_environment()
     with exit_on_startup_failure("worker", worker_id=worker_id, endpoint=endpoint, model=model_config.model or "builtin"):
         runner, model, device, dtype = build_runner(model_config, cache_config, max_num_batched_tokens, null_model, null_step_s)

@@ -153,8 +153,8 @@ class Worker:
         vocab_size = self.arch.vocab_size
         if any(not 0 <= token < vocab_size for token in new.token_ids):
             raise ValueError(f"token ids must lie in [0, {vocab_size})")
-        self._check_block_ids(new.block_table)
-        state = SequenceState.from_tokens(new.token_ids, new.num_output_tokens, new.block_table, new.sampling)
+        # Its block table arrives with its first ScheduledSeq (table_from 0).
+        state = SequenceState.from_tokens(new.token_ids, new.num_output_tokens, [], new.sampling)
         self.sequences[new.seq_id] = state
 
     def _apply_scheduled(self, scheduled: Iterable[ScheduledSeq], errors: dict[int, str]) -> list[ScheduledSeq]:

@@ -28,7 +28,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from paged.gateway.admin.views import AdminViews
-from paged.gateway.engine import AsyncEngine
+from paged.gateway.engine_client import EngineAdmin
 from paged.shared.logging import LEVELS, get_logger, set_log_level
 
 log = get_logger("gateway.admin")
@@ -59,7 +59,7 @@ class TokenMiddleware:
 
 
 class AdminHandlers:
-    def __init__(self, engine: AsyncEngine, views: AdminViews) -> None:
+    def __init__(self, engine: EngineAdmin, views: AdminViews) -> None:
         self.engine = engine
         self.views = views
 
@@ -120,7 +120,7 @@ class AdminHandlers:
 
 
 def build_admin_app(
-    engine: AsyncEngine,
+    engine: EngineAdmin,
     served_model_name: str,
     metrics_registry: CollectorRegistry | None = None,
     token: str | None = None,

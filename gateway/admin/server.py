@@ -19,7 +19,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from paged.gateway.admin.app import build_admin_app
-from paged.gateway.engine import AsyncEngine
+from paged.gateway.engine_client import EngineAdmin
 from paged.shared.admin_socket import default_admin_socket
 from paged.shared.logging import get_logger
 
@@ -90,7 +90,7 @@ def _server(app: object, **config: object) -> uvicorn.Server:
 class AdminServer:
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: EngineAdmin,
         settings: AdminSettings,
         served_model_name: str,
         metrics_registry: CollectorRegistry | None = None,

@@ -1,5 +1,6 @@
-"""What the admin API reports about a running AsyncEngine: status, per-worker memory maps, requests
-and the prefix cache. Read-only, and cheap enough to call at a `pagedctl top` refresh rate."""
+"""What the admin API reports about a running engine: status, per-worker memory maps, requests
+and the prefix cache. Read-only, through the EngineAdmin interface (gateway/engine_client.py), and
+cheap enough to call at a `pagedctl top` refresh rate."""
 
 from __future__ import annotations
 
@@ -9,26 +10,9 @@ from importlib.metadata import PackageNotFoundError, version
 import msgspec
 from prometheus_client import CollectorRegistry
 
-from paged.gateway.engine import AsyncEngine, _Replica
+from paged.gateway.engine_client import EngineAdmin, WorkerView
 from paged.gateway.memory_map import CacheSummary, MemoryMap, RequestInfo, cache_summary, memory_map, request_info
-
-
-class WorkerStatus(msgspec.Struct):
-    name: str
-    state: str  # "ready", "disconnected" (link down, not yet declared lost) or "registering"
-    endpoint: str
-    num_blocks: int
-    block_size: int
-    running_seqs: int
-    waiting_requests: int
-    swapped_requests: int
-    used_blocks: int
-    cached_blocks: int
-    free_blocks: int
-    kv_utilization: float
-    prefix_hit_rate: float
-    preemptions: int
-    steps: int
+from paged.gateway.stats import WorkerStats
 
 
 class Status(msgspec.Struct):
@@ -38,7 +22,7 @@ class Status(msgspec.Struct):
     uptime_s: float
     draining: bool
     ready: bool
-    workers: list[WorkerStatus]
+    workers: list[WorkerStats]
     running_seqs: int
     waiting_requests: int
     swapped_requests: int
@@ -55,19 +39,19 @@ def package_version() -> str:
 
 class AdminViews:
     def __init__(
-        self, engine: AsyncEngine, served_model_name: str, metrics_registry: CollectorRegistry | None = None
+        self, engine: EngineAdmin, served_model_name: str, metrics_registry: CollectorRegistry | None = None
     ) -> None:
         self.engine = engine
         self.served_model_name = served_model_name
         self.metrics_registry = metrics_registry
         self.started = time.monotonic()
 
-    def _replica(self, worker: str) -> _Replica | None:
-        return next((r for r in self.engine.replicas if r.name == worker), None)
+    def _worker(self, name: str) -> WorkerView | None:
+        return next((worker for worker in self.engine.workers() if worker.name == name), None)
 
     def status(self) -> Status:
         engine = self.engine
-        workers = [_worker_status(replica) for replica in engine.replicas]
+        workers = engine.worker_stats()
         generated = None
         if self.metrics_registry is not None:
             generated = self.metrics_registry.get_sample_value("paged_generation_tokens_total") or 0.0
@@ -89,61 +73,32 @@ class AdminViews:
             },
         )
 
-    def memory_map(self, worker: str) -> MemoryMap | None:
-        replica = self._replica(worker)
-        if replica is None or replica.scheduler is None:
+    def memory_map(self, name: str) -> MemoryMap | None:
+        worker = self._worker(name)
+        if worker is None or worker.scheduler is None:
             return None
-        return memory_map(replica.scheduler, replica.name)
+        return memory_map(worker.scheduler, worker.name)
 
     def workers(self) -> list[str]:
-        return [replica.name for replica in self.engine.replicas]
+        return [worker.name for worker in self.engine.workers()]
 
     def requests(self) -> list[RequestInfo]:
         now = time.monotonic()
         infos = [
-            request_info(replica.scheduler, request, replica.name, now)
-            for replica in self.engine.replicas
-            if replica.scheduler is not None
-            for request in replica.scheduler.requests.values()
+            request_info(worker.scheduler, request, worker.name, now)
+            for worker in self.engine.workers()
+            if worker.scheduler is not None
+            for request in worker.scheduler.requests.values()
         ]
         infos.sort(key=lambda info: -info.waiting_s - info.running_s)
         return infos
 
     def request(self, request_id: str) -> RequestInfo | None:
-        for replica in self.engine.replicas:
-            scheduler = replica.scheduler
+        for worker in self.engine.workers():
+            scheduler = worker.scheduler
             if scheduler is not None and request_id in scheduler.requests:
-                return request_info(scheduler, scheduler.requests[request_id], replica.name)
+                return request_info(scheduler, scheduler.requests[request_id], worker.name)
         return None
 
     def cache(self) -> list[CacheSummary]:
-        return [cache_summary(r.scheduler, r.name) for r in self.engine.replicas if r.scheduler is not None]
-
-
-def _worker_status(replica: _Replica) -> WorkerStatus:
-    scheduler = replica.scheduler
-    registration = replica.registration
-    if scheduler is None:
-        return WorkerStatus(
-            replica.name, "registering", replica.spec.endpoint, registration.num_blocks if registration else 0,
-            registration.block_size if registration else 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, replica.stats.steps,
-        )  # fmt: skip
-    stats = scheduler.stats()
-    queries = stats.prefix_queries_tokens
-    return WorkerStatus(
-        name=replica.name,
-        state="ready" if replica.ready else "disconnected",
-        endpoint=replica.spec.endpoint,
-        num_blocks=stats.num_blocks,
-        block_size=scheduler.cache_config.block_size,
-        running_seqs=stats.num_running,
-        waiting_requests=stats.num_waiting,
-        swapped_requests=stats.num_swapped,
-        used_blocks=stats.used_blocks,
-        cached_blocks=stats.cached_blocks,
-        free_blocks=stats.free_blocks,
-        kv_utilization=stats.kv_utilization,
-        prefix_hit_rate=stats.prefix_hits_tokens / queries if queries else 0.0,
-        preemptions=stats.preemptions,
-        steps=replica.stats.steps,
-    )
+        return [cache_summary(w.scheduler, w.name) for w in self.engine.workers() if w.scheduler is not None]

@@ -20,6 +20,7 @@ from paged.gateway.api.metrics import Metrics
 from paged.gateway.api.models import list_models
 from paged.gateway.api.state import ApiState
 from paged.gateway.engine_client import EngineClient
+from paged.shared.sampling_params import GenerationDefaults
 from paged.shared.tokenizer import Tokenizer
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # room for a full context of token ids as JSON, many times over
@@ -31,6 +32,7 @@ def build_app(
     served_model_name: str,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    generation_defaults: GenerationDefaults = GenerationDefaults(),
 ) -> Starlette:
     metrics = Metrics(engine)
     routes = [
@@ -55,5 +57,6 @@ def build_app(
         token_strings=TokenStrings(tokenizer),
         max_body_bytes=max_body_bytes,
         created=int(time.time()),
+        generation_defaults=generation_defaults,
     )
     return app

@@ -33,13 +33,16 @@ async def _chat(state: ApiState, body: ChatCompletionRequest) -> Response:
         raise APIError(400, "messages must not be empty", param="messages")
     text = state.chat_template.render([_template_message(m, i) for i, m in enumerate(body.messages)])
     prompt = state.tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
-    params = sampling_params(body, (body.top_logprobs or 0) if body.logprobs else None, "top_logprobs")
+    defaults = state.generation_defaults
+    params = sampling_params(body, (body.top_logprobs or 0) if body.logprobs else None, "top_logprobs", defaults)
     max_tokens, max_tokens_param = (
         (body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None
         else (body.max_tokens, "max_tokens")
     )
     check_max_tokens(max_tokens, max_tokens_param)
-    params = fit_to_context(params, max_tokens, len(prompt), state.engine.max_model_len, "messages", max_tokens_param)
+    params = fit_to_context(
+        params, max_tokens, len(prompt), state.engine.max_model_len, "messages", max_tokens_param, defaults.max_tokens
+    )
     return await respond(
         state, body, "chatcmpl", [(prompt, params)], _Formatter,
         endpoint="chat", prompt_tokens=len(prompt), n=params.n,

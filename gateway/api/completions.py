@@ -33,10 +33,14 @@ async def _complete(state: ApiState, body: CompletionRequest) -> Response:
     check_model(body.model, state.served_model_name)
     state.check_ready()
     prompts = completion_prompts(body.prompt, state.tokenizer)
-    params = sampling_params(body, body.logprobs)
+    defaults = state.generation_defaults
+    params = sampling_params(body, body.logprobs, defaults=defaults)
     check_max_tokens(body.max_tokens)
     max_model_len = state.engine.max_model_len
-    per_prompt = [(p, fit_to_context(params, body.max_tokens, len(p), max_model_len, "prompt", "max_tokens")) for p in prompts]
+    per_prompt = [
+        (p, fit_to_context(params, body.max_tokens, len(p), max_model_len, "prompt", "max_tokens", defaults.max_tokens))
+        for p in prompts
+    ]
     return await respond(state, body, "cmpl", per_prompt, _Formatter, endpoint="completions", prompts=len(prompts), n=params.n)
 
 

@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from paged.gateway.engine_client import AdmissionError
+from paged.gateway.engine_client import AdmissionError, Refusal
 
 # OpenAI's `type` for each status we send; the openai client picks its exception class by status.
 ERROR_TYPES = {
@@ -24,6 +24,14 @@ ERROR_TYPES = {
 }
 
 DEFAULT_RETRY_AFTER_S = 1.0
+
+# How each kind of engine refusal reaches the client: (HTTP status, OpenAI error code).
+REFUSALS = {
+    Refusal.TOO_LARGE: (400, None),
+    Refusal.INVALID: (400, None),
+    Refusal.QUEUE_FULL: (429, "rate_limit_exceeded"),
+    Refusal.UNAVAILABLE: (503, "server_unavailable"),
+}
 
 
 class APIError(Exception):
@@ -47,11 +55,11 @@ class APIError(Exception):
 
     @classmethod
     def from_admission(cls, error: AdmissionError) -> APIError:
-        code = {429: "rate_limit_exceeded", 503: "server_unavailable"}.get(error.status)
+        status, code = REFUSALS[error.kind]
         retry_after = error.retry_after
-        if retry_after is None and error.status in (429, 503):
+        if retry_after is None and status in (429, 503):
             retry_after = DEFAULT_RETRY_AFTER_S  # clients and proxies back off only when told when to retry
-        return cls(error.status, error.message, code=code, retry_after=retry_after)
+        return cls(status, error.message, code=code, retry_after=retry_after)
 
     def body(self) -> dict[str, Any]:
         return {

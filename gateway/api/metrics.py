@@ -14,7 +14,8 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from paged.gateway.engine_client import EngineClient, WorkerMetrics
+from paged.gateway.engine_client import EngineClient
+from paged.gateway.stats import WorkerStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -22,20 +23,20 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TOKEN_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
-# (name, help, WorkerMetrics field); counters get `_total` appended on the wire by prometheus-client.
+# (name, help, WorkerStats field); counters get `_total` appended on the wire by prometheus-client.
 WORKER_GAUGES = (
     ("paged_worker_ready", "1 when the worker is registered and ready", "ready"),
-    ("paged_requests_running", "Requests with sequences in the running batch", "requests_running"),
-    ("paged_requests_waiting", "Requests waiting to be scheduled", "requests_waiting"),
-    ("paged_kv_blocks_total", "KV cache blocks in the pool", "kv_blocks_total"),
-    ("paged_kv_blocks_used", "KV cache blocks held by live requests", "kv_blocks_used"),
-    ("paged_kv_blocks_free", "KV cache blocks neither held nor cached", "kv_blocks_free"),
-    ("paged_kv_blocks_cached", "Unreferenced KV cache blocks kept for prefix-cache hits", "kv_blocks_cached"),
+    ("paged_requests_running", "Requests with sequences in the running batch", "running_requests"),
+    ("paged_requests_waiting", "Requests waiting to be scheduled", "waiting_requests"),
+    ("paged_kv_blocks_total", "KV cache blocks in the pool", "num_blocks"),
+    ("paged_kv_blocks_used", "KV cache blocks held by live requests", "used_blocks"),
+    ("paged_kv_blocks_free", "KV cache blocks neither held nor cached", "free_blocks"),
+    ("paged_kv_blocks_cached", "Unreferenced KV cache blocks kept for prefix-cache hits", "cached_blocks"),
     ("paged_kv_utilization", "Token slots holding tokens / token slots reserved", "kv_utilization"),
 )
 WORKER_COUNTERS = (
-    ("paged_prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache", "prefix_cache_queries_tokens"),
-    ("paged_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache", "prefix_cache_hits_tokens"),
+    ("paged_prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache", "prefix_queries_tokens"),
+    ("paged_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache", "prefix_hits_tokens"),
     ("paged_preemptions", "Sequences preempted", "preemptions"),
     ("paged_evictions", "Cached blocks evicted for reuse", "evictions"),
     ("paged_swaps_out", "Blocks swapped out to host memory", "swaps_out"),
@@ -44,22 +45,22 @@ WORKER_COUNTERS = (
 
 
 class WorkerCollector(Collector):
-    """Reads engine.worker_metrics() at scrape time: the engine stays the only source of truth."""
+    """Reads engine.worker_stats() at scrape time: the engine stays the only source of truth."""
 
     def __init__(self, engine: EngineClient) -> None:
         self._engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        workers = self._engine.worker_metrics()
+        workers = self._engine.worker_stats()
         for name, help_text, field in WORKER_GAUGES:
             yield _family(GaugeMetricFamily(name, help_text, labels=["worker"]), workers, field)
         for name, help_text, field in WORKER_COUNTERS:
             yield _family(CounterMetricFamily(name, help_text, labels=["worker"]), workers, field)
 
 
-def _family(family: GaugeMetricFamily | CounterMetricFamily, workers: list[WorkerMetrics], field: str) -> Metric:
+def _family(family: GaugeMetricFamily | CounterMetricFamily, workers: list[WorkerStats], field: str) -> Metric:
     for worker in workers:
-        family.add_metric([worker.worker], float(getattr(worker, field)))
+        family.add_metric([worker.name], float(getattr(worker, field)))
     return family
 
 

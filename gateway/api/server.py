@@ -14,6 +14,3 @@ def http_server(app: ASGIApp, host: str, port: int) -> uvicorn.Server:
     )
     return uvicorn.Server(config)
 
-
-async def run_http_server(app: ASGIApp, host: str, port: int) -> None:
-    await http_server(app, host, port).serve()

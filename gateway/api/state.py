@@ -9,6 +9,7 @@ from paged.gateway.api.errors import DEFAULT_RETRY_AFTER_S, APIError
 from paged.gateway.api.logprobs import TokenStrings
 from paged.gateway.api.metrics import Metrics
 from paged.gateway.engine_client import EngineClient
+from paged.shared.sampling_params import GenerationDefaults
 from paged.shared.tokenizer import Tokenizer
 
 
@@ -22,6 +23,7 @@ class ApiState:
     token_strings: TokenStrings
     max_body_bytes: int
     created: int  # unix time the model was loaded, for /v1/models
+    generation_defaults: GenerationDefaults  # the checkpoint's, for what a request leaves out
 
     def check_ready(self) -> None:
         """503 before tokenizing anything when no worker could run the request."""

@@ -3,8 +3,10 @@
 Limits chosen here (documented in the API reference):
 - n: 1..MAX_N choices per prompt; each one is a sequence in the KV cache, so it is capped.
 - logprobs / top_logprobs: 0..MAX_LOGPROBS alternatives per token, as OpenAI.
-- max_tokens: at least 1; by default the rest of the context window after the prompt, and a
-  prompt plus max_tokens must fit in the window.
+- max_tokens: at least 1; by default the checkpoint's max_new_tokens or the rest of the context
+  window after the prompt, whichever is smaller, and a prompt plus max_tokens must fit in the window.
+- A sampling value the request leaves out comes from the checkpoint's generation_config.json
+  (GenerationDefaults), else from SamplingParams' own default, as in transformers and vLLM.
 - temperature >= 0 (0 is greedy), 0 < top_p <= 1, top_k >= -1 (0 and -1 disable it),
   0 <= min_p <= 1, presence and frequency penalties in [-2, 2], repetition_penalty > 0.
 """
@@ -17,7 +19,7 @@ from msgspec import structs
 
 from paged.gateway.api.errors import APIError
 from paged.gateway.api.protocol import SamplingRequest
-from paged.shared.sampling_params import SamplingParams
+from paged.shared.sampling_params import GenerationDefaults, SamplingParams
 
 T = TypeVar("T")
 
@@ -38,16 +40,21 @@ def stop_strings(request: SamplingRequest) -> list[str]:
     return strings
 
 
-def sampling_params(request: SamplingRequest, logprobs: int | None, logprobs_param: str = "logprobs") -> SamplingParams:
+def sampling_params(
+    request: SamplingRequest,
+    logprobs: int | None,
+    logprobs_param: str = "logprobs",
+    defaults: GenerationDefaults = GenerationDefaults(),
+) -> SamplingParams:
     """Everything but max_tokens, which depends on each prompt's length (see fit_to_context)."""
-    temperature = _default(request.temperature, 1.0)
-    top_p = _default(request.top_p, 1.0)
-    top_k = _default(request.top_k, 0)
-    min_p = _default(request.min_p, 0.0)
+    temperature = _default(request.temperature, _default(defaults.temperature, 1.0))
+    top_p = _default(request.top_p, _default(defaults.top_p, 1.0))
+    top_k = _default(request.top_k, _default(defaults.top_k, 0))
+    min_p = _default(request.min_p, _default(defaults.min_p, 0.0))
     n = _default(request.n, 1)
     presence_penalty = _default(request.presence_penalty, 0.0)
     frequency_penalty = _default(request.frequency_penalty, 0.0)
-    repetition_penalty = _default(request.repetition_penalty, 1.0)
+    repetition_penalty = _default(request.repetition_penalty, _default(defaults.repetition_penalty, 1.0))
     stop_token_ids = tuple(request.stop_token_ids or ())
     _require(temperature >= 0, "temperature", f"temperature must be >= 0, got {temperature}")
     _require(0 < top_p <= 1, "top_p", f"top_p must be in (0, 1], got {top_p}")
@@ -89,9 +96,11 @@ def fit_to_context(
     max_model_len: int,
     prompt_param: str,
     max_tokens_param: str,
+    default_max_tokens: int | None = None,
 ) -> SamplingParams:
     """Set max_tokens for one prompt: as asked if prompt + max_tokens fits the context window,
-    else 400 with the numbers; by default whatever room the prompt leaves."""
+    else 400 with the numbers; by default whatever room the prompt leaves, at most
+    `default_max_tokens` (the checkpoint's max_new_tokens) when given."""
     if prompt_len == 0:
         raise APIError(400, "the prompt is empty", param=prompt_param)
     if prompt_len >= max_model_len:
@@ -103,7 +112,8 @@ def fit_to_context(
             code="context_length_exceeded",
         )
     if max_tokens is None:
-        return structs.replace(params, max_tokens=max_model_len - prompt_len)
+        room = max_model_len - prompt_len
+        return structs.replace(params, max_tokens=min(room, default_max_tokens) if default_max_tokens else room)
     if prompt_len + max_tokens > max_model_len:
         raise APIError(
             400,

@@ -71,7 +71,7 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
 def running_server(model_dir: Path, config: str, extra_args: list[str], log_dir: Path) -> Iterator[str]:
     """Run `pagedd serve` with the baseline's options plus `extra_args`; yields its URL."""
     port = free_port()
-    command = [sys.executable, "-c", "from gateway.cli import main; main()", "serve", "--model", str(model_dir),
+    command = [sys.executable, "-c", "from paged.ops.pagedd import main; main()", "serve", "--model", str(model_dir),
                "--host", "127.0.0.1", "--port", str(port), *SERVER_CONFIGS[config], *extra_args]
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{config}.log"

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from paged.gateway.engine_client import AdmissionError
+from paged.gateway.engine_client import AdmissionError, Refusal
 from paged.gateway.request import Request
 from paged.gateway.scheduler import Scheduler
 from paged.shared.config import CacheConfig, SchedulerConfig
@@ -99,6 +99,6 @@ def test_reconfigure_to_and_from_the_priority_policy_reorders_the_waiting_queue(
     assert [r.request_id for r in scheduler.waiting] == ["high", "mid", "low"]
     with pytest.raises(AdmissionError) as refused:
         scheduler.add_request(Request("late", [3], SamplingParams(max_tokens=4), eos_token_ids=frozenset({2})))
-    assert refused.value.status == 429  # the new cap applies
+    assert refused.value.kind is Refusal.QUEUE_FULL  # the new cap applies
     scheduler.reconfigure(SchedulerConfig(scheduling_policy="prefill-first"))
     assert [r.request_id for r in scheduler.waiting] == ["low", "high", "mid"]

@@ -17,10 +17,12 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from paged.gateway.engine import AsyncEngine, WorkerSpec
-from paged.gateway.engine_client import AdmissionError
+from paged.gateway.engine import AsyncEngine
+from paged.gateway.replica import WorkerSpec
+from paged.gateway.engine_client import AdmissionError, Refusal
 from paged.gateway.request import Request
 from paged.gateway.scheduler import Scheduler
+from paged.gateway.step_pipeline import LocalStepLoop
 from paged.gateway.worker_link import RegistrationError, WorkerLink
 from paged.gateway.worker_processes import RuntimeDir, local_workers
 from paged.ops.bench.servers import free_port
@@ -82,7 +84,7 @@ async def generate(engine: AsyncEngine, request_id: str, prompt: list[int], max_
 
 
 def used_blocks(engine: AsyncEngine) -> dict[str, int]:
-    return {m.worker: m.kv_blocks_used for m in engine.worker_metrics() if m.ready}
+    return {m.name: m.used_blocks for m in engine.worker_stats() if m.ready}
 
 
 async def wait_for(condition: object, timeout: float = 10.0) -> None:
@@ -124,11 +126,11 @@ async def test_round_trip_real_model_matches_in_process(stories_dir: Path) -> No
     for i, prompt in enumerate(prompts):
         scheduler.add_request(Request(f"r{i}", prompt, params, EOS))
         expected[f"r{i}"] = []
-    while scheduler.has_unfinished_requests():
-        step = scheduler.schedule()
-        for output in scheduler.update(step, worker.execute_step(step)):
-            for delta in output.deltas:
-                expected[output.request_id] += delta.token_ids
+    loop = LocalStepLoop(scheduler, worker.execute_step, depth=1)
+    loop.run()
+    for output in loop.outputs:
+        for delta in output.deltas:
+            expected[output.request_id] += delta.token_ids
 
     async with running_engine(model_config=model_config, cache_config=cache_config, null_model=False) as engine:
         results = await asyncio.gather(*(generate(engine, f"r{i}", p, 40, temperature=0.0) for i, p in enumerate(prompts)))
@@ -145,21 +147,21 @@ async def test_two_workers_prefix_affinity() -> None:
     async with running_engine(2, null_step_s=0.005) as engine:
         _, _, error = await generate(engine, "warm", shared_prefix + [100], 4)
         assert error is None
-        warm_worker = next(m.worker for m in engine.worker_metrics() if m.kv_blocks_cached > 0)
+        warm_worker = next(m.name for m in engine.worker_stats() if m.cached_blocks > 0)
         # The same prefix follows the cache; unrelated prompts go to the less loaded worker.
         tasks = [asyncio.create_task(generate(engine, f"p{i}", shared_prefix + [110 + i], 30)) for i in range(4)]
         await asyncio.sleep(0)
         tasks += [asyncio.create_task(generate(engine, f"u{i}", [200 + i, 201, 202], 30)) for i in range(4)]
         await wait_for(lambda: all(engine.worker_of(f"{k}{i}") for k in "pu" for i in range(4)))
         placement = {rid: engine.worker_of(rid) for rid in (f"{k}{i}" for k in "pu" for i in range(4))}
-        busy = {m.worker: m.requests_running + m.requests_waiting for m in engine.worker_metrics()}
+        busy = {m.name: m.running_requests + m.waiting_requests for m in engine.worker_stats()}
         results = await asyncio.gather(*tasks)
         assert all(error is None and len(tokens) == 30 for tokens, _, error in results)
         other = "1" if warm_worker == "0" else "0"
         assert all(placement[f"p{i}"] == warm_worker for i in range(4)), placement
         assert all(placement[f"u{i}"] == other for i in range(4)), placement
         assert all(busy.values()), busy  # both workers served at once
-        hits = {m.worker: m.prefix_cache_hits_tokens for m in engine.worker_metrics()}
+        hits = {m.name: m.prefix_hits_tokens for m in engine.worker_stats()}
         assert hits[warm_worker] >= 4 * 64 and hits[other] == 0
         assert used_blocks(engine) == {"0": 0, "1": 0}
 
@@ -211,14 +213,15 @@ async def test_kill_only_worker_fails_requests_cleanly() -> None:
             assert finish is None and len(tokens) < 200
         with pytest.raises(AdmissionError) as refused:
             await generate(engine, "late", [1, 2, 3], 5)
-        assert refused.value.status == 503
+        assert refused.value.kind is Refusal.UNAVAILABLE
         await wait_for(lambda: engine.is_ready(), timeout=30)  # respawned: serving again
         assert (await generate(engine, "after", [1, 2, 3], 5))[2] is None
         assert used_blocks(engine) == {"0": 0}
 
 
 def start_split_worker(endpoint: str, *extra: str) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "paged.gateway.cli", "--log-json", "worker", "--endpoint", endpoint, "--null-model", *extra]
+    """`paged-worker` (the worker's own program; `pagedd worker` is tested in test_daemon_notify.py)."""
+    command = [sys.executable, "-m", "paged.worker.cli", "--log-json", "--endpoint", endpoint, "--null-model", *extra]
     return subprocess.Popen(command, cwd=PROJECT_ROOT, stderr=subprocess.DEVNULL)
 
 
@@ -341,7 +344,7 @@ async def test_drain_refuses_new_requests_and_finishes_running_ones() -> None:
         assert not engine.is_ready() and engine.is_draining()
         with pytest.raises(AdmissionError) as refused:
             await generate(engine, "new", [1, 2, 3], 5)
-        assert refused.value.status == 503
+        assert refused.value.kind is Refusal.UNAVAILABLE
         tokens, finish, error = await running
         assert error is None and len(tokens) == 40
         await asyncio.wait_for(engine.wait_drained(), 5)
@@ -359,7 +362,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def test_gateway_killed_workers_exit() -> None:
-    command = [sys.executable, "-m", "paged.gateway.cli", "--log-json", "serve", "--null-model", "--workers", "2", "--port", str(free_port())]
+    command = [sys.executable, "-m", "paged.ops.pagedd", "--log-json", "serve", "--null-model", "--workers", "2", "--port", str(free_port())]
     gateway = subprocess.Popen(command, cwd=PROJECT_ROOT, stderr=subprocess.PIPE, text=True)
     worker_pids: list[int] = []
     try:

@@ -138,7 +138,7 @@ def test_flush_empties_cached_free_blocks_only() -> None:
     held_hashes = {block.id: block.hash for block in before.blocks if block.state == "held"}
     assert before.figures.cached >= 4 and any(held_hashes.values())
     evictions = scheduler.stats().evictions
-    flushed = scheduler.kv.pool.evict_cached_free()
+    flushed = scheduler.kv.evict_cached_free()
     after = memory_map(scheduler, "0")
     check_consistent(scheduler, after)
     assert flushed == before.figures.cached and after.figures.cached == 0
@@ -215,7 +215,7 @@ def test_the_map_matches_the_block_tables_after_any_operations(operations: list[
         elif operation == "abort":
             scheduler.abort_request(f"r{which}")
         elif operation == "flush":
-            scheduler.kv.pool.evict_cached_free()
+            scheduler.kv.evict_cached_free()
         memory = memory_map(scheduler, "0")
         check_consistent(scheduler, memory)
         holders = sum(prefix.score for prefix in hottest_prefixes(memory.blocks))

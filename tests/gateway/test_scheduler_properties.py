@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from paged.gateway.block_accounting import assert_block_accounting
-from paged.gateway.engine_client import AdmissionError
+from paged.gateway.engine_client import AdmissionError, Refusal
 from paged.gateway.request import Request
 from paged.gateway.scheduler import Scheduler
 from paged.ops.sim_worker import SimulatedWorker, StepLoop
@@ -125,7 +125,7 @@ def test_random_workloads_keep_every_invariant(
             try:
                 scheduler.add_request(request)
             except AdmissionError as error:
-                assert error.status in (400, 429)
+                assert error.kind in (Refusal.TOO_LARGE, Refusal.QUEUE_FULL)
                 continue
             admitted[request.request_id] = request
         elif kind == "step":
@@ -141,9 +141,9 @@ def test_random_workloads_keep_every_invariant(
 
     assert_block_accounting(scheduler)
     stats = scheduler.stats()
-    assert stats.used_blocks == 0 and stats.num_running == 0 and stats.num_waiting == 0 and stats.num_swapped == 0
+    assert stats.used_blocks == 0 and stats.running_seqs == 0 and stats.waiting_requests == 0 and stats.swapped_requests == 0
     if allocator == "paged":
-        assert scheduler.kv.host_pool.num_free == 12
+        assert scheduler.kv.stats().host_free_blocks == 12
     assert worker.seqs == {}  # every sequence the worker held was freed
     reported: dict[tuple[str, int], list[int]] = defaultdict(list)
     finished: set[str] = set()
@@ -214,7 +214,7 @@ def test_every_accepted_request_finishes_on_a_tight_pool(
         try:
             scheduler.add_request(request)
         except AdmissionError as error:
-            assert error.status == 400
+            assert error.kind is Refusal.TOO_LARGE
             continue
         accepted.append(request)
 

@@ -20,7 +20,8 @@ from click.testing import CliRunner, Result
 
 from paged.gateway.admin.app import build_admin_app
 from paged.gateway.admin.server import AdminServer, AdminSettings, AdminSocketError, bind_unix_socket
-from paged.gateway.engine import AsyncEngine, WorkerSpec
+from paged.gateway.engine import AsyncEngine
+from paged.gateway.replica import WorkerSpec
 from paged.gateway.memory_map import memory_map
 from paged.gateway.request import Request
 from paged.ops.cli import main as pagedctl
@@ -46,10 +47,10 @@ def quiet_logs() -> Iterator[None]:
 @pytest.fixture
 def engine() -> Iterator[AsyncEngine]:
     engine = AsyncEngine([WorkerSpec("ipc:///nonexistent")], SchedulerConfig(kv_watermark=0.0), CacheConfig(block_size=BS))
-    engine.max_model_len = 256
-    engine._attach(engine.replicas[0], WorkerRegistration(1, "w0", NUM_BLOCKS, 0, BS, 256, "test-model", "cpu", "float32", 1))
+    engine.supervisor.max_model_len = 256
+    engine.supervisor.attach(engine.replicas[0], WorkerRegistration(1, "w0", NUM_BLOCKS, 0, BS, 256, "test-model", "cpu", "float32", 1))
     yield engine
-    engine.context.term()
+    engine.supervisor.context.term()
 
 
 def add_running(engine: AsyncEngine, request_id: str, prompt: list[int]) -> StepLoop:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from paged.shared.sampling_params import GenerationDefaults
 from paged.shared.tokenizer import (
     BUILTIN_SPECIAL_TOKENS,
     BUILTIN_VOCAB_SIZE,
@@ -83,7 +84,7 @@ def test_chat_template_and_generation_defaults(tmp_path: Path, stories_dir: Path
     tokenizer = load_tokenizer(tmp_path)
     assert tokenizer.chat_template == config["chat_template"]
     assert tokenizer.eos_token_ids == frozenset({2, 5})
-    assert load_generation_defaults(tmp_path) == {"temperature": 0.7, "top_p": 0.9}
+    assert load_generation_defaults(tmp_path) == GenerationDefaults(temperature=0.7, top_p=0.9)
 
 
 def test_missing_tokenizer_json_names_the_file(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ MESSAGES = [
     StepInput(
         step_id=7,
         scheduled=[ScheduledSeq(1, 0, 5, 0, [3, 4]), ScheduledSeq(2, 9, 1, 0, [], True, [8, 9])],
-        new_seqs=[NewSequence(1, [1, 2, 3, 4, 5], SamplingParams(temperature=0.5, seed=3), 0, [3])],
+        new_seqs=[NewSequence(1, [1, 2, 3, 4, 5], SamplingParams(temperature=0.5, seed=3), 2)],
         freed_seq_ids=[4],
         swap_out=[BlockCopy(1, 2)],
         swap_in=[BlockCopy(3, 4)],

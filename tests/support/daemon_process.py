@@ -26,7 +26,7 @@ START_TIMEOUT_S = 240.0  # model load and worker spawn on a busy 2-core machine
 
 
 def pagedd_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "paged.gateway.cli", *args]
+    return [sys.executable, "-m", "paged.ops.pagedd", *args]
 
 
 class NotifySocket:

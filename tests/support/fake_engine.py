@@ -11,7 +11,8 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from paged.gateway.engine_client import AdmissionError, WorkerMetrics
+from paged.gateway.engine_client import AdmissionError
+from paged.gateway.stats import WorkerStats
 from paged.gateway.outputs import RequestOutput, SequenceDelta
 from paged.shared.protocol import TokenLogprob
 from paged.shared.sampling_params import SamplingParams
@@ -138,13 +139,13 @@ class FakeEngine:
     def is_draining(self) -> bool:
         return self.draining
 
-    def worker_metrics(self) -> list[WorkerMetrics]:
+    def worker_stats(self) -> list[WorkerStats]:
         used = 2 * len(self.live)
         return [
-            WorkerMetrics(
-                worker="0", ready=self.ready, requests_running=len(self.live), requests_waiting=0,
-                kv_blocks_total=64, kv_blocks_used=used, kv_blocks_free=64 - used - 3, kv_blocks_cached=3,
-                kv_utilization=0.75 if used else 0.0, prefix_cache_queries_tokens=100, prefix_cache_hits_tokens=40,
-                preemptions=1, evictions=2, swaps_out=0, swaps_in=0,
+            WorkerStats(
+                name="0", state="ready" if self.ready else "registering", endpoint="fake", running_requests=len(self.live),
+                num_blocks=64, block_size=16, used_blocks=used, free_blocks=64 - used - 3, cached_blocks=3,
+                slots_reserved=used * 16, slots_filled=used * 12, prefix_queries_tokens=100, prefix_hits_tokens=40,
+                preemptions=1, evictions=2,
             )
         ]

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from paged.gateway.api.app import build_app
-from paged.gateway.engine_client import AdmissionError
+from paged.gateway.engine_client import AdmissionError, Refusal
 from paged.shared.tokenizer import Tokenizer
 from support.api_fixtures import MODEL, base_url, client, engine, sse_payloads, story_ids, tokenizer  # noqa: F401
 from support.api_server import serving
@@ -105,11 +105,11 @@ async def test_api_key(engine: FakeEngine, tokenizer: Tokenizer) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_admission_refused(client: httpx.AsyncClient, engine: FakeEngine, stream: bool) -> None:
-    engine.refusal = AdmissionError("too many requests waiting", 429, retry_after=2.5)
+    engine.refusal = AdmissionError(Refusal.QUEUE_FULL, "too many requests waiting", retry_after=2.5)
     response = await client.post("/v1/completions", json={"prompt": "x", "stream": stream})
     error = assert_error(response, 429, contains="too many")
     assert response.headers["retry-after"] == "3" and error["type"] == "rate_limit_error"
-    engine.refusal = AdmissionError("draining", 503)
+    engine.refusal = AdmissionError(Refusal.UNAVAILABLE, "draining")
     assert_error(await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "stream": stream}), 503)
 
 

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from paged.gateway.api.app import build_app
-from paged.gateway.engine_client import AdmissionError
+from paged.gateway.engine_client import AdmissionError, Refusal
 from paged.shared.tokenizer import Tokenizer
 from support.api_fixtures import MODEL, base_url, engine, story_ids, tokenizer  # noqa: F401
 from support.api_server import serving
@@ -52,7 +52,7 @@ async def test_errors_map_to_client_exceptions(oai: openai.AsyncOpenAI, engine: 
     assert bad.value.param == "temperature"  # type: ignore[attr-defined]
     with pytest.raises(openai.NotFoundError):
         await oai.completions.create(model="nope", prompt="x")
-    engine.refusal = AdmissionError("queue full", 429, retry_after=1)
+    engine.refusal = AdmissionError(Refusal.QUEUE_FULL, "queue full", retry_after=1)
     with pytest.raises(openai.RateLimitError):
         await oai.completions.create(model=MODEL, prompt="x")
     engine.refusal = None

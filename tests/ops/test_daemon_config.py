@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from paged.gateway.cli import main
-from paged.gateway.config_file import ConfigFileError, read_config_file
+from paged.ops.pagedd import main
+from paged.shared.config_file import ConfigFileError, read_config_file
 from support.daemon_process import PROJECT_ROOT, pagedd_command
 
 EXAMPLE = PROJECT_ROOT / "systemd" / "paged.toml"

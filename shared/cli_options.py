@@ -19,6 +19,7 @@ import click
 import msgspec
 
 from paged.shared.config import GiB, MiB
+from paged.shared.logging import LEVELS
 
 S = TypeVar("S", bound=msgspec.Struct)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -94,3 +95,10 @@ def build_config(struct: type[S], kwargs: dict[str, Any]) -> S:
         return msgspec.convert(values, struct)
     except msgspec.ValidationError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+# --- options more than one program takes ----------------------------------------------------------
+
+log_level_option = click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
+log_json_option = click.option("--log-json/--log-console", default=None, help="JSON lines (default when stderr is not a terminal).")
+null_model_option = click.option("--null-model", is_flag=True, help="Workers run no model and answer fixed tokens (gateway benchmarks).")

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import click
 import msgspec
 
-from paged.gateway.cli_options import BYTE_FIELDS
+from paged.shared.cli_options import BYTE_FIELDS
 from paged.shared.config import CacheConfig, ModelConfig, SchedulerConfig
 
 CONFIG_STRUCTS = (ModelConfig, CacheConfig, SchedulerConfig)

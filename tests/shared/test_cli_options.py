@@ -1,4 +1,4 @@
-"""Command-line options generated from the config Structs (gateway/cli_options.py)."""
+"""Command-line options generated from the config Structs (shared/cli_options.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from paged.gateway.cli import main
-from paged.gateway.cli_options import ByteSize, build_config, config_options
+from paged.ops.pagedd import main
+from paged.shared.cli_options import ByteSize, build_config, config_options
 from paged.shared.config import GiB, MiB, CacheConfig, ModelConfig, SchedulerConfig
 
 

@@ -1,9 +1,8 @@
-"""The scheduler and one worker in a single process, stepped synchronously.
-
-This is paged without the daemon: `pagedd generate`, offline benchmarks and end-to-end tests that
-want the real scheduling path without processes or sockets. The served path (gateway/engine.py)
-runs the same Scheduler against workers over ZeroMQ.
-"""
+"""The scheduler and one worker in a single process: paged without the daemon, for `pagedd
+generate`, offline benchmarks and end-to-end tests that want the real scheduling path without
+processes or sockets. It drives the same step pipeline as the server (gateway/step_pipeline.py),
+one step in flight: the worker runs each step before the next is scheduled, so overlapping would
+only compute tokens a stop throws away."""
 
 from __future__ import annotations
 
@@ -13,13 +12,14 @@ from collections.abc import Iterator
 from paged.gateway.outputs import RequestOutput
 from paged.gateway.request import Request
 from paged.gateway.scheduler import Scheduler
+from paged.gateway.step_pipeline import LocalStepLoop
 from paged.shared.config import CacheConfig, ModelConfig, SchedulerConfig
 from paged.shared.sampling_params import SamplingParams
 from paged.shared.tokenizer import Tokenizer, load_tokenizer
 from paged.worker.worker import Worker
 
 
-class LLMEngine:
+class OfflineEngine:
     def __init__(
         self,
         model_config: ModelConfig | None = None,
@@ -34,6 +34,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             scheduler_config, cache_config, self.worker.num_blocks, self.worker.max_model_len, self.worker.num_host_blocks
         )
+        self.loop = LocalStepLoop(self.scheduler, self.worker.execute_step, depth=1)
         self._request_ids = itertools.count()
 
     @property
@@ -56,14 +57,13 @@ class LLMEngine:
         self.scheduler.add_request(request)
         return request_id
 
-    def step(self) -> list[RequestOutput]:
-        step = self.scheduler.schedule()
-        return self.scheduler.update(step, self.worker.execute_step(step))
-
     def run(self) -> Iterator[RequestOutput]:
         """Step until every queued request has finished, yielding outputs as they come."""
-        while self.scheduler.has_unfinished_requests():
-            yield from self.step()
+        loop = self.loop
+        while self.scheduler.needs_step() or loop.pipeline.num_in_flight:
+            loop.step()
+            yield from loop.outputs
+            loop.outputs.clear()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[list[int]]]:
         """Token ids generated for each prompt, one list per sampled sequence (n of them)."""

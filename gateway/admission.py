@@ -1,0 +1,92 @@
+"""Admission decisions, the one place that says whether a request may enter a scheduler and
+whether a waiting one may join the running batch now.
+
+Refusals are kinds, not HTTP statuses: the scheduling core knows nothing of HTTP, and the API
+layer maps each kind to its status (gateway/api/errors.py: too_large and invalid 400,
+queue_full 429, unavailable 503).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from paged.gateway.block_allocator import BlockAllocator
+from paged.gateway.request import Request, Sequence
+from paged.shared.config import SchedulerConfig
+
+
+class Refusal(enum.Enum):
+    TOO_LARGE = "too_large"  # can never run here: beyond the context window, the pool or max_num_seqs
+    INVALID = "invalid"  # malformed for the engine, e.g. a request id that is already running
+    QUEUE_FULL = "queue_full"  # an admission cap: retry later
+    UNAVAILABLE = "unavailable"  # no worker is ready, or the server is draining
+
+
+class AdmissionError(Exception):
+    """A request the engine refuses up front, with the kind of refusal."""
+
+    def __init__(self, kind: Refusal, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retry_after = retry_after
+
+
+def check_arrival(
+    request: Request,
+    config: SchedulerConfig,
+    allocator: BlockAllocator,
+    max_model_len: int,
+    num_waiting: int,
+    waiting_tokens: int,
+) -> int:
+    """Refuse (AdmissionError) a request that can never fit, or that would overflow the waiting
+    queue's caps; else return the most tokens each of its sequences may reach."""
+    prompt_len = request.num_prompt_tokens
+    if prompt_len >= max_model_len:
+        raise AdmissionError(
+            Refusal.TOO_LARGE,
+            f"prompt has {prompt_len} tokens but the context window is {max_model_len} tokens, "
+            "which leaves no room for output",
+        )
+    n = request.params.n
+    if n > config.max_num_seqs:
+        raise AdmissionError(Refusal.TOO_LARGE, f"n={n} sequences can never run at once: max_num_seqs is {config.max_num_seqs}")
+    max_num_tokens = min(prompt_len + request.params.max_tokens, max_model_len)
+    # Admitted work always finishes because its peak, running alone, fits the pool (scheduler.py).
+    peak = allocator.peak_blocks(prompt_len, max_num_tokens, n)
+    if peak > allocator.num_blocks:
+        raise AdmissionError(
+            Refusal.TOO_LARGE,
+            f"request needs up to {peak} KV blocks of {allocator.block_size} tokens "
+            f"(prompt {prompt_len} tokens, up to {max_num_tokens} tokens per sequence, n={n}) "
+            f"but the KV cache has {allocator.num_blocks} blocks",
+        )
+    if num_waiting >= config.max_waiting_requests:
+        raise AdmissionError(
+            Refusal.QUEUE_FULL, f"waiting queue full: {num_waiting} requests waiting, limit {config.max_waiting_requests}"
+        )
+    if waiting_tokens + prompt_len > config.max_waiting_tokens:
+        raise AdmissionError(
+            Refusal.QUEUE_FULL,
+            f"waiting queue full: {waiting_tokens} prompt tokens waiting plus {prompt_len} "
+            f"exceeds the limit of {config.max_waiting_tokens}",
+        )
+    return max_num_tokens
+
+
+def seats_needed(request: Request, seqs: list[Sequence]) -> int:
+    """Running-batch seats a waiting or swapped request takes: all n of a request not forked yet
+    (its children appear after its prompt's last chunk)."""
+    return len(seqs) if request.forked else request.params.n
+
+
+def may_take_seats(request: Request, seqs: list[Sequence], seats_taken: int, config: SchedulerConfig) -> bool:
+    """Whether a request joins the running batch without exceeding max_num_seqs."""
+    return seats_taken + seats_needed(request, seqs) <= config.max_num_seqs
+
+
+def reserve_blocks(watermark_blocks: int, num_running: int) -> int:
+    """Blocks an admission or swap-in must leave free: the watermark while others run (room for
+    their next decodes), none for the first request (it must always be able to start)."""
+    return watermark_blocks if num_running else 0

@@ -1,0 +1,152 @@
+"""What the scheduler, the engine and the admin views need of a KV block allocator: the
+`BlockAllocator` protocol and the records it hands out.
+
+Two implementations: `KVCacheManager` (gateway/kv_cache_manager.py), paged, with prefix caching,
+fork and copy-on-write and a host pool for swapping; `ContiguousAllocator`
+(gateway/contiguous_allocator.py), the one-run-per-sequence baseline. The scheduler never asks
+which one it has: an allocator without prefix caching probes no hits, one without a host pool
+refuses swap-outs, one that shares nothing reports no shared prompt blocks. Each describes its own
+blocks for the memory map (`describe`) and audits its own accounting (`audit`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import msgspec
+
+from paged.gateway.request import Sequence
+from paged.gateway.stats import PoolStats
+from paged.shared.protocol import BlockCopy
+
+if TYPE_CHECKING:
+    from paged.gateway.block_accounting import AccountingReport
+
+HASH_PREFIX_HEX = 12  # enough to tell cached prefixes apart on screen
+
+
+@dataclass(slots=True)
+class CacheHit:
+    """Prefix-cache blocks a sequence would reuse (not yet taken)."""
+
+    blocks: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+@dataclass(slots=True)
+class SeqBlocks:
+    """A sequence's block table and what the worker already knows of it."""
+
+    table: list[int]
+    num_slots: int  # leading token slots in use (computed or being computed)
+    num_sent: int = 0  # leading table entries the worker has; the next delta starts there
+    num_registered: int = 0  # leading full blocks offered to the prefix cache
+    swapped: bool = False  # table holds host block ids
+
+
+class BlockInfo(msgspec.Struct, omit_defaults=True):
+    """One block as the memory map shows it. `holders` names one request per block table holding
+    it, so len(holders) == ref. Fields at their default (0, empty, None) are left out of the JSON:
+    a pool has thousands of blocks."""
+
+    id: int
+    state: str  # "free", "cached" (cached-free) or "held"
+    ref: int = 0
+    fill: int = 0  # token slots holding tokens (held blocks)
+    holders: list[str] = []
+    hash: str | None = None  # prefix of the content hash (cached-free, and held blocks in the cache)
+    lru: int | None = None  # cached-free: how many free blocks are reused before this one (0: next)
+    age_s: float | None = None  # cached-free: seconds since its last holder freed it
+
+
+def hash_prefix(block_hash: int | None) -> str | None:
+    return None if block_hash is None else f"{block_hash:032x}"[:HASH_PREFIX_HEX]
+
+
+def holders_by_block(seqs: Mapping[int, SeqBlocks], names: Mapping[int, str]) -> dict[int, list[str]]:
+    """Block id -> the name of each device block table holding it (seq ids without a name show as seq-N)."""
+    holders: dict[int, list[str]] = {}
+    for seq_id, record in seqs.items():
+        if record.swapped:
+            continue
+        owner = names.get(seq_id, f"seq-{seq_id}")
+        for block in record.table:
+            holders.setdefault(block, []).append(owner)
+    return holders
+
+
+class BlockAllocator(Protocol):
+    """Block tables for the scheduler's sequences over one worker's page pool."""
+
+    kind: str  # "paged" or "contiguous", as the admin API names it
+    block_size: int
+    enable_prefix_caching: bool
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can take now."""
+        ...
+
+    @property
+    def num_host_blocks(self) -> int: ...
+
+    @property
+    def seqs(self) -> Mapping[int, SeqBlocks]:
+        """Every sequence holding blocks, by id. Read only: audits and the admin views."""
+        ...
+
+    # Sizing
+    def shared_prompt_blocks(self, prompt_len: int) -> int:
+        """Blocks the n sequences of a request share after the fork (0: nothing is shared)."""
+        ...
+
+    def peak_blocks(self, prompt_len: int, max_num_tokens: int, n: int) -> int:
+        """Blocks a request needs at its largest when it runs alone."""
+        ...
+
+    # Prefix cache
+    def probe(self, seq: Sequence) -> CacheHit: ...
+
+    def match_prefix(self, token_ids: list[int], cache_salt: str | None) -> int: ...
+
+    def cache_computed(self, seq: Sequence, num_tokens: int) -> None: ...
+
+    def evict_cached_free(self) -> int:
+        """Forget every cached-free block's content; returns how many were evicted."""
+        ...
+
+    # Allocation
+    def admit(self, seq: Sequence, hit: CacheHit, num_new_tokens: int, reserve_blocks: int, num_children: int = 0) -> bool: ...
+
+    def grow(self, seq: Sequence, num_new_tokens: int) -> list[BlockCopy] | None: ...
+
+    def fork(self, parent: Sequence, child: Sequence) -> list[BlockCopy]: ...
+
+    def share_prefix(self, source: Sequence, seq: Sequence, num_blocks: int) -> None: ...
+
+    def take_table_delta(self, seq: Sequence) -> tuple[int, list[int]]: ...
+
+    def block_table(self, seq_id: int) -> list[int]: ...
+
+    def holds(self, seq: Sequence) -> bool: ...
+
+    def free(self, seq: Sequence) -> None: ...
+
+    # Swapping
+    def swap_out(self, seqs: list[Sequence]) -> list[BlockCopy] | None: ...
+
+    def swap_in(self, seqs: list[Sequence], reserve_blocks: int) -> list[BlockCopy] | None: ...
+
+    # Views
+    def stats(self) -> PoolStats: ...
+
+    def describe(self, names: Mapping[int, str]) -> list[BlockInfo]:
+        """Every block of the device pool in id order; `names` maps seq ids to their holders' names."""
+        ...
+
+    def audit(self) -> AccountingReport: ...

@@ -1,0 +1,85 @@
+"""Point-in-time statistics of one worker's page pool and scheduler: the ONE snapshot that /metrics,
+the admin API, `pagedctl status` and the simulator read.
+
+Each layer adds the figures it owns to its base, and builds its snapshot from the base's with
+`extend` instead of copying fields one by one: the allocator's `PoolStats`, the scheduler's
+`SchedulerStats` (queues and counters), the engine's `WorkerStats` (which worker, in what state).
+The encoded form is flat, so a JSON reader sees every figure at the top level.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+S = TypeVar("S", bound="PoolStats")
+
+
+class PoolStats(msgspec.Struct, kw_only=True):
+    """The page pool, as the block allocator sees it."""
+
+    num_blocks: int = 0
+    block_size: int = 0
+    free_blocks: int = 0  # neither held nor holding cached content
+    cached_blocks: int = 0  # free but holding reusable cached content (kept for prefix hits until evicted)
+    used_blocks: int = 0  # held by live requests
+    shared_blocks: int = 0  # held by more than one block table
+    slots_reserved: int = 0  # token slots in held blocks
+    slots_filled: int = 0  # of those, slots holding tokens
+    evictions: int = 0  # cached blocks whose content was dropped for reuse (counter)
+    host_blocks: int = 0  # the host pool for swapped-out blocks
+    host_free_blocks: int = 0
+    kv_utilization: float = 0.0  # slots_filled / slots_reserved (0 when nothing is reserved); derived
+
+    def __post_init__(self) -> None:
+        self.kv_utilization = self.slots_filled / self.slots_reserved if self.slots_reserved else 0.0
+
+
+class SchedulerStats(PoolStats, kw_only=True):
+    """The pool plus the scheduler's queues and counters."""
+
+    running_seqs: int = 0  # sequences in the running batch (an n > 1 request counts n times)
+    running_requests: int = 0
+    waiting_requests: int = 0  # waiting for admission, including ones preempted by recompute
+    swapped_requests: int = 0
+    prefix_queries_tokens: int = 0  # counters from here on: monotonically increasing
+    prefix_hits_tokens: int = 0
+    preemptions: int = 0
+    swaps_out: int = 0  # blocks copied device -> host
+    swaps_in: int = 0  # blocks copied host -> device
+    prefix_hit_rate: float = 0.0  # prefix_hits_tokens / prefix_queries_tokens; derived
+
+    def __post_init__(self) -> None:
+        PoolStats.__post_init__(self)
+        queries = self.prefix_queries_tokens
+        self.prefix_hit_rate = self.prefix_hits_tokens / queries if queries else 0.0
+
+
+class WorkerStats(SchedulerStats, kw_only=True):
+    """One worker of the engine: who it is and its scheduler's snapshot (zeros while it registers)."""
+
+    name: str
+    state: str  # "ready", "disconnected" (link down, not yet declared lost) or "registering"
+    endpoint: str
+    steps: int = 0  # steps completed since it (re)registered
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+
+def extend(base: PoolStats, cls: type[S], **more: Any) -> S:
+    """`cls`'s snapshot from its base's figures plus the ones `cls` adds (derived figures are recomputed)."""
+    return cls(**{**msgspec.structs.asdict(base), **more})
+
+
+class SchedulerCounters(msgspec.Struct):
+    """The scheduler's running totals, kept by the parts that count them (admission, preemption)."""
+
+    prefix_queries_tokens: int = 0
+    prefix_hits_tokens: int = 0
+    preemptions: int = 0
+    swaps_out: int = 0
+    swaps_in: int = 0
+    evictions_before: int = 0  # evictions of allocators dropped when their worker was lost

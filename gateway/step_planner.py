@@ -1,0 +1,164 @@
+"""The scheduling decisions of one step: which sequences compute how many tokens, which waiting or
+swapped requests join the running batch, and which running ones are preempted to make room.
+
+Model (as vLLM v1): no prefill or decode phases. Each sequence has `num_computed` and `num_tokens`;
+a step hands out a token budget so that computed catches up with known, which covers chunked
+prefill, prefix-cache hits and decodes alike.
+
+Policies (SchedulerConfig.scheduling_policy):
+- decode-first (default): running sequences get the token budget first; new prefills take what is
+  left, and none are admitted in a step that had to preempt. This keeps inter-token latency steady
+  under load and never trades a running request's progress for a new one: admitted work finishes.
+- prefill-first: waiting requests are admitted first (lower time to first token, burstier decodes).
+- priority: like decode-first, but the queues are ordered by (priority, arrival) and a waiting
+  request may preempt running ones of a less important priority (gateway/preemption.py).
+Swapped requests come back before any new admission, oldest first, while they fit.
+"""
+
+from __future__ import annotations
+
+from paged.gateway.admission import may_take_seats, reserve_blocks
+from paged.gateway.block_allocator import BlockAllocator
+from paged.gateway.policy_queues import PolicyQueues
+from paged.gateway.preemption import Preemption
+from paged.gateway.request import Request, Sequence
+from paged.gateway.sequence_groups import SequenceGroups
+from paged.gateway.stats import SchedulerCounters
+from paged.gateway.step_builder import StepBuilder
+from paged.shared.config import SchedulerConfig
+
+
+class StepPlanner:
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        queues: PolicyQueues,
+        groups: SequenceGroups,
+        preemption: Preemption,
+        counters: SchedulerCounters,
+        watermark_blocks: int,
+    ) -> None:
+        self.allocator = allocator
+        self.queues = queues
+        self.groups = groups
+        self.preemption = preemption
+        self.counters = counters
+        self.watermark_blocks = watermark_blocks
+        # (head of waiting, free blocks, token budget) when it last failed to fit
+        self._blocked_head: tuple[Request, int, int] | None = None
+
+    def plan(self, step: StepBuilder, config: SchedulerConfig) -> None:
+        if config.scheduling_policy == "prefill-first":
+            self._swap_in(step, config)
+            if not self.queues.swapped:
+                self._admit_waiting(step, config)
+            self._schedule_running(step, config)
+        else:
+            self._schedule_running(step, config)
+            if not step.preempted:
+                if self._swap_in(step, config):
+                    self._schedule_running(step, config)
+                if not step.preempted and not self.queues.swapped:
+                    self._admit_waiting(step, config)
+
+    def _schedule_running(self, step: StepBuilder, config: SchedulerConfig) -> None:
+        """The token budget over the running batch, in order; a sequence that cannot grow preempts
+        the tail until it can (or is the tail itself)."""
+        running = self.queues.running
+        scheduled = step.scheduled
+        grow = self.allocator.grow
+        index = 0
+        while index < len(running) and step.budget > 0:
+            seq = running[index]
+            index += 1
+            num_tokens = seq.num_tokens
+            num_new = num_tokens - seq.num_computed
+            # Nothing to compute, or a final token already in flight that needs no KV.
+            if num_new <= 0 or num_tokens >= seq.max_num_tokens or seq.seq_id in scheduled:
+                continue
+            if num_new > step.budget:
+                num_new = step.budget
+            copies = grow(seq, num_new)
+            while copies is None:
+                victim = self.preemption.victim()
+                self.preemption.preempt(victim, step, config.preemption_mode)
+                if victim is seq.request:
+                    return
+                copies = grow(seq, num_new)
+            step.emit(self.allocator, seq, num_new, copies)
+
+    def _swap_in(self, step: StepBuilder, config: SchedulerConfig) -> bool:
+        """Bring swapped requests back, oldest first, while they fit above the watermark."""
+        queues = self.queues
+        swapped_in = False
+        while queues.swapped:
+            request = queues.swapped[0]
+            seqs = request.live_seqs()
+            if not may_take_seats(request, seqs, self.groups.seats_taken(), config):
+                break
+            copies = self.allocator.swap_in(seqs, reserve_blocks(self.watermark_blocks, len(queues.running)))
+            if copies is None:
+                break
+            queues.swapped.pop(0)
+            step.swap_in.extend(copies)
+            self.counters.swaps_in += len(copies)
+            for seq in seqs:
+                queues.add_running(seq)
+            swapped_in = True
+        return swapped_in
+
+    def _admit_waiting(self, step: StepBuilder, config: SchedulerConfig) -> None:
+        queues = self.queues
+        while queues.waiting and step.budget > 0:
+            request = queues.waiting[0]
+            seqs = request.live_seqs()
+            if not may_take_seats(request, seqs, self.groups.seats_taken(), config):
+                return
+            # A head that did not fit is not probed again until blocks are freed or its chunk shrinks.
+            blocked = self._blocked_head
+            free = self.allocator.num_free_blocks
+            if not (
+                blocked is not None
+                and blocked[0] is request
+                and free <= blocked[1]
+                and step.budget >= blocked[2]
+                and queues.running
+            ):
+                if self._admit(request, seqs, step):
+                    continue
+                self._blocked_head = (request, free, step.budget)
+            if not self.preemption.may_preempt_for(request):
+                return
+            self.preemption.preempt(self.preemption.victim(), step, config.preemption_mode)
+
+    def _admit(self, request: Request, seqs: list[Sequence], step: StepBuilder) -> bool:
+        """All of a request's live sequences join the running batch, or none do (a recomputed
+        n > 1 request admits its first and lets the others await its prompt: sequence_groups.py)."""
+        seqs, awaiting = self.groups.split_for_admission(request, seqs)
+        allocator = self.allocator
+        reserve = reserve_blocks(self.watermark_blocks, len(self.queues.running))
+        budget = step.budget
+        num_children = request.params.n - 1 if not request.forked else 0
+        admitted: list[tuple[Sequence, int, int]] = []
+        for seq in seqs:
+            hit = allocator.probe(seq)
+            num_new = min(seq.num_tokens - hit.num_tokens, budget)
+            if not allocator.admit(seq, hit, num_new, reserve, num_children):
+                for taken, _, _ in admitted:
+                    allocator.free(taken)
+                return False
+            admitted.append((seq, hit.num_tokens, num_new))
+            budget -= num_new
+        self.queues.pop_waiting()
+        request.mark_scheduled(num_cached_tokens=admitted[0][1])
+        for seq, num_cached, num_new in admitted:
+            if allocator.enable_prefix_caching:
+                self.counters.prefix_queries_tokens += seq.num_tokens
+                self.counters.prefix_hits_tokens += num_cached
+            seq.num_computed = num_cached
+            self.queues.add_running(seq)
+            if num_new:
+                step.emit(allocator, seq, num_new, [])
+        if awaiting:
+            self.groups.await_shared_prompt(request, awaiting)
+        return True
