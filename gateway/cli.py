@@ -18,7 +18,7 @@ from paged.gateway.drain import DEFAULT_DRAIN_TIMEOUT_S
 from paged.gateway.engine import AsyncEngine, WorkerSpec
 from paged.gateway.worker_link import RegistrationError
 from paged.gateway.worker_processes import RuntimeDir, local_workers
-from paged.shared.config import CacheConfig, ModelConfig, SchedulerConfig
+from paged.shared.config import CacheConfig, KVSharingConfig, ModelConfig, SchedulerConfig
 from paged.shared.logging import LEVELS, configure_logging
 from paged.shared.sampling_params import SamplingParams
 from paged.shared.startup_failure import StartupError, check_model_directory, exit_on_startup_failure
@@ -153,6 +153,7 @@ def gateway(endpoints: tuple[str, ...], model: str | None, **kwargs: Any) -> Non
 @config_options(ModelConfig)
 @config_options(CacheConfig, only=WORKER_CACHE_FIELDS)
 @config_options(SchedulerConfig, only=("max_num_batched_tokens",))
+@config_options(KVSharingConfig)
 @null_model_option
 @click.option("--worker-id", default=None, help="Name in the gateway's logs [default: HOST:PID].")
 @click.option("--on-gateway-loss", type=click.Choice(["exit", "wait"]), default="exit", show_default=True, help="When the gateway's heartbeats stop: exit, or free everything and wait for a gateway.")
@@ -161,7 +162,7 @@ def worker(endpoint: str, null_model: bool, worker_id: str | None, on_gateway_lo
     """Run one worker process (split mode): load the model, listen on --endpoint, serve one gateway."""
     run_worker(
         endpoint, build_config(ModelConfig, kwargs), build_config(CacheConfig, kwargs), kwargs["max_num_batched_tokens"],
-        null_model=null_model, worker_id=worker_id, on_gateway_loss=on_gateway_loss, gateway_timeout=gateway_timeout,
+        null_model=null_model, sharing=build_config(KVSharingConfig, kwargs), worker_id=worker_id, on_gateway_loss=on_gateway_loss, gateway_timeout=gateway_timeout,
     )  # fmt: skip
 
 
