@@ -135,6 +135,8 @@ class StepOutput(msgspec.Struct, gc=False, omit_defaults=True):
     errors: list[SeqError] = []  # sequences this step failed for; the rest of the batch is unaffected
     forward_s: float = 0.0  # time in the model forward + sampling
     total_s: float = 0.0  # time from receiving the step to sending the result
+    store_save_s: float = 0.0  # time saving pages to the KV store
+    store_load_s: float = 0.0  # time loading pages from the KV store
     # Transfers that ended since the previous output, as this end saw them. Done means the receiver
     # holds every block: the receiver reports it once the last block is written, the sender once the
     # receiver acknowledged that. A failed transfer touches none of its blocks any more, on this end.

@@ -156,13 +156,7 @@ class Worker:
         for seq_id in step.freed_seq_ids:
             self.sequences.pop(seq_id, None)
         try:
-            if step.store_saves:
-                self.kv_cache.save(self._store_pages(), step.store_saves, "store save")
-            self.kv_cache.swap_out(step.swap_out)
-            self.kv_cache.swap_in(step.swap_in)
-            if step.store_loads:
-                self.kv_cache.load(self._store_pages(), step.store_loads, "store load")
-            self.kv_cache.copy_blocks(step.copies)
+            store_s = self._move_pages(step)
         except Exception as exc:
             # Which sequences own the pages is the gateway's knowledge: fail everything this step runs.
             log.error("block_transfer_failed", step_id=step.step_id, error=repr(exc), traceback=traceback.format_exc())
@@ -210,7 +204,26 @@ class Worker:
                 self.transport.send(send.transfer_id, send.peer, send.blocks)
         if step.transfer_wait_s and not step.scheduled:
             self.transport.wait_finished(step.transfer_wait_s)
-        return self._output(step, results, errors, forward_s, started, failed), logits_by_seq
+        output = self._output(step, results, errors, forward_s, started, failed)
+        output.store_save_s, output.store_load_s = store_s
+        return output, logits_by_seq
+
+    def _move_pages(self, step: StepInput) -> tuple[float, float]:
+        """The step's page movements in protocol order: store saves, swaps, store loads, copies.
+        Returns the seconds spent saving to and loading from the KV store."""
+        save_s = load_s = 0.0
+        if step.store_saves:
+            started = time.perf_counter()
+            self.kv_cache.save(self._store_pages(), step.store_saves, "store save")
+            save_s = time.perf_counter() - started
+        self.kv_cache.swap_out(step.swap_out)
+        self.kv_cache.swap_in(step.swap_in)
+        if step.store_loads:
+            started = time.perf_counter()
+            self.kv_cache.load(self._store_pages(), step.store_loads, "store load")
+            load_s = time.perf_counter() - started
+        self.kv_cache.copy_blocks(step.copies)
+        return save_s, load_s
 
     def _store_pages(self) -> torch.Tensor:
         if self.store is None:

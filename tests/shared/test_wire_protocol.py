@@ -64,7 +64,7 @@ MESSAGES = [
         transfer_wait_s=0.05,
     ),
     StepOutput(7, [SeqResult(1, 42, -0.5, [TokenLogprob(42, -0.5)])], [SeqError(2, "boom")], 0.01, 0.02),
-    StepOutput(8, transfers_done=[11, 12], transfers_failed=[TransferFailure(10, "stream stalled after 2 of 5 blocks")]),
+    StepOutput(8, store_save_s=0.001, store_load_s=0.002, transfers_done=[11, 12], transfers_failed=[TransferFailure(10, "stream stalled after 2 of 5 blocks")]),
 ]
 
 

@@ -195,4 +195,5 @@ def test_a_prefix_loaded_from_the_store_gives_the_logits_of_recomputing(store_wo
         )
         output, logits = worker.execute_step_with_logits(step)
         assert not output.errors, output.errors
+        assert output.store_load_s > 0 and output.store_save_s == 0
         torch.testing.assert_close(logits[3], recomputed, atol=ATOL, rtol=0)
