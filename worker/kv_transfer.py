@@ -216,6 +216,7 @@ class ZmqTransport:
         self._done: list[int] = []
         self._failed: list[TransferFailure] = []
         self._refused: set[int] = set()
+        self._broken = ""  # why the I/O thread died, if it did: every transfer fails from then on
 
         # The I/O thread's own state.
         self._peers: dict[str, zmq.Socket] = {}
@@ -283,7 +284,9 @@ class ZmqTransport:
 
     def _refuse(self, transfer_id: int, blocks: list[int], duplicate: bool) -> bool:
         """Fail a transfer the gateway ordered wrongly (with the lock held). True if refused."""
-        if duplicate:
+        if self._broken:
+            reason = self._broken
+        elif duplicate:
             reason = "transfer id already in flight on this worker"
         elif any(not 0 <= block < self._pages.num_blocks for block in blocks):
             reason = f"block ids {blocks} outside the pool of {self._pages.num_blocks} blocks"
@@ -327,11 +330,12 @@ class ZmqTransport:
                     if flags & zmq.POLLIN:
                         self._drain(sock)
                 self._expire(time.monotonic())
-        except Exception:
+        except Exception as exc:
             log.exception("kv_transfer_thread_failed")
             with self._lock:
+                self._broken = f"the KV transfer thread failed: {exc!r}"
                 for transfer_id in [*self._outgoing, *self._incoming]:
-                    self._fail_locked(transfer_id, "the KV transfer thread failed")
+                    self._fail_locked(transfer_id, self._broken)
         finally:
             for sock in (self._router, *self._peers.values()):
                 sock.close()

@@ -245,3 +245,23 @@ def test_no_transport_fails_every_transfer() -> None:
     transport.cancel(3)
     assert transport.take_finished() == ([], [TransferFailure(1, "this worker has no KV transfer endpoint"), TransferFailure(2, "this worker has no KV transfer endpoint")])
     assert transport.take_finished() == ([], [])
+
+
+def test_a_failing_page_read_fails_every_transfer_and_later_ones_at_once(
+    transports: list[ZmqTransport], ipc_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device error in the I/O thread (here: reading a page) ends the thread; nothing hangs."""
+    a, b = random_cache(0), random_cache(1)
+    sender, receiver = make(transports, ipc_dir, "a", a), make(transports, ipc_dir, "b", b)
+
+    def broken_read(block: int) -> torch.Tensor:
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(a, "read_page", broken_read)
+    receiver.receive(1, [0])
+    sender.send(1, receiver.endpoint, [0])
+    reason = "the KV transfer thread failed: RuntimeError('device lost')"
+    assert outcome(sender, {1}) == (set(), {1: reason})
+    sender.send(2, receiver.endpoint, [0])
+    assert sender.take_finished() == ([], [TransferFailure(2, reason)])
+    assert outcome(receiver, {1})[1] == {1: "stream stalled after 0 of 1 blocks"}
