@@ -34,8 +34,8 @@ from paged.shared.protocol import BlockCopy
 from paged.worker.builtin_model import BUILTIN_ARCH
 from paged.worker.kv_cache import KVCache
 from paged.worker.kv_store import KVStoreArena
-from paged.worker.kv_transfer import ZmqTransport
 from paged.worker.model_config import ModelArch
+from paged.worker.zmq_transport import ZmqTransport
 
 BLOCK_SIZE = 16
 TIMEOUT_S = 30.0

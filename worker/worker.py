@@ -33,11 +33,12 @@ from paged.shared.sampling_params import SamplingParams
 from paged.worker.input_batch import check_scheduled, prepare_inputs
 from paged.worker.kv_cache import KVCache, cuda_kv_cache_budget, num_blocks_for_budget
 from paged.worker.kv_store import KVStoreArena
-from paged.worker.kv_transfer import KVTransport, NoTransport, ZmqTransport
+from paged.worker.kv_transfer import KVTransport, NoTransport
 from paged.worker.model_loader import load_model
 from paged.worker.sampler import Sampler, SamplerOutput
 from paged.worker.sampling_batch import SamplingBatch
 from paged.worker.sequence_state import SequenceState
+from paged.worker.zmq_transport import ZmqTransport
 
 log = get_logger("worker")
 

@@ -15,10 +15,12 @@ import torch
 import zmq
 
 from paged.shared.protocol import TransferFailure
-from paged.worker import kv_transfer
+from paged.worker import kv_link, zmq_transport
 from paged.worker.builtin_model import BUILTIN_ARCH
 from paged.worker.kv_cache import KVCache
-from paged.worker.kv_transfer import Block, Fail, NoTransport, Offer, Ready, ZmqTransport
+from paged.worker.kv_link import Block, Fail, Offer, Ready
+from paged.worker.kv_transfer import NoTransport
+from paged.worker.zmq_transport import ZmqTransport
 
 ARCH = dataclasses.replace(BUILTIN_ARCH, num_layers=3, num_kv_heads=2, head_dim=4)
 NUM_BLOCKS, BLOCK_SIZE = 64, 4
@@ -89,7 +91,7 @@ def test_both_directions_at_once_through_full_queues(
     transports: list[ZmqTransport], ipc_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Queues of 8 messages: senders block on full sockets and must keep receiving meanwhile."""
-    monkeypatch.setattr(kv_transfer, "QUEUE_BYTES", 1)
+    monkeypatch.setattr(zmq_transport, "QUEUE_BYTES", 1)
     a, b = random_cache(0), random_cache(1)
     a_src, b_src = pages(a, list(range(32))), pages(b, list(range(32, 64)))
     ta, tb = make(transports, ipc_dir, "a", a), make(transports, ipc_dir, "b", b)
@@ -120,15 +122,15 @@ class FakePeer:
             self.sock.connect(endpoint)
         self.peer = b""
         self.encoder = msgspec.msgpack.Encoder()
-        self.decoder = msgspec.msgpack.Decoder(kv_transfer.LinkMessage)
+        self.decoder = msgspec.msgpack.Decoder(kv_link.LinkMessage)
 
-    def receive(self) -> tuple[kv_transfer.LinkMessage, list[bytes]]:
+    def receive(self) -> tuple[kv_link.LinkMessage, list[bytes]]:
         frames = self.sock.recv_multipart()
         if self.sock.type == zmq.ROUTER:
             self.peer, *frames = frames
         return self.decoder.decode(frames[0]), frames[1:]
 
-    def send(self, message: kv_transfer.LinkMessage, *payload: bytes) -> None:
+    def send(self, message: kv_link.LinkMessage, *payload: bytes) -> None:
         prefix = [self.peer] if self.sock.type == zmq.ROUTER else []
         self.sock.send_multipart([*prefix, self.encoder.encode(message), *payload])
 
