@@ -1,10 +1,11 @@
-"""Worker-to-worker KV page transfers over a real ZeroMQ transport (ipc): pages land bit for bit in
+"""Worker-to-worker KV page transfers over a real ZeroMQ transport (ipc, tcp): pages land bit for bit in
 the blocks the receiver names, whichever end the gateway reaches first; failures (a dead peer, a
 truncated stream, a mismatch, a cancel) end that transfer only, and nothing is written after a cancel."""
 
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,8 @@ from paged.worker.builtin_model import BUILTIN_ARCH
 from paged.worker.kv_cache import KVCache
 from paged.worker.kv_link import Block, Fail, Offer, Ready
 from paged.worker.kv_transfer import NoTransport
-from paged.worker.zmq_transport import ZmqTransport
+from paged.worker.server import default_transfer_endpoint
+from paged.worker.zmq_transport import ZmqTransport, advertised_endpoint
 
 ARCH = dataclasses.replace(BUILTIN_ARCH, num_layers=3, num_kv_heads=2, head_dim=4)
 NUM_BLOCKS, BLOCK_SIZE = 64, 4
@@ -47,8 +49,10 @@ def transports(ipc_dir: Path) -> Iterator[list[ZmqTransport]]:
         transport.close()
 
 
-def make(transports: list[ZmqTransport], ipc_dir: Path, name: str, cache: KVCache) -> ZmqTransport:
-    transport = ZmqTransport(cache, f"ipc://{ipc_dir / name}", TIMEOUT_S)
+def make(transports: list[ZmqTransport], ipc_dir: Path | None, name: str, cache: KVCache) -> ZmqTransport:
+    """A transport on ipc in `ipc_dir`, or (ipc_dir None) on tcp on the loopback, any free port."""
+    endpoint = f"ipc://{ipc_dir / name}" if ipc_dir is not None else "tcp://127.0.0.1:*"
+    transport = ZmqTransport(cache, endpoint, TIMEOUT_S)
     transports.append(transport)
     return transport
 
@@ -67,10 +71,13 @@ def outcome(transport: ZmqTransport, transfer_ids: set[int]) -> tuple[set[int], 
     return done, failed
 
 
+@pytest.mark.parametrize("scheme", ["ipc", "tcp"])
 @pytest.mark.parametrize("receiver_first", [True, False], ids=["receive-then-send", "send-then-receive"])
-def test_pages_land_in_the_named_blocks(transports: list[ZmqTransport], ipc_dir: Path, receiver_first: bool) -> None:
+def test_pages_land_in_the_named_blocks(transports: list[ZmqTransport], ipc_dir: Path, receiver_first: bool, scheme: str) -> None:
     a, b = random_cache(0), random_cache(1)
-    sender, receiver = make(transports, ipc_dir, "a", a), make(transports, ipc_dir, "b", b)
+    directory = ipc_dir if scheme == "ipc" else None
+    sender, receiver = make(transports, directory, "a", a), make(transports, directory, "b", b)
+    assert receiver.endpoint.startswith(f"{scheme}://") and not receiver.endpoint.endswith("*")
     src, dst = [5, 1, 40, 2], [9, 63, 0, 17]  # unordered, non-contiguous
     untouched = [block for block in range(NUM_BLOCKS) if block not in dst]
     before = pages(b, untouched)
@@ -267,3 +274,17 @@ def test_a_failing_page_read_fails_every_transfer_and_later_ones_at_once(
     sender.send(2, receiver.endpoint, [0])
     assert sender.take_finished() == ([], [TransferFailure(2, reason)])
     assert outcome(receiver, {1})[1] == {1: "stream stalled after 0 of 1 blocks"}
+
+
+def test_endpoints_peers_can_reach() -> None:
+    host = socket.gethostname()
+    assert advertised_endpoint("tcp://0.0.0.0:5601") == f"tcp://{host}:5601"
+    assert advertised_endpoint("tcp://[::]:5601") == f"tcp://{host}:5601"
+    assert advertised_endpoint("tcp://10.0.0.2:5601") == "tcp://10.0.0.2:5601"
+    assert advertised_endpoint("ipc:///run/paged/w0-kv.sock") == "ipc:///run/paged/w0-kv.sock"
+    # A worker not told where to take transfers takes them beside its gateway endpoint.
+    assert default_transfer_endpoint("ipc:///run/paged/worker-0.sock") == "ipc:///run/paged/worker-0-kv.sock"
+    assert default_transfer_endpoint("tcp://*:5600") == "tcp://*:*"
+    assert default_transfer_endpoint("tcp://10.0.0.2:5600") == "tcp://10.0.0.2:*"
+    with pytest.raises(ValueError, match="set --kv-transfer-endpoint"):
+        default_transfer_endpoint("inproc://worker")
