@@ -11,6 +11,9 @@ import msgspec
 MiB = 1 << 20
 GiB = 1 << 30
 
+# prefill: computes prompts and sends their KV on; decode: takes KV in and decodes; mixed: both.
+WorkerRole = Literal["prefill", "decode", "mixed"]
+
 
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Which model to run and how."""
@@ -37,6 +40,17 @@ class CacheConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 SchedulingPolicy = Literal["prefill-first", "decode-first", "priority"]
 PreemptionMode = Literal["recompute", "swap"]
+
+
+class KVSharingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A worker's KV beyond its own pool: transfers to and from other workers (prefill/decode
+    disaggregation, docs/disaggregation.md) and the host's shared KV store tier (docs/kv-store.md)."""
+
+    role: WorkerRole = "mixed"  # prefill computes prompts and sends their KV, decode takes KV in and decodes, mixed does both
+    kv_transfer_endpoint: str | None = None  # where other workers send KV blocks (ipc://PATH, tcp://HOST:PORT); default: beside --endpoint
+    kv_transfer_timeout: float = 10.0  # seconds a KV transfer may make no progress before it fails
+    kv_offload_memory: int = 0  # bytes of the host's shared-memory KV store that evicted cached blocks go to; 0: no store
+    kv_store_name: str = "paged-kv-store"  # name of that store: every worker of the host given the same name shares it
 
 
 class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -11,6 +11,12 @@ Overlapped scheduling: the gateway may send step N+1 before step N's result arri
 step N+1 computes the token sampled in step N, which only the worker knows yet; this is why
 `ScheduledSeq` names a position range, not token ids.
 
+KV beyond the worker's own pool is also moved by step items, never by side channels: transfers
+between workers for prefill/decode disaggregation (`KVSend` on the worker holding the blocks,
+`KVReceive` on the one getting them, one gateway-chosen transfer id; see docs/disaggregation.md), and
+saves/loads between the pool and the host's shared KV store (see docs/kv-store.md). Both ends of a
+transfer report its outcome in their StepOutputs.
+
 The step messages are built by the hundred every step and never take part in a reference cycle,
 so they are declared gc=False: the cyclic garbage collector neither tracks them nor is triggered
 by their allocation.
@@ -20,9 +26,10 @@ from __future__ import annotations
 
 import msgspec
 
+from paged.shared.config import WorkerRole
 from paged.shared.sampling_params import SamplingParams
 
-PROTOCOL_VERSION = 2  # 2: NewSequence lost its block_table field
+PROTOCOL_VERSION = 3  # 2: NewSequence lost its block_table field; 3: KV transfer and store items
 # Both ends send a Heartbeat this often; each end's silence timeout is a multiple of it.
 HEARTBEAT_INTERVAL_S = 0.25
 
@@ -57,9 +64,29 @@ class BlockCopy(msgspec.Struct, gc=False, array_like=True):
     dst: int
 
 
+class KVSend(msgspec.Struct, gc=False, array_like=True):
+    """Stream device blocks to another worker, which takes them under the same transfer id."""
+
+    transfer_id: int
+    seq_id: int  # whose KV the blocks hold: if this step fails that sequence, the transfer fails too
+    peer: str  # the receiving worker's transfer endpoint (its WorkerRegistration.transfer_endpoint)
+    blocks: list[int]  # device blocks, in transfer order
+
+
+class KVReceive(msgspec.Struct, gc=False, array_like=True):
+    """Take a transfer's blocks into device blocks: the i-th block sent lands in blocks[i]."""
+
+    transfer_id: int
+    blocks: list[int]
+
+
 class StepInput(msgspec.Struct, gc=False, omit_defaults=True):
-    """One iteration. The worker applies, in order: frees, swap-outs, swap-ins, copies, new
-    sequences, then runs the forward pass for `scheduled` and samples."""
+    """One iteration. The worker applies, in order: transfer cancels, frees, store saves, swap-outs,
+    swap-ins, store loads, copies, transfer receives, new sequences; then runs the forward pass for
+    `scheduled` and samples; then starts the transfer sends (so they carry what this step computed).
+
+    Store saves come first because they rescue cached content from blocks this very step reuses;
+    cancels come first because the gateway may hand a cancelled transfer's blocks out in this step."""
 
     step_id: int
     scheduled: list[ScheduledSeq] = []
@@ -68,6 +95,16 @@ class StepInput(msgspec.Struct, gc=False, omit_defaults=True):
     swap_out: list[BlockCopy] = []  # device block -> host block (src is device)
     swap_in: list[BlockCopy] = []  # host block -> device block (src is host)
     copies: list[BlockCopy] = []  # device -> device, copy-on-write
+    store_saves: list[BlockCopy] = []  # device block -> KV store slot (src is device)
+    store_loads: list[BlockCopy] = []  # KV store slot -> device block (src is the slot)
+    kv_sends: list[KVSend] = []
+    kv_receives: list[KVReceive] = []
+    # Transfers to drop: once this step starts, none of their blocks is read or written again, and
+    # neither end reports them any more.
+    kv_cancels: list[int] = []
+    # With nothing scheduled: wait up to this long for an in-flight transfer to finish before
+    # answering, so that a gateway polling for transfers does not spin.
+    transfer_wait_s: float = 0.0
 
 
 class TokenLogprob(msgspec.Struct, gc=False, array_like=True):
@@ -87,12 +124,24 @@ class SeqError(msgspec.Struct, gc=False, array_like=True):
     message: str
 
 
+class TransferFailure(msgspec.Struct, gc=False, array_like=True):
+    transfer_id: int
+    reason: str
+
+
 class StepOutput(msgspec.Struct, gc=False, omit_defaults=True):
     step_id: int
     results: list[SeqResult] = []
     errors: list[SeqError] = []  # sequences this step failed for; the rest of the batch is unaffected
     forward_s: float = 0.0  # time in the model forward + sampling
     total_s: float = 0.0  # time from receiving the step to sending the result
+    store_save_s: float = 0.0  # time saving pages to the KV store
+    store_load_s: float = 0.0  # time loading pages from the KV store
+    # Transfers that ended since the previous output, as this end saw them. Done means the receiver
+    # holds every block: the receiver reports it once the last block is written, the sender once the
+    # receiver acknowledged that. A failed transfer touches none of its blocks any more, on this end.
+    transfers_done: list[int] = []
+    transfers_failed: list[TransferFailure] = []
 
 
 # --- Session messages (registration, liveness) and framing -----------------------------------------
@@ -127,6 +176,10 @@ class WorkerRegistration(msgspec.Struct, array_like=True):
     device: str
     dtype: str
     pid: int
+    role: WorkerRole = "mixed"  # what the gateway should use it for; the worker itself executes any step
+    transfer_endpoint: str = ""  # where other workers send it KV blocks ("": it takes no transfers)
+    kv_store_id: str = ""  # the host KV store it attached ("": none); workers with equal ids share one store
+    num_store_slots: int = 0
 
 
 class RegistrationAck(msgspec.Struct, array_like=True):

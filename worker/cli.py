@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from paged.shared.cli_options import build_config, config_options, log_json_option, log_level_option, null_model_option
-from paged.shared.config import CacheConfig, ModelConfig, SchedulerConfig
+from paged.shared.config import CacheConfig, KVSharingConfig, ModelConfig, SchedulerConfig
 from paged.shared.logging import configure_logging
 from paged.worker.server import GATEWAY_TIMEOUT_S, GatewayLossPolicy, run_worker
 
@@ -23,6 +23,7 @@ WORKER_CACHE_FIELDS = ("block_size", "kv_cache_memory", "gpu_memory_utilization"
 @config_options(ModelConfig)
 @config_options(CacheConfig, only=WORKER_CACHE_FIELDS)
 @config_options(SchedulerConfig, only=("max_num_batched_tokens",))
+@config_options(KVSharingConfig)
 @null_model_option
 @click.option("--worker-id", default=None, help="Name in the gateway's logs and in `ps` [default: HOST:PID].")
 @click.option("--on-gateway-loss", type=click.Choice(["exit", "wait"]), default="exit", show_default=True, help="When the gateway's heartbeats stop: exit, or free everything and wait for a gateway.")
@@ -31,7 +32,7 @@ def worker(endpoint: str, null_model: bool, worker_id: str | None, on_gateway_lo
     """Run one worker process (split mode): load the model, listen on --endpoint, serve one gateway."""
     run_worker(
         endpoint, build_config(ModelConfig, kwargs), build_config(CacheConfig, kwargs), kwargs["max_num_batched_tokens"],
-        null_model=null_model, worker_id=worker_id, on_gateway_loss=on_gateway_loss, gateway_timeout=gateway_timeout,
+        null_model=null_model, sharing=build_config(KVSharingConfig, kwargs), worker_id=worker_id, on_gateway_loss=on_gateway_loss, gateway_timeout=gateway_timeout,
     )  # fmt: skip
 
 

@@ -7,7 +7,8 @@ after another and hands encoded outputs back over an inproc pipe.
 
 A session starts when a gateway acknowledges this worker's registration and ends with Shutdown or
 when the gateway falls silent; a worker always registers empty (every sequence of the previous
-session is freed), because the gateway re-queues a lost worker's requests elsewhere.
+session is freed, and every KV transfer of it cancelled, so that none writes into blocks the next
+session hands out), because the gateway re-queues a lost worker's requests elsewhere.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
+from urllib.parse import urlsplit
 
+import msgspec
 import zmq
 from setproctitle import setproctitle
 
-from paged.shared.config import CacheConfig, ModelConfig
+from paged.shared.config import CacheConfig, KVSharingConfig, ModelConfig, WorkerRole
 from paged.shared.logging import configure_logging, get_logger
 from paged.shared.startup_failure import exit_on_startup_failure
 from paged.shared.systemd_notify import SystemdNotifier
@@ -51,6 +54,18 @@ GatewayLossPolicy = Literal["exit", "wait"]
 GATEWAY_TIMEOUT_S = 3.0
 
 
+def default_transfer_endpoint(worker_endpoint: str) -> str:
+    """Where a worker takes KV transfers when not told: beside its gateway endpoint, on the same
+    transport (ipc: a sibling socket file; tcp: the same interface, any free port)."""
+    parts = urlsplit(worker_endpoint)
+    if parts.scheme == "ipc":
+        return f"{worker_endpoint.removesuffix('.sock')}-kv.sock"
+    if parts.scheme == "tcp":
+        host = worker_endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+        return f"tcp://{host}:*"
+    raise ValueError(f"no default KV transfer endpoint beside {worker_endpoint!r}: set --kv-transfer-endpoint")
+
+
 class StepRunner(Protocol):
     """What the server needs of a worker: worker.worker.Worker and worker.null_worker.NullWorker."""
 
@@ -58,8 +73,13 @@ class StepRunner(Protocol):
     num_host_blocks: int
     block_size: int
     max_model_len: int
+    transfer_endpoint: str
+    kv_store_id: str
+    num_store_slots: int
 
     def execute_step(self, step: StepInput) -> StepOutput: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +240,7 @@ class WorkerServer:
         model: str,
         device: str,
         dtype: str,
+        role: WorkerRole = "mixed",
         on_gateway_loss: GatewayLossPolicy = "exit",
         heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
         gateway_timeout: float = GATEWAY_TIMEOUT_S,
@@ -241,6 +262,10 @@ class WorkerServer:
             device=device,
             dtype=dtype,
             pid=os.getpid(),
+            role=role,
+            transfer_endpoint=runner.transfer_endpoint,
+            kv_store_id=runner.kv_store_id,
+            num_store_slots=runner.num_store_slots,
         )
         self.io = _SessionIO(
             self.context, endpoint, registration, self.commands, pipe_address,
@@ -251,6 +276,7 @@ class WorkerServer:
         self.pipe.sndhwm = 0  # never full: a send fails only once the I/O thread has gone
         self.pipe.connect(pipe_address)
         self.live_seq_ids: set[int] = set()  # what the runner holds, freed when a session ends
+        self.live_transfer_ids: set[int] = set()  # transfers not reported yet, cancelled when a session ends
 
     @property
     def endpoint(self) -> str:
@@ -271,6 +297,7 @@ class WorkerServer:
         finally:
             self.io.stopping = True
             self.io.join(timeout=2)
+            self.runner.close()
             self.pipe.close()
             self.context.term()
             log.info("worker_exited", worker_id=self.worker_id)
@@ -285,6 +312,8 @@ class WorkerServer:
             message = f"worker error in step {step.step_id}: {type(exc).__name__}: {exc}"
             output = StepOutput(step_id=step.step_id, errors=[SeqError(seq.seq_id, message) for seq in step.scheduled])
         output.total_s = time.perf_counter() - started
+        self.live_transfer_ids.difference_update(output.transfers_done)
+        self.live_transfer_ids.difference_update(failure.transfer_id for failure in output.transfers_failed)
         try:
             self.pipe.send_multipart([epoch.to_bytes(8, "little"), *self.codec.encode(output)], zmq.NOBLOCK)
         except zmq.Again:  # the I/O thread has closed its end: the session is over, nobody to answer
@@ -296,25 +325,35 @@ class WorkerServer:
         for seq in step.scheduled:
             if seq.fork_ids:
                 self.live_seq_ids.update(seq.fork_ids)
+        self.live_transfer_ids.difference_update(step.kv_cancels)
+        self.live_transfer_ids.update(item.transfer_id for item in (*step.kv_sends, *step.kv_receives))
 
     def _free_all(self) -> None:
-        if self.live_seq_ids:
-            self.runner.execute_step(StepInput(step_id=-1, freed_seq_ids=sorted(self.live_seq_ids)))
+        if self.live_seq_ids or self.live_transfer_ids:
+            self.runner.execute_step(
+                StepInput(step_id=-1, freed_seq_ids=sorted(self.live_seq_ids), kv_cancels=sorted(self.live_transfer_ids))
+            )
             self.live_seq_ids.clear()
+            self.live_transfer_ids.clear()
 
 
 def build_runner(
-    model_config: ModelConfig, cache_config: CacheConfig, max_num_batched_tokens: int, null_model: bool, null_step_s: float = 0.0
+    model_config: ModelConfig,
+    cache_config: CacheConfig,
+    max_num_batched_tokens: int,
+    null_model: bool,
+    null_step_s: float = 0.0,
+    sharing: KVSharingConfig | None = None,
 ) -> tuple[StepRunner, str, str, str]:
     """The step runner and its identity: (runner, model, device, dtype)."""
     if null_model:
         from paged.worker.null_worker import NullWorker
 
-        null = NullWorker(model_config, cache_config, max_num_batched_tokens, null_step_s)
+        null = NullWorker(model_config, cache_config, max_num_batched_tokens, null_step_s, sharing)
         return null, "null", null.device, null.dtype
     from paged.worker.worker import Worker  # imports torch: only when a model is run
 
-    runner = Worker(model_config, cache_config, max_num_batched_tokens)
+    runner = Worker(model_config, cache_config, max_num_batched_tokens, sharing)
     dtype = str(runner.dtype).removeprefix("torch.")
     return runner, model_config.model or "builtin", str(runner.device), dtype
 
@@ -327,6 +366,7 @@ def run_worker(
     *,
     null_model: bool = False,
     null_step_s: float = 0.0,
+    sharing: KVSharingConfig | None = None,
     worker_id: str | None = None,
     on_gateway_loss: GatewayLossPolicy = "exit",
     gateway_timeout: float = GATEWAY_TIMEOUT_S,
@@ -345,9 +385,12 @@ def run_worker(
     setproctitle(f"paged-worker {worker_id}")
     notifier = SystemdNotifier.from_environment()
     with exit_on_startup_failure("worker", worker_id=worker_id, endpoint=endpoint, model=model_config.model or "builtin"):
-        runner, model, device, dtype = build_runner(model_config, cache_config, max_num_batched_tokens, null_model, null_step_s)
+        sharing = sharing or KVSharingConfig()
+        if sharing.kv_transfer_endpoint is None:
+            sharing = msgspec.structs.replace(sharing, kv_transfer_endpoint=default_transfer_endpoint(endpoint))
+        runner, model, device, dtype = build_runner(model_config, cache_config, max_num_batched_tokens, null_model, null_step_s, sharing)
         server = WorkerServer(
-            runner, endpoint, worker_id=worker_id, model=model, device=device, dtype=dtype,
+            runner, endpoint, worker_id=worker_id, model=model, device=device, dtype=dtype, role=sharing.role,
             on_gateway_loss=on_gateway_loss, gateway_timeout=gateway_timeout,
         )  # fmt: skip
     # Ready once the model is loaded and the endpoint bound; the gateway registers the worker later

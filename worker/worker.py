@@ -2,7 +2,11 @@
 one StepInput at a time (see shared/protocol.py for what a step carries and in which order it applies).
 
 Failures stay local: a malformed new sequence or scheduled entry fails only that sequence, a failed
-forward pass or sampling fails the sequences scheduled in that step, and the worker keeps serving.
+forward pass or sampling fails the sequences scheduled in that step, a failed KV transfer fails only
+that transfer, and the worker keeps serving.
+
+KV beyond the pool: a KV transport (worker/kv_transfer.py) streams pages to and from other workers,
+and the host's shared KV store (worker/kv_store.py) takes saves and serves loads; both are optional.
 """
 
 from __future__ import annotations
@@ -13,16 +17,28 @@ from collections.abc import Iterable
 
 import torch
 
-from paged.shared.config import CacheConfig, ModelConfig, default_cpu_threads
+from paged.shared.config import CacheConfig, KVSharingConfig, ModelConfig, default_cpu_threads
 from paged.shared.logging import get_logger
-from paged.shared.protocol import NewSequence, ScheduledSeq, SeqError, SeqResult, StepInput, StepOutput, TokenLogprob
+from paged.shared.protocol import (
+    NewSequence,
+    ScheduledSeq,
+    SeqError,
+    SeqResult,
+    StepInput,
+    StepOutput,
+    TokenLogprob,
+    TransferFailure,
+)
 from paged.shared.sampling_params import SamplingParams
 from paged.worker.input_batch import check_scheduled, prepare_inputs
 from paged.worker.kv_cache import KVCache, cuda_kv_cache_budget, num_blocks_for_budget
+from paged.worker.kv_store import KVStoreArena
+from paged.worker.kv_transfer import KVTransport, NoTransport
 from paged.worker.model_loader import load_model
 from paged.worker.sampler import Sampler, SamplerOutput
 from paged.worker.sampling_batch import SamplingBatch
 from paged.worker.sequence_state import SequenceState
+from paged.worker.zmq_transport import ZmqTransport
 
 log = get_logger("worker")
 
@@ -36,10 +52,17 @@ def resolve_device(device: str) -> torch.device:
 class Worker:
     """In-process engine: the gateway (or a test) sends StepInputs, gets StepOutputs."""
 
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, max_num_batched_tokens: int = 2048) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        max_num_batched_tokens: int = 2048,
+        sharing: KVSharingConfig | None = None,
+    ) -> None:
         """Load the model and allocate the page pool. On CUDA the pool gets what gpu_memory_utilization
         leaves after a profiling forward of `max_num_batched_tokens` tokens (the largest step the
-        scheduler will send); on CPU it gets cache_config.kv_cache_memory bytes."""
+        scheduler will send); on CPU it gets cache_config.kv_cache_memory bytes. `sharing` opens the
+        KV transport (if it names an endpoint) and attaches the host's KV store (if it has memory)."""
         device = resolve_device(model_config.device)
         if device.type == "cpu":
             torch.set_num_threads(model_config.cpu_threads or default_cpu_threads(1))
@@ -74,6 +97,15 @@ class Worker:
         self.kv_cache = KVCache(self.arch, num_blocks, self.block_size, self.dtype, self.device, num_host_blocks)
         self.sampler = Sampler()
         self.sequences: dict[int, SequenceState] = {}
+        sharing = sharing or KVSharingConfig()
+        self.transport: KVTransport = NoTransport()
+        if sharing.kv_transfer_endpoint:
+            self.transport = ZmqTransport(self.kv_cache, sharing.kv_transfer_endpoint, sharing.kv_transfer_timeout)
+        self.store: KVStoreArena | None = None
+        if sharing.kv_offload_memory:
+            self.store = KVStoreArena.open(
+                sharing.kv_store_name, sharing.kv_offload_memory, self.kv_cache.page_shape, self.dtype
+            )
         log.info(
             "kv_cache_allocated",
             num_blocks=num_blocks,
@@ -92,6 +124,24 @@ class Worker:
     def num_host_blocks(self) -> int:
         return self.kv_cache.num_host_blocks
 
+    @property
+    def transfer_endpoint(self) -> str:
+        return self.transport.endpoint
+
+    @property
+    def kv_store_id(self) -> str:
+        return self.store.store_id if self.store else ""
+
+    @property
+    def num_store_slots(self) -> int:
+        return self.store.num_slots if self.store else 0
+
+    def close(self) -> None:
+        """Stop the KV transport and unmap the KV store (the store itself stays for the host's other workers)."""
+        self.transport.close()
+        if self.store is not None:
+            self.store.close()
+
     def execute_step(self, step: StepInput) -> StepOutput:
         return self._execute(step, keep_logits=False)[0]
 
@@ -102,17 +152,23 @@ class Worker:
     def _execute(self, step: StepInput, keep_logits: bool) -> tuple[StepOutput, dict[int, torch.Tensor]]:
         started = time.perf_counter()
         errors: dict[int, str] = {}
+        for transfer_id in step.kv_cancels:
+            self.transport.cancel(transfer_id)
         for seq_id in step.freed_seq_ids:
             self.sequences.pop(seq_id, None)
         try:
-            self.kv_cache.swap_out(step.swap_out)
-            self.kv_cache.swap_in(step.swap_in)
-            self.kv_cache.copy_blocks(step.copies)
+            store_s = self._move_pages(step)
         except Exception as exc:
             # Which sequences own the pages is the gateway's knowledge: fail everything this step runs.
             log.error("block_transfer_failed", step_id=step.step_id, error=repr(exc), traceback=traceback.format_exc())
             errors = {seq.seq_id: f"block copy/swap failed: {exc}" for seq in step.scheduled}
-            return self._output(step, [], errors, 0.0, started), {}
+            failed = [
+                TransferFailure(item.transfer_id, f"step {step.step_id} failed before the transfer started: {exc}")
+                for item in (*step.kv_receives, *step.kv_sends)
+            ]
+            return self._output(step, [], errors, 0.0, started, failed), {}
+        for receive in step.kv_receives:
+            self.transport.receive(receive.transfer_id, receive.blocks)
 
         for new in step.new_seqs:
             try:
@@ -141,7 +197,39 @@ class Worker:
             forward_s = time.perf_counter() - forward_started
         for seq_id, message in errors.items():
             log.warning("sequence_failed", step_id=step.step_id, seq_id=seq_id, error=message)
-        return self._output(step, results, errors, forward_s, started), logits_by_seq
+        failed: list[TransferFailure] = []
+        for send in step.kv_sends:
+            if send.seq_id in errors:  # its pages may hold garbage
+                failed.append(TransferFailure(send.transfer_id, f"sequence {send.seq_id} failed: {errors[send.seq_id]}"))
+            else:
+                self.transport.send(send.transfer_id, send.peer, send.blocks)
+        if step.transfer_wait_s and not step.scheduled:
+            self.transport.wait_finished(step.transfer_wait_s)
+        output = self._output(step, results, errors, forward_s, started, failed)
+        output.store_save_s, output.store_load_s = store_s
+        return output, logits_by_seq
+
+    def _move_pages(self, step: StepInput) -> tuple[float, float]:
+        """The step's page movements in protocol order: store saves, swaps, store loads, copies.
+        Returns the seconds spent saving to and loading from the KV store."""
+        save_s = load_s = 0.0
+        if step.store_saves:
+            started = time.perf_counter()
+            self.kv_cache.save(self._store_pages(), step.store_saves, "store save")
+            save_s = time.perf_counter() - started
+        self.kv_cache.swap_out(step.swap_out)
+        self.kv_cache.swap_in(step.swap_in)
+        if step.store_loads:
+            started = time.perf_counter()
+            self.kv_cache.load(self._store_pages(), step.store_loads, "store load")
+            load_s = time.perf_counter() - started
+        self.kv_cache.copy_blocks(step.copies)
+        return save_s, load_s
+
+    def _store_pages(self) -> torch.Tensor:
+        if self.store is None:
+            raise ValueError("this worker has no KV store (--kv-offload-memory)")
+        return self.store.pages
 
     def _add_sequence(self, new: NewSequence) -> None:
         if not new.token_ids:
@@ -252,16 +340,25 @@ class Worker:
             results.append(SeqResult(seq_id, token, logprobs[row], top))
         return results
 
-    @staticmethod
     def _output(
-        step: StepInput, results: list[SeqResult], errors: dict[int, str], forward_s: float, started: float
+        self,
+        step: StepInput,
+        results: list[SeqResult],
+        errors: dict[int, str],
+        forward_s: float,
+        started: float,
+        failed_transfers: list[TransferFailure],
     ) -> StepOutput:
+        """The step's output, with every transfer that ended since the previous one."""
+        done, failed = self.transport.take_finished()
         return StepOutput(
             step_id=step.step_id,
             results=results,
             errors=[SeqError(seq_id, message) for seq_id, message in errors.items()],
             forward_s=forward_s,
             total_s=time.perf_counter() - started,
+            transfers_done=done,
+            transfers_failed=failed_transfers + failed,
         )
 
     def _profile_forward(self, num_tokens: int) -> None:

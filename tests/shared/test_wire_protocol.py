@@ -3,6 +3,7 @@ anything but a message or a ProtocolError (never a crash)."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,6 +15,8 @@ from paged.shared.protocol import (
     Codec,
     Heartbeat,
     Hello,
+    KVReceive,
+    KVSend,
     NewSequence,
     ProtocolError,
     ProtocolVersionError,
@@ -26,6 +29,7 @@ from paged.shared.protocol import (
     StepInput,
     StepOutput,
     TokenLogprob,
+    TransferFailure,
     WorkerRegistration,
 )
 from paged.shared.sampling_params import SamplingParams
@@ -33,6 +37,10 @@ from paged.shared.sampling_params import SamplingParams
 MESSAGES = [
     Hello(PROTOCOL_VERSION, "gw"),
     WorkerRegistration(PROTOCOL_VERSION, "host:1", 1000, 50, 16, 4096, "/models/x", "cuda:0", "bfloat16", 1234),
+    WorkerRegistration(
+        PROTOCOL_VERSION, "host:2", 1000, 50, 16, 4096, "/models/x", "cuda:1", "bfloat16", 1235,
+        role="decode", transfer_endpoint="tcp://host:5601", kv_store_id="ab12", num_store_slots=300,
+    ),  # fmt: skip
     RegistrationAck("gw"),
     RegistrationRefused("protocol version 9"),
     Heartbeat(1.5),
@@ -46,7 +54,17 @@ MESSAGES = [
         swap_in=[BlockCopy(3, 4)],
         copies=[BlockCopy(5, 6)],
     ),
+    StepInput(
+        step_id=8,
+        store_saves=[BlockCopy(7, 0)],
+        store_loads=[BlockCopy(3, 7)],
+        kv_sends=[KVSend(11, 1, "ipc:///run/paged/worker-1-kv.sock", [3, 4])],
+        kv_receives=[KVReceive(12, [9, 10, 2])],
+        kv_cancels=[10],
+        transfer_wait_s=0.05,
+    ),
     StepOutput(7, [SeqResult(1, 42, -0.5, [TokenLogprob(42, -0.5)])], [SeqError(2, "boom")], 0.01, 0.02),
+    StepOutput(8, store_save_s=0.001, store_load_s=0.002, transfers_done=[11, 12], transfers_failed=[TransferFailure(10, "stream stalled after 2 of 5 blocks")]),
 ]
 
 
@@ -62,6 +80,17 @@ def test_round_trip(message: object) -> None:
     assert codec.decode(frames) == message
 
 
+def test_registration_from_a_worker_without_kv_sharing_fields_decodes_with_defaults() -> None:
+    """The KV sharing fields are trailing and optional: a registration that stops before them (a
+    worker without transfers or store) decodes to a mixed worker that takes no transfers."""
+    full = WorkerRegistration(PROTOCOL_VERSION, "h:1", 10, 0, 16, 256, "m", "cpu", "float32", 1)
+    header, _ = Codec().encode(full)
+    payload = msgspec.msgpack.encode([PROTOCOL_VERSION, "h:1", 10, 0, 16, 256, "m", "cpu", "float32", 1])
+    decoded = Codec().decode([header, payload])
+    assert decoded == full
+    assert (decoded.role, decoded.transfer_endpoint, decoded.kv_store_id, decoded.num_store_slots) == ("mixed", "", "", 0)
+
+
 @pytest.mark.parametrize(
     "frames, error",
     [
@@ -73,6 +102,10 @@ def test_round_trip(message: object) -> None:
         ([bytes((PROTOCOL_VERSION, 7)), b"\xc1"], "undecodable StepInput"),
         ([bytes((PROTOCOL_VERSION, 7)), b"\x81\xa7step_id\xa3abc"], "undecodable StepInput"),
         ([bytes((PROTOCOL_VERSION, 2)), b"\x93\x01\x02\x03"], "undecodable WorkerRegistration"),
+        (
+            [bytes((PROTOCOL_VERSION, 2)), msgspec.msgpack.encode([PROTOCOL_VERSION, "h", 1, 0, 16, 8, "m", "cpu", "f", 1, "both"])],
+            "undecodable WorkerRegistration",
+        ),
     ],
 )
 def test_malformed_frames_raise_protocol_error(frames: list[bytes], error: str) -> None:

@@ -12,7 +12,6 @@ n > 1 greedy forks continue exactly as their parent does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,7 @@ ATOL = 1e-4
 STORIES_PROMPT = [1, 403, 407, 261, 378]  # BOS + "Once upon a time"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """These models are tiny: torch's thread pool only adds contention on a shared 2-core machine (20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_worker(model: Path | None, block_size: int) -> Worker:
