@@ -18,7 +18,7 @@ from paged.gateway.drain import DEFAULT_DRAIN_TIMEOUT_S
 from paged.gateway.engine import AsyncEngine, WorkerSpec
 from paged.gateway.worker_link import RegistrationError
 from paged.gateway.worker_processes import RuntimeDir, local_workers
-from paged.shared.config import CacheConfig, ModelConfig, SchedulerConfig
+from paged.shared.config import CacheConfig, HttpConfig, ModelConfig, SchedulerConfig
 from paged.shared.logging import LEVELS, configure_logging
 from paged.shared.sampling_params import SamplingParams
 from paged.shared.startup_failure import StartupError, check_model_directory, exit_on_startup_failure
@@ -82,7 +82,7 @@ def http_options(command: F) -> F:
         ]
     ):
         command = option(command)
-    return command
+    return config_options(HttpConfig)(command)
 
 
 null_model_option = click.option("--null-model", is_flag=True, help="Workers run no model and answer fixed tokens (gateway benchmarks).")
@@ -106,7 +106,7 @@ def _run_gateway(workers: list[WorkerSpec], model: str | None, cache_config: Cac
         uvloop.run(
             run_daemon(
                 engine, tokenizer, served_model_name, kwargs["host"], kwargs["port"], kwargs["api_key"], admin,
-                drain_timeout=kwargs["drain_timeout"], reload=reload,
+                drain_timeout=kwargs["drain_timeout"], reload=reload, http=build_config(HttpConfig, kwargs),
             )
         )  # fmt: skip
 

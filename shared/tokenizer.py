@@ -46,6 +46,10 @@ class Tokenizer:
         """Token ids; with add_special_tokens, BOS (etc.) as the tokenizer.json post-processor adds them."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """encode() for many texts at once; unlike encode(), it releases the GIL while it works."""
+        return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 

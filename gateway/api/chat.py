@@ -17,29 +17,40 @@ from paged.gateway.api.protocol import ChatCompletionRequest, ChatMessage
 from paged.gateway.api.request_body import decode_body, read_body
 from paged.gateway.api.respond import respond
 from paged.gateway.api.state import ApiState
-from paged.gateway.api.validation import check_max_tokens, check_model, fit_to_context, sampling_params
+from paged.gateway.api.validation import (
+    check_cache_salt,
+    check_choices,
+    check_max_tokens,
+    check_model,
+    fit_to_context,
+    sampling_params,
+)
 
 
 async def create_chat_completion(request: Request) -> Response:
     state: ApiState = request.app.state.api
-    body = decode_body(await read_body(request, state.max_body_bytes), ChatCompletionRequest)
+    body = decode_body(await read_body(request, state.limits.max_body_size, state.limits.body_timeout), ChatCompletionRequest)
     return await cancel_on_disconnect(request, _chat(state, body))
 
 
 async def _chat(state: ApiState, body: ChatCompletionRequest) -> Response:
     check_model(body.model, state.served_model_name)
     state.check_ready()
+    check_cache_salt(body)
     if not body.messages:
         raise APIError(400, "messages must not be empty", param="messages")
-    text = state.chat_template.render([_template_message(m, i) for i, m in enumerate(body.messages)])
-    prompt = state.tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
-    params = sampling_params(body, (body.top_logprobs or 0) if body.logprobs else None, "top_logprobs")
+    params = sampling_params(body, (body.top_logprobs or 0) if body.logprobs else None, state.tokenizer.vocab_size, "top_logprobs")
     max_tokens, max_tokens_param = (
         (body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None
         else (body.max_tokens, "max_tokens")
     )
     check_max_tokens(max_tokens, max_tokens_param)
-    params = fit_to_context(params, max_tokens, len(prompt), state.engine.max_model_len, "messages", max_tokens_param)
+    check_choices(1, params.n, state.limits.max_request_choices)
+    text = await state.prompts.render_chat([_template_message(m, i) for i, m in enumerate(body.messages)])
+    max_model_len = state.engine.max_model_len
+    # The template writes BOS itself.
+    [prompt] = await state.prompts.encode([text], add_special_tokens=False, max_model_len=max_model_len, param="messages")
+    params = fit_to_context(params, max_tokens, len(prompt), max_model_len, "messages", max_tokens_param)
     return await respond(
         state, body, "chatcmpl", [(prompt, params)], _Formatter,
         endpoint="chat", prompt_tokens=len(prompt), n=params.n,

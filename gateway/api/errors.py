@@ -10,6 +10,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from paged.gateway.engine_client import AdmissionError
+from paged.shared.logging import get_logger
+
+log = get_logger("gateway.api")
 
 # OpenAI's `type` for each status we send; the openai client picks its exception class by status.
 ERROR_TYPES = {
@@ -17,6 +20,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -81,3 +85,9 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404:
         return APIError(404, f"{request.method} {request.url.path} not found", code="not_found").response()
     return APIError(exc.status_code, str(exc.detail)).response()
+
+
+async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A bug, not the client's fault: 500 in OpenAI's shape, the details in the log only."""
+    log.error("request.internal_error", path=request.url.path, exc_info=exc)
+    return APIError(500, "internal server error", code="internal_error").response()

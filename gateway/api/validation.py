@@ -1,12 +1,16 @@
 """Turning a decoded request into SamplingParams, with OpenAI-style 400s for values out of range.
 
 Limits chosen here (documented in the API reference):
-- n: 1..MAX_N choices per prompt; each one is a sequence in the KV cache, so it is capped.
+- every integer fits the wire to the workers (int64; protocol.py's WireInt checks while decoding);
+- n: 1..MAX_N choices per prompt; each one is a sequence in the KV cache, so it is capped, and so
+  are the choices of one request (prompts × n, --max-request-choices);
 - logprobs / top_logprobs: 0..MAX_LOGPROBS alternatives per token, as OpenAI.
 - max_tokens: at least 1; by default the rest of the context window after the prompt, and a
   prompt plus max_tokens must fit in the window.
 - temperature >= 0 (0 is greedy), 0 < top_p <= 1, top_k >= -1 (0 and -1 disable it),
-  0 <= min_p <= 1, presence and frequency penalties in [-2, 2], repetition_penalty > 0.
+  0 <= min_p <= 1, presence and frequency penalties in [-2, 2], repetition_penalty > 0;
+- stop_token_ids inside the vocabulary;
+- cache_salt, when given, is not empty: an empty salt would look like a salt and be none.
 """
 
 from __future__ import annotations
@@ -38,7 +42,27 @@ def stop_strings(request: SamplingRequest) -> list[str]:
     return strings
 
 
-def sampling_params(request: SamplingRequest, logprobs: int | None, logprobs_param: str = "logprobs") -> SamplingParams:
+def check_cache_salt(request: SamplingRequest) -> None:
+    if request.cache_salt == "":
+        message = "cache_salt must be a non-empty string; omit it (or send null) to share the unsalted cache"
+        raise APIError(400, message, param="cache_salt")
+
+
+def check_choices(num_prompts: int, n: int, limit: int) -> None:
+    """One request may not ask for more than `limit` choices (prompts × n): each is a sequence to
+    schedule, detokenize and stream, and thousands of them would stall the server for everyone."""
+    total = num_prompts * n
+    if total > limit:
+        raise APIError(
+            400,
+            f"this request asks for {total} choices ({num_prompts} prompts × n={n}); the limit is {limit} per request",
+            param="n" if n > 1 else "prompt",
+        )
+
+
+def sampling_params(
+    request: SamplingRequest, logprobs: int | None, vocab_size: int, logprobs_param: str = "logprobs"
+) -> SamplingParams:
     """Everything but max_tokens, which depends on each prompt's length (see fit_to_context)."""
     temperature = _default(request.temperature, 1.0)
     top_p = _default(request.top_p, 1.0)
@@ -57,7 +81,9 @@ def sampling_params(request: SamplingRequest, logprobs: int | None, logprobs_par
     for name, penalty in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
         _require(-2 <= penalty <= 2, name, f"{name} must be in [-2, 2], got {penalty}")
     _require(repetition_penalty > 0, "repetition_penalty", f"repetition_penalty must be > 0, got {repetition_penalty}")
-    _require(all(t >= 0 for t in stop_token_ids), "stop_token_ids", "stop_token_ids must be non-negative")
+    for i, token_id in enumerate(stop_token_ids):
+        message = f"stop token id {token_id} is outside the vocabulary (0..{vocab_size - 1})"
+        _require(0 <= token_id < vocab_size, f"stop_token_ids[{i}]", message)
     if logprobs is not None:
         message = f"{logprobs_param} must be between 0 and {MAX_LOGPROBS}, got {logprobs}"
         _require(0 <= logprobs <= MAX_LOGPROBS, logprobs_param, message)
