@@ -19,7 +19,8 @@ from tokenizers import decoders, models, processors
 BUILTIN_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 BUILTIN_BOS_ID = 1
 BUILTIN_EOS_ID = 2
-BUILTIN_VOCAB_SIZE = len(BUILTIN_SPECIAL_TOKENS) + 256
+BUILTIN_FIRST_BYTE_ID = len(BUILTIN_SPECIAL_TOKENS)  # byte b is token BUILTIN_FIRST_BYTE_ID + b
+BUILTIN_VOCAB_SIZE = BUILTIN_FIRST_BYTE_ID + 256
 
 # generation_config.json fields that are sampling defaults (the names match SamplingParams where they overlap).
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
@@ -84,7 +85,7 @@ def load_tokenizer(model_dir: str | Path | None) -> Tokenizer:
 def builtin_tokenizer() -> Tokenizer:
     """Every UTF-8 byte is a token: BPE with no merges and byte fallback turns each character into its bytes."""
     vocab = {token: i for i, token in enumerate(BUILTIN_SPECIAL_TOKENS)}
-    vocab.update({f"<0x{b:02X}>": len(BUILTIN_SPECIAL_TOKENS) + b for b in range(256)})
+    vocab.update({f"<0x{b:02X}>": BUILTIN_FIRST_BYTE_ID + b for b in range(256)})
     backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
     backend.add_special_tokens(list(BUILTIN_SPECIAL_TOKENS))
     backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
