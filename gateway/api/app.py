@@ -13,7 +13,7 @@ from paged.gateway.api.auth import ApiKeyMiddleware
 from paged.gateway.api.chat import create_chat_completion
 from paged.gateway.api.chat_template import ChatTemplate
 from paged.gateway.api.completions import create_completion
-from paged.gateway.api.errors import APIError, api_error_handler, http_error_handler, internal_error_handler
+from paged.gateway.api.errors import APIError, InternalErrorMiddleware, api_error_handler, http_error_handler
 from paged.gateway.api.health import health
 from paged.gateway.api.logprobs import TokenStrings
 from paged.gateway.api.metrics import Metrics
@@ -40,11 +40,13 @@ def build_app(
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]
-    middleware = [Middleware(ApiKeyMiddleware, api_key=api_key)] if api_key else []
+    middleware = [Middleware(InternalErrorMiddleware)]
+    if api_key:
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=api_key))
     app = Starlette(
         routes=routes,
         middleware=middleware,
-        exception_handlers={APIError: api_error_handler, HTTPException: http_error_handler, Exception: internal_error_handler},
+        exception_handlers={APIError: api_error_handler, HTTPException: http_error_handler},
     )
     app.state.api = ApiState(
         engine=engine,

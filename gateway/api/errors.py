@@ -8,6 +8,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from paged.gateway.engine_client import AdmissionError
 from paged.shared.logging import get_logger
@@ -87,7 +88,26 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return APIError(exc.status_code, str(exc.detail)).response()
 
 
-async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    """A bug, not the client's fault: 500 in OpenAI's shape, the details in the log only."""
-    log.error("request.internal_error", path=request.url.path, exc_info=exc)
-    return APIError(500, "internal server error", code="internal_error").response()
+
+class InternalErrorMiddleware:
+    """A bug, not the client's fault: a 500 in OpenAI's shape, and the traceback in one structured log
+    event (starlette's own handler re-raises, and uvicorn then prints it over many plain-text lines).
+    Once a response has started (a stream), the connection is closed instead: nothing else can be sent."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.error("request.internal_error", path=scope.get("path"), response_started=started, exc_info=exc)
+            if not started:
+                await APIError(500, "internal server error", code="internal_error").response()(scope, receive, send)
