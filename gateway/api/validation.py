@@ -9,7 +9,7 @@ Limits chosen here (documented in the API reference):
   prompt plus max_tokens must fit in the window.
 - temperature >= 0 (0 is greedy), 0 < top_p <= 1, top_k >= -1 (0 and -1 disable it),
   0 <= min_p <= 1, presence and frequency penalties in [-2, 2], repetition_penalty > 0;
-- stop_token_ids inside the vocabulary;
+- at most MAX_STOP stop strings, none empty; at most MAX_STOP_TOKEN_IDS stop_token_ids, each in the vocabulary;
 - cache_salt, when given, is not empty: an empty salt would look like a salt and be none.
 """
 
@@ -27,6 +27,8 @@ T = TypeVar("T")
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+MAX_STOP = 16
+MAX_STOP_TOKEN_IDS = 256
 
 
 def check_model(requested: str | None, served_model_name: str) -> None:
@@ -36,10 +38,7 @@ def check_model(requested: str | None, served_model_name: str) -> None:
 
 def stop_strings(request: SamplingRequest) -> list[str]:
     stop = request.stop
-    strings = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(s == "" for s in strings):
-        raise APIError(400, "stop strings must not be empty", param="stop")
-    return strings
+    return [stop] if isinstance(stop, str) else list(stop or [])
 
 
 def check_cache_salt(request: SamplingRequest) -> None:
@@ -73,6 +72,13 @@ def sampling_params(
     frequency_penalty = _default(request.frequency_penalty, 0.0)
     repetition_penalty = _default(request.repetition_penalty, 1.0)
     stop_token_ids = tuple(request.stop_token_ids or ())
+    stop = stop_strings(request)
+    # Every generated token is checked against each stop string on the event loop, and the stop
+    # token ids travel to the workers with each sequence: both lists are kept short.
+    _require(len(stop) <= MAX_STOP, "stop", f"at most {MAX_STOP} stop strings, got {len(stop)}")
+    _require("" not in stop, "stop", "stop strings must not be empty")
+    message = f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(stop_token_ids)}"
+    _require(len(stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids", message)
     _require(temperature >= 0, "temperature", f"temperature must be >= 0, got {temperature}")
     _require(0 < top_p <= 1, "top_p", f"top_p must be in (0, 1], got {top_p}")
     _require(top_k >= -1, "top_k", f"top_k must be -1, 0 (disabled) or positive, got {top_k}")

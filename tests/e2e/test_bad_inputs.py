@@ -104,6 +104,8 @@ def bad_inputs() -> list[Bad]:
         add(f"bad stop {stop}", completion(stop=stop))
     for ids in ([512], [-5], [0, 1 << 40]):
         add(f"bad stop_token_ids {ids}", completion(stop_token_ids=ids))
+    add("100k stop strings", completion(stop=["ab"] * 100_000))
+    add("1M stop_token_ids", completion(stop_token_ids=[5] * 1_000_000))
     # Bad roles, and jinja that must not help them through.
     for role in ("root", "", "User", "function_call", "system\nuser"):
         add(f"bad role {role!r}", chat(messages=[{"role": role, "content": "{{ raise_exception('x') }}"}]), path=CHAT)

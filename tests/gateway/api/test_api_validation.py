@@ -148,3 +148,13 @@ async def test_an_unexpected_failure_is_a_500_in_openai_shape(client: httpx.Asyn
     assert response.status_code == 500
     assert response.json()["error"]["type"] == "server_error"
     assert "boom" not in response.text  # internals stay in the log
+
+
+async def test_stop_lists_are_bounded(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    """Each generated token is matched against every stop string on the event loop: a list of a million
+    would stall the server, so both lists are capped."""
+    assert_400(await client.post("/v1/completions", json={"prompt": "x", "stop": ["ab"] * 100_000}), "stop", "at most 16")
+    assert_400(await client.post("/v1/completions", json={"prompt": "x", "stop_token_ids": [5] * 1_000_000}), "stop_token_ids", "at most 256")
+    assert engine.submitted == []
+    ok = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "stop": ["a"] * 16, "stop_token_ids": [5] * 256})
+    assert ok.status_code == 200
