@@ -13,7 +13,7 @@ from paged.gateway.api.disconnect import cancel_on_disconnect
 from paged.gateway.api.errors import APIError
 from paged.gateway.api.generation import ChoiceUpdate, Generation
 from paged.gateway.api.logprobs import chat_logprobs
-from paged.gateway.api.protocol import ChatCompletionRequest, ChatMessage
+from paged.gateway.api.protocol import ChatCompletionRequest
 from paged.gateway.api.request_body import decode_body, read_body
 from paged.gateway.api.respond import respond
 from paged.gateway.api.state import ApiState
@@ -46,7 +46,7 @@ async def _chat(state: ApiState, body: ChatCompletionRequest) -> Response:
     )
     check_max_tokens(max_tokens, max_tokens_param)
     check_choices(1, params.n, state.limits.max_request_choices)
-    text = await state.prompts.render_chat([_template_message(m, i) for i, m in enumerate(body.messages)])
+    text = await state.prompts.render_chat(body.messages)
     max_model_len = state.engine.max_model_len
     # The template writes BOS itself.
     [prompt] = await state.prompts.encode([text], add_special_tokens=False, max_model_len=max_model_len, param="messages")
@@ -55,19 +55,6 @@ async def _chat(state: ApiState, body: ChatCompletionRequest) -> Response:
         state, body, "chatcmpl", [(prompt, params)], _Formatter,
         endpoint="chat", prompt_tokens=len(prompt), n=params.n,
     )
-
-
-def _template_message(message: ChatMessage, i: int) -> dict[str, Any]:
-    """A message as chat templates expect it: content as one string (text parts joined by newlines)."""
-    content = message.content
-    if isinstance(content, list):
-        if any(part.type != "text" or part.text is None for part in content):
-            raise APIError(400, "only text content parts are supported", param=f"messages[{i}].content")
-        content = "\n".join(part.text for part in content if part.text is not None)
-    rendered: dict[str, Any] = {"role": message.role, "content": content or ""}
-    if message.name is not None:
-        rendered["name"] = message.name
-    return rendered
 
 
 class _Formatter:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from paged.gateway.api.chat_template import ChatTemplate
 from paged.gateway.api.prompt_bound import check_prompt_chars, max_chars_per_token
+from paged.gateway.api.protocol import ChatMessage
 from paged.shared.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -44,8 +45,10 @@ class PromptTokenizer:
             check_prompt_chars(text, self._max_chars_per_token, max_model_len, param)
         return await _off_loop(self._tokenizer.encode_batch, texts, add_special_tokens)
 
-    async def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        return await _off_loop(self._template.render, messages)
+    async def render_chat(self, messages: list[ChatMessage]) -> str:
+        """The chat template applied to `messages`; even preparing a quarter of a million (8 MiB of
+        them) for the template takes a tenth of a second, so that happens off the loop too."""
+        return await _off_loop(self._template.render_messages, messages)
 
 
 async def _off_loop(function: Callable[..., T], *args: Any) -> T:

@@ -80,7 +80,7 @@ async def test_the_loop_serves_while_a_chat_template_renders(
     from paged.gateway.api.chat_template import ChatTemplate
 
     gate = Gate()
-    monkeypatch.setattr(ChatTemplate, "render", gate.wrap(ChatTemplate.render))
+    monkeypatch.setattr(ChatTemplate, "render_messages", gate.wrap(ChatTemplate.render_messages))
     held = asyncio.create_task(client.post(CHAT, json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}))
     try:
         assert await asyncio.to_thread(gate.entered.wait, LIVENESS_S)
