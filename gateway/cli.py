@@ -21,7 +21,7 @@ from paged.gateway.replica import WorkerSpec
 from paged.gateway.worker_link import RegistrationError
 from paged.gateway.worker_processes import RuntimeDir, local_workers
 from paged.shared.cli_options import build_config, config_options, null_model_option
-from paged.shared.config import CacheConfig, ModelConfig, SchedulerConfig
+from paged.shared.config import CacheConfig, HttpConfig, ModelConfig, SchedulerConfig
 from paged.shared.config_file import config_file_path
 from paged.shared.startup_failure import StartupError, check_model_directory, exit_on_startup_failure
 from paged.shared.tokenizer import TokenizerLoadError, load_generation_defaults, load_tokenizer
@@ -48,7 +48,7 @@ def http_options(command: F) -> F:
         ]
     ):
         command = option(command)
-    return command
+    return config_options(HttpConfig)(command)
 
 
 def _run_gateway(workers: list[WorkerSpec], model: str | None, cache_config: CacheConfig, kwargs: dict[str, Any]) -> None:
@@ -71,7 +71,8 @@ def _run_gateway(workers: list[WorkerSpec], model: str | None, cache_config: Cac
         uvloop.run(
             run_daemon(
                 engine, tokenizer, served_model_name, kwargs["host"], kwargs["port"], kwargs["api_key"], admin,
-                drain_timeout=kwargs["drain_timeout"], reload=reload, generation_defaults=generation_defaults,
+                drain_timeout=kwargs["drain_timeout"], reload=reload, http=build_config(HttpConfig, kwargs),
+                generation_defaults=generation_defaults,
             )
         )  # fmt: skip
 

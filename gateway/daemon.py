@@ -19,6 +19,7 @@ from paged.gateway.engine import AsyncEngine
 from paged.gateway.http_listener import bind_http_listener
 from paged.gateway.service_state import draining_status, follow_status, ping_watchdog, serving_status, starting_status
 from paged.gateway.signals import DaemonSignals
+from paged.shared.config import HttpConfig
 from paged.shared.logging import get_logger
 from paged.shared.sampling_params import GenerationDefaults
 from paged.shared.systemd_notify import SystemdNotifier
@@ -38,6 +39,7 @@ async def run_daemon(
     *,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
     reload: Callable[[AsyncEngine], None] | None = None,
+    http: HttpConfig | None = None,
     generation_defaults: GenerationDefaults = GenerationDefaults(),
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain (gateway/drain.py: no new requests, running ones get
@@ -62,8 +64,8 @@ async def run_daemon(
         # the collector's generations keeps full collections from rescanning it while serving.
         gc.collect()
         gc.freeze()
-        app = build_app(engine, tokenizer, served_model_name, api_key, generation_defaults=generation_defaults)
-        await _serve(engine, app, served_model_name, host, port, admin, listener, notifier, stopping, drain_timeout)
+        app = build_app(engine, tokenizer, served_model_name, api_key, http, generation_defaults)
+        await _serve(engine, app, served_model_name, host, port, admin, listener, notifier, stopping, drain_timeout, http)
     finally:
         stopping.cancel()
         pinging.cancel()
@@ -83,6 +85,7 @@ async def _serve(
     notifier: SystemdNotifier,
     stopping: asyncio.Task[object],
     drain_timeout: float,
+    http: HttpConfig | None,
 ) -> None:
     admin_server = AdminServer(engine, admin, served_model_name, app.state.api.metrics.registry) if admin else None
     if admin_server is not None:
@@ -91,7 +94,7 @@ async def _serve(
         except BaseException:
             await engine.shutdown()
             raise
-    server = http_server(app, host, port)
+    server = http_server(app, host, port, http)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # the signals are gateway/signals.py's
     serving = asyncio.create_task(server.serve(sockets=[listener]), name="http")
     informing: asyncio.Task[None] | None = None

@@ -10,9 +10,10 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from paged.ops.admin_client import AdminClient, admin_command
+from paged.ops.admin_output import Columns, Output, Part
 from paged.ops.admin_tables import pct, requests_table, workers_table
 from paged.ops.memmap_render import render_memmap, write_png
 from paged.shared.logging import LEVELS
@@ -29,30 +30,31 @@ def status(client: AdminClient, as_json: bool) -> None:
     payload = client.get("/status")
     if as_json:
         return _print_json(payload)
-    console = Console()
     state = "draining" if payload["draining"] else "ready" if payload["ready"] else "not ready"
-    console.print(f"[bold]paged {payload['version']}[/] · {payload['served_model_name']} ({payload['model']}) · {state} · up {payload['uptime_s']:.0f}s")
-    console.print(
-        f"running {payload['running_seqs']} sequences · waiting {payload['waiting_requests']} · swapped {payload['swapped_requests']} requests"
-    )
-    console.print(workers_table(payload["workers"]))
     policy = {**payload["policy"]["scheduler"], **payload["policy"]["cache"]}
-    console.print("policy: " + ", ".join(f"{key}={value}" for key, value in policy.items()))
+    Output().print(
+        Text.assemble((f"paged {payload['version']}", "bold"), f" · {payload['served_model_name']} ({payload['model']})"
+                      f" · {state} · up {payload['uptime_s']:.0f}s"),
+        f"running {payload['running_seqs']} sequences · waiting {payload['waiting_requests']} · swapped {payload['swapped_requests']} requests",
+        workers_table(payload["workers"]),
+        "policy: " + ", ".join(f"{key}={value}" for key, value in policy.items()),
+    )  # fmt: skip
 
 
 @click.command()
 @admin_command
 @click.option("--worker", default="0", show_default=True, help="Which worker's pool.")
 @click.option("--png", "png_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the map as a PNG picture.")
-def memmap(client: AdminClient, as_json: bool, worker: str, png_path: Path | None) -> None:
-    """Every KV block of a worker: free, cached-free or held (by whom), with utilization and fragmentation."""
+@click.option("--all", "show_all", is_flag=True, help="Draw every row of blocks; by default runs of wholly free rows are one line each.")
+def memmap(client: AdminClient, as_json: bool, worker: str, png_path: Path | None, show_all: bool) -> None:
+    """The KV blocks of a worker: free, cached-free or held (by whom), with utilization and fragmentation."""
     memory = client.get(f"/workers/{worker}/memmap")
     if png_path is not None:
-        write_png(memory, png_path)
+        write_png(memory, png_path, collapse=not show_all)
     if as_json:
         return _print_json(memory)
     console = Console()
-    console.print(render_memmap(memory, console.width))
+    console.print(render_memmap(memory, console.width, collapse=not show_all))
     if png_path is not None:
         console.print(f"wrote {png_path}")
 
@@ -64,7 +66,7 @@ def requests(client: AdminClient, as_json: bool) -> None:
     payload = client.get("/requests")
     if as_json:
         return _print_json(payload)
-    Console().print(requests_table(payload) if payload else "no unfinished requests")
+    Output().print(requests_table(payload) if payload else "no unfinished requests")
 
 
 @click.command()
@@ -75,11 +77,12 @@ def request(client: AdminClient, as_json: bool, request_id: str) -> None:
     payload = client.get(f"/requests/{request_id}")
     if as_json:
         return _print_json(payload)
-    console = Console()
-    console.print(requests_table([payload]))
-    for seq in payload["seqs"]:
-        where = "host blocks" if seq["swapped"] else "blocks"
-        console.print(f"seq {seq['index']} ({seq['status']}, {seq['computed']}/{seq['tokens']} tokens computed) {where}: {seq['block_table']}")
+    lines = [
+        f"seq {seq['index']} ({seq['status']}, {seq['computed']}/{seq['tokens']} tokens computed) "
+        f"{'host blocks' if seq['swapped'] else 'blocks'}: {seq['block_table']}"
+        for seq in payload["seqs"]
+    ]
+    Output().print(requests_table([payload]), *lines)
 
 
 @click.command()
@@ -89,21 +92,23 @@ def cache(client: AdminClient, as_json: bool) -> None:
     payload = client.get("/cache")
     if as_json:
         return _print_json(payload)
-    console = Console()
+    parts: list[Part] = []
     for summary in payload:
         enabled = "" if summary["enabled"] else " (prefix caching off)"
-        console.print(
-            f"[bold]worker {summary['worker']}[/]{enabled}: {summary['cached_free_blocks']} cached-free, "
-            f"{summary['cached_held_blocks']} cached and held blocks · hit rate {pct(summary['hit_rate'])} "
-            f"({summary['hits_tokens']}/{summary['queries_tokens']} tokens) · {summary['evictions']} evictions"
-        )
+        parts.append(Text.assemble(
+            (f"worker {summary['worker']}", "bold"),
+            f"{enabled}: {summary['cached_free_blocks']} cached-free, {summary['cached_held_blocks']} cached and held blocks"
+            f" · hit rate {pct(summary['hit_rate'])} ({summary['hits_tokens']}/{summary['queries_tokens']} tokens)"
+            f" · {summary['evictions']} evictions",
+        ))  # fmt: skip
         if summary["hottest_prefixes"]:
-            table = Table("blocks", "holders", "blocks × holders", "first block", "hash")
+            table = Columns(["blocks", "holders", "blocks × holders", "first block", "hash"])
             for prefix in summary["hottest_prefixes"]:
-                table.add_row(
+                table.rows.append([
                     str(prefix["blocks"]), ", ".join(prefix["holders"]), str(prefix["score"]), str(prefix["first_block"]), prefix["hash"] or "-"
-                )
-            console.print(table)
+                ])  # fmt: skip
+            parts.append(table)
+    Output().print(*parts)
 
 
 def _act(client: AdminClient, as_json: bool, path: str, message: str, body: Any = None) -> None:

@@ -1,6 +1,7 @@
 """`pagedctl top`: a live view of a daemon, refreshed every --interval seconds: running and waiting,
-generated tokens per second (from the daemon's token counter between two refreshes), KV use and
-prefix-cache hit rate per worker, and the longest-lived requests."""
+generated tokens per second (from the daemon's token counter, which counts tokens as they are
+produced, between two refreshes), KV use and prefix-cache hit rate per worker, and the longest-lived
+requests. On a terminal it redraws in place; into a pipe it prints one plain snapshot per refresh."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import time
 from typing import Any
 
 import click
-from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.text import Text
 
 from paged.ops.admin_client import AdminClient, admin_command
+from paged.ops.admin_output import Output, Part
 from paged.ops.admin_tables import pct, requests_table, workers_table
 
 TOP_REQUESTS = 20
@@ -35,20 +36,23 @@ class TokenRate:
         return (tokens - last[1]) / (now - last[0])
 
 
-def _view(status: dict[str, Any], requests: list[dict[str, Any]], rate: float | None) -> RenderableType:
+def _view(status: dict[str, Any], requests: list[dict[str, Any]], rate: float | None) -> list[Part]:
     workers = status["workers"]
     used = sum(w["used_blocks"] for w in workers)
     total = sum(w["num_blocks"] for w in workers)
     state = "draining" if status["draining"] else "ready" if status["ready"] else "not ready"
     header = Text.assemble(
         (f"paged {status['served_model_name']}", "bold"),
-        f" · {state} · running {status['running_seqs']} · waiting {status['waiting_requests']}",
-        f" · swapped {status['swapped_requests']} · KV {used}/{total} blocks ({pct(used / total if total else 0.0)})",
-        f" · {'-' if rate is None else f'{rate:.1f}'} tokens/s",
+        f" · {state} · {'-' if rate is None else f'{rate:.1f}'} tokens/s",
+        f" · running {status['running_seqs']} · waiting {status['waiting_requests']} · swapped {status['swapped_requests']}",
+        f" · KV {used}/{total} blocks ({pct(used / total if total else 0.0)})",
     )
     shown = requests[:TOP_REQUESTS]
-    footer = Text(f"{len(requests) - len(shown)} more requests", style="dim") if len(requests) > len(shown) else Text("")
-    return Group(header, workers_table(workers), requests_table(shown), footer)
+    parts: list[Part] = [header, workers_table(workers)]
+    parts.append(requests_table(shown) if shown else "no unfinished requests")
+    if len(requests) > len(shown):
+        parts.append(Text(f"{len(requests) - len(shown)} more requests", style="dim"))
+    return parts
 
 
 @click.command()
@@ -58,10 +62,11 @@ def _view(status: dict[str, Any], requests: list[dict[str, Any]], rate: float | 
 def top(client: AdminClient, as_json: bool, interval: float, iterations: int | None) -> None:
     """A live, refreshing view: running/waiting, tokens/s, KV use, hit rate, requests."""
     rate = TokenRate()
-    console = Console()
+    output = Output()
     count = 0
-    # Under --json: no screen, one JSON line per refresh.
-    with contextlib.nullcontext() if as_json else Live(console=console, auto_refresh=False) as live:
+    # A terminal redraws in place; --json prints one JSON line per refresh, a pipe one plain snapshot.
+    redraw = output.terminal and not as_json
+    with Live(console=output.console, auto_refresh=False) if redraw else contextlib.nullcontext() as live:
         try:
             while iterations is None or count < iterations:
                 if count:
@@ -70,10 +75,11 @@ def top(client: AdminClient, as_json: bool, interval: float, iterations: int | N
                 requests = client.get("/requests")
                 tokens_per_s = rate.update(status["generation_tokens"], time.monotonic())
                 count += 1
-                if live is None:
+                if as_json:
                     click.echo(json.dumps({"status": status, "requests": requests, "tokens_per_s": tokens_per_s}))
+                elif live is not None:
+                    live.update(output.renderable(*_view(status, requests, tokens_per_s)), refresh=True)
                 else:
-                    live.update(_view(status, requests, tokens_per_s), refresh=True)
+                    output.print(*_view(status, requests, tokens_per_s), "")
         except KeyboardInterrupt:
             pass
-

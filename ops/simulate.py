@@ -13,6 +13,7 @@ Configurations run in parallel processes (--jobs); wall_s and cpu_s are per conf
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -20,6 +21,7 @@ import multiprocessing
 import os
 import random
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -143,6 +145,19 @@ def simulate(
     }
 
 
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep the cyclic collector off everything allocated so far (gc.freeze), and hand the heap back
+    afterwards. A run invoked in-process (the tests, a notebook) must not leave its caller's objects
+    frozen: interpreter exit never frees frozen objects, and nanobind (triton's bindings) then reports
+    every triton object still alive as leaked."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 _shared: dict[str, object] = {}  # the workload and options, set before the configurations run
 
 
@@ -218,7 +233,6 @@ def main(
     as_json: bool,
 ) -> None:
     workload = make_workload(num_requests, seed, max_tokens=max_tokens)
-    gc.freeze()  # the workload's millions of token ids live to the end: keep the collector off them
     scheduler_config = SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
@@ -236,13 +250,14 @@ def main(
         "num_host_blocks": num_host_blocks,
     }
     names = list(configs or CONFIGURATIONS)
-    if jobs > 1 and len(names) > 1:
-        # Forked children inherit the workload instead of unpickling millions of token ids.
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(min(jobs, len(names)), mp_context=context) as pool:
-            results = dict(pool.map(_simulate_named, names))
-    else:
-        results = dict(map(_simulate_named, names))
+    with frozen_heap():  # the workload's millions of token ids live to the end of the run
+        if jobs > 1 and len(names) > 1:
+            # Forked children inherit the workload instead of unpickling millions of token ids.
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(min(jobs, len(names)), mp_context=context) as pool:
+                results = dict(pool.map(_simulate_named, names))
+        else:
+            results = dict(map(_simulate_named, names))
     workload_info = {
         "num_requests": num_requests,
         "seed": seed,

@@ -24,7 +24,7 @@ from paged.shared.logging import LEVELS
 S = TypeVar("S", bound=msgspec.Struct)
 F = TypeVar("F", bound=Callable[..., Any])
 
-BYTE_FIELDS = frozenset({"kv_cache_memory", "swap_space", "kv_offload_memory"})  # accept 512MiB, 4GiB, 1e9
+BYTE_FIELDS = frozenset({"kv_cache_memory", "swap_space", "kv_offload_memory", "max_body_size"})  # accept 512MiB, 4GiB, 1e9
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": MiB, "g": 1000**3, "gb": 1000**3, "gib": GiB}
 
 

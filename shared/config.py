@@ -68,6 +68,22 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     preemption_mode: PreemptionMode = "recompute"
 
 
+class HttpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What one HTTP client may hold or ask for: slow or endless uploads, idle connections and
+    oversized requests are cut off here, before they cost the engine anything."""
+
+    max_connections: int = 1024  # open HTTP connections at once; a connection beyond gets 503 and is closed
+    header_timeout: float = 15.0  # seconds a client may take to send a request's headers (also idle keep-alive ones)
+    body_timeout: float = 60.0  # seconds a client may take to send a request's body; slower gets 408
+    max_body_size: int = 8 * MiB  # bytes of a request body; a larger one gets 413
+    max_request_choices: int = 256  # choices (prompts × n) one request may ask for; more gets 400
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "header_timeout", "body_timeout", "max_body_size", "max_request_choices"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
 def default_cpu_threads(num_workers: int) -> int:
     """Torch threads per CPU worker when not set: one core is left to the gateway (HTTP, scheduling,
     detokenizing), and oversubscribed cores make torch's spinning thread pool much slower, not faster."""

@@ -28,9 +28,9 @@ import click
 import msgspec
 
 from paged.shared.cli_options import BYTE_FIELDS
-from paged.shared.config import CacheConfig, ModelConfig, SchedulerConfig
+from paged.shared.config import CacheConfig, HttpConfig, ModelConfig, SchedulerConfig
 
-CONFIG_STRUCTS = (ModelConfig, CacheConfig, SchedulerConfig)
+CONFIG_STRUCTS = (ModelConfig, CacheConfig, SchedulerConfig, HttpConfig)
 _STRUCT_FIELD_TYPES = {field.name: field.type for struct in CONFIG_STRUCTS for field in msgspec.structs.fields(struct)}
 
 

@@ -30,6 +30,11 @@ from paged.shared.config import WorkerRole
 from paged.shared.sampling_params import SamplingParams
 
 PROTOCOL_VERSION = 3  # 2: NewSequence lost its block_table field; 3: KV transfer and store items
+# The integers a message field may hold. msgpack itself carries -2^63..2^64-1 (the encoder raises
+# OverflowError beyond, which would fail the whole step), and the worker puts seeds, token ids and
+# top-k values into int64 tensors, so int64 it is: the HTTP layer refuses anything outside.
+WIRE_INT_MIN = -(1 << 63)
+WIRE_INT_MAX = (1 << 63) - 1
 # Both ends send a Heartbeat this often; each end's silence timeout is a multiple of it.
 HEARTBEAT_INTERVAL_S = 0.25
 

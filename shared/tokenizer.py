@@ -22,7 +22,8 @@ from paged.shared.sampling_params import GenerationDefaults
 BUILTIN_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 BUILTIN_BOS_ID = 1
 BUILTIN_EOS_ID = 2
-BUILTIN_VOCAB_SIZE = len(BUILTIN_SPECIAL_TOKENS) + 256
+BUILTIN_FIRST_BYTE_ID = len(BUILTIN_SPECIAL_TOKENS)  # byte b is token BUILTIN_FIRST_BYTE_ID + b
+BUILTIN_VOCAB_SIZE = BUILTIN_FIRST_BYTE_ID + 256
 
 # generation_config.json fields that are sampling defaults -> the GenerationDefaults field each fills.
 GENERATION_DEFAULT_KEYS = {
@@ -55,6 +56,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; with add_special_tokens, BOS (etc.) as the tokenizer.json post-processor adds them."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """encode() for many texts at once; unlike encode(), it releases the GIL while it works."""
+        return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -90,7 +95,7 @@ def load_tokenizer(model_dir: str | Path | None) -> Tokenizer:
 def builtin_tokenizer() -> Tokenizer:
     """Every UTF-8 byte is a token: BPE with no merges and byte fallback turns each character into its bytes."""
     vocab = {token: i for i, token in enumerate(BUILTIN_SPECIAL_TOKENS)}
-    vocab.update({f"<0x{b:02X}>": len(BUILTIN_SPECIAL_TOKENS) + b for b in range(256)})
+    vocab.update({f"<0x{b:02X}>": BUILTIN_FIRST_BYTE_ID + b for b in range(256)})
     backend = BackendTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
     backend.add_special_tokens(list(BUILTIN_SPECIAL_TOKENS))
     backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])

@@ -1,19 +1,22 @@
 """The model paged runs when no --model is given: a tiny Llama with seeded random weights, built in memory.
 
 Its vocabulary is the byte-level one of shared/tokenizer.py's built-in tokenizer: <unk>, <s>, </s>, then
-the 256 byte values, so every output decodes to (possibly nonsensical) text.
+the 256 byte values. Random weights would sample any byte, and random bytes are almost never valid
+UTF-8: a user's first stream would be U+FFFD after U+FFFD. So it generates only printable ASCII,
+newline and EOS: nonsense, but text.
 """
 
 from __future__ import annotations
 
 import torch
 
-from paged.shared.tokenizer import BUILTIN_BOS_ID, BUILTIN_EOS_ID, BUILTIN_VOCAB_SIZE
+from paged.shared.tokenizer import BUILTIN_BOS_ID, BUILTIN_EOS_ID, BUILTIN_FIRST_BYTE_ID, BUILTIN_VOCAB_SIZE
 from paged.worker.attention.backend import AttentionOps
 from paged.worker.model_config import ModelArch
 from paged.worker.models.llama import LlamaForCausalLM
 
 INIT_STD = 0.02
+GENERATED_BYTES = (ord("\n"), *range(ord(" "), ord("~") + 1))  # what the model may write, with EOS
 
 BUILTIN_ARCH = ModelArch(
     architecture="LlamaForCausalLM",
@@ -40,9 +43,23 @@ BUILTIN_ARCH = ModelArch(
 )
 
 
+class BuiltinLlama(LlamaForCausalLM):
+    """The tiny Llama, its logits -inf outside GENERATED_BYTES and EOS: sampling, greedy or not, and
+    the logprobs all see the restricted vocabulary."""
+
+    def __init__(self, arch: ModelArch, attention_ops: AttentionOps) -> None:
+        super().__init__(arch, attention_ops)
+        mask = torch.full((arch.vocab_size,), float("-inf"))
+        mask[[BUILTIN_EOS_ID, *(BUILTIN_FIRST_BYTE_ID + b for b in GENERATED_BYTES)]] = 0.0
+        self.register_buffer("output_mask", mask, persistent=False)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().compute_logits(hidden) + self.output_mask
+
+
 def build_builtin_model(attention_ops: AttentionOps, seed: int) -> LlamaForCausalLM:
     """Same seed, same weights, on any machine: every parameter is drawn from one generator in name order."""
-    model = LlamaForCausalLM(BUILTIN_ARCH, attention_ops)
+    model = BuiltinLlama(BUILTIN_ARCH, attention_ops)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):

@@ -13,17 +13,17 @@ from paged.gateway.api.auth import ApiKeyMiddleware
 from paged.gateway.api.chat import create_chat_completion
 from paged.gateway.api.chat_template import ChatTemplate
 from paged.gateway.api.completions import create_completion
-from paged.gateway.api.errors import APIError, api_error_handler, http_error_handler
+from paged.gateway.api.errors import APIError, InternalErrorMiddleware, api_error_handler, http_error_handler
 from paged.gateway.api.health import health
 from paged.gateway.api.logprobs import TokenStrings
 from paged.gateway.api.metrics import Metrics
 from paged.gateway.api.models import list_models
+from paged.gateway.api.prompt_tokenizer import PromptTokenizer
 from paged.gateway.api.state import ApiState
 from paged.gateway.engine_client import EngineClient
+from paged.shared.config import HttpConfig
 from paged.shared.sampling_params import GenerationDefaults
 from paged.shared.tokenizer import Tokenizer
-
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # room for a full context of token ids as JSON, many times over
 
 
 def build_app(
@@ -31,7 +31,7 @@ def build_app(
     tokenizer: Tokenizer,
     served_model_name: str,
     api_key: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    http: HttpConfig | None = None,
     generation_defaults: GenerationDefaults = GenerationDefaults(),
 ) -> Starlette:
     metrics = Metrics(engine)
@@ -42,7 +42,9 @@ def build_app(
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics.endpoint, methods=["GET"]),
     ]
-    middleware = [Middleware(ApiKeyMiddleware, api_key=api_key)] if api_key else []
+    middleware = [Middleware(InternalErrorMiddleware)]
+    if api_key:
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=api_key))
     app = Starlette(
         routes=routes,
         middleware=middleware,
@@ -53,9 +55,9 @@ def build_app(
         tokenizer=tokenizer,
         served_model_name=served_model_name,
         metrics=metrics,
-        chat_template=ChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token),
+        prompts=PromptTokenizer(tokenizer, ChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)),
         token_strings=TokenStrings(tokenizer),
-        max_body_bytes=max_body_bytes,
+        limits=http or HttpConfig(),
         created=int(time.time()),
         generation_defaults=generation_defaults,
     )

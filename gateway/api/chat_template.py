@@ -22,6 +22,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from paged.gateway.api.errors import APIError
+from paged.gateway.api.protocol import ChatMessage
 
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -48,6 +49,10 @@ class ChatTemplate:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         return env.from_string(source)
 
+    def render_messages(self, messages: list[ChatMessage]) -> str:
+        """The prompt of a chat request's messages."""
+        return self.render([_template_message(m, i) for i, m in enumerate(messages)])
+
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """The prompt text; a template error (including raise_exception) is the client's 400."""
         try:
@@ -56,6 +61,19 @@ class ChatTemplate:
             )
         except jinja2.TemplateError as e:
             raise APIError(400, f"chat template error: {e}", param="messages") from None
+
+
+def _template_message(message: ChatMessage, i: int) -> dict[str, Any]:
+    """A message as chat templates expect it: content as one string (text parts joined by newlines)."""
+    content = message.content
+    if isinstance(content, list):
+        if any(part.type != "text" or part.text is None for part in content):
+            raise APIError(400, "only text content parts are supported", param=f"messages[{i}].content")
+        content = "\n".join(part.text for part in content if part.text is not None)
+    rendered: dict[str, Any] = {"role": message.role, "content": content or ""}
+    if message.name is not None:
+        rendered["name"] = message.name
+    return rendered
 
 
 def _raise_exception(message: str) -> None:

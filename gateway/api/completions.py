@@ -17,46 +17,62 @@ from paged.gateway.api.protocol import CompletionRequest
 from paged.gateway.api.request_body import decode_body, read_body
 from paged.gateway.api.respond import respond
 from paged.gateway.api.state import ApiState
-from paged.gateway.api.validation import check_max_tokens, check_model, fit_to_context, sampling_params
-from paged.shared.tokenizer import Tokenizer
+from paged.gateway.api.validation import (
+    check_cache_salt,
+    check_choices,
+    check_max_tokens,
+    check_model,
+    fit_to_context,
+    sampling_params,
+)
 
 PROMPT_TYPES = "a string, a list of strings, a list of token ids, or a list of token-id lists"
 
 
 async def create_completion(request: Request) -> Response:
     state: ApiState = request.app.state.api
-    body = decode_body(await read_body(request, state.max_body_bytes), CompletionRequest)
+    body = decode_body(await read_body(request, state.limits.max_body_size, state.limits.body_timeout), CompletionRequest)
     return await cancel_on_disconnect(request, _complete(state, body))
 
 
 async def _complete(state: ApiState, body: CompletionRequest) -> Response:
     check_model(body.model, state.served_model_name)
     state.check_ready()
-    prompts = completion_prompts(body.prompt, state.tokenizer)
+    check_cache_salt(body)
     defaults = state.generation_defaults
-    params = sampling_params(body, body.logprobs, defaults=defaults)
+    params = sampling_params(body, body.logprobs, state.tokenizer.vocab_size, defaults=defaults)
     check_max_tokens(body.max_tokens)
+    prompts = split_prompts(body.prompt)
+    check_choices(len(prompts), params.n, state.limits.max_request_choices)
     max_model_len = state.engine.max_model_len
+    token_ids = await _prompt_token_ids(state, prompts, max_model_len)
     per_prompt = [
         (p, fit_to_context(params, body.max_tokens, len(p), max_model_len, "prompt", "max_tokens", defaults.max_tokens))
-        for p in prompts
+        for p in token_ids
     ]
     return await respond(state, body, "cmpl", per_prompt, _Formatter, endpoint="completions", prompts=len(prompts), n=params.n)
 
 
-def completion_prompts(prompt: str | list[str | int | list[int]], tokenizer: Tokenizer) -> list[list[int]]:
-    """Token ids per prompt. Text gets the tokenizer's special tokens (BOS); ids are used as is."""
+def split_prompts(prompt: str | list[str | int | list[int]]) -> list[str] | list[list[int]]:
+    """The request's prompts: all texts, or all token-id lists."""
     if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
+        return [prompt]
     if not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt")
     if all(isinstance(p, str) for p in prompt):
-        return [tokenizer.encode(p) for p in prompt]  # type: ignore[arg-type]
+        return prompt  # type: ignore[return-value]
     if all(isinstance(p, int) for p in prompt):
-        return [_checked_ids(prompt, tokenizer.vocab_size)]  # type: ignore[arg-type]
+        return [prompt]  # type: ignore[list-item]
     if all(isinstance(p, list) for p in prompt):
-        return [_checked_ids(p, tokenizer.vocab_size) for p in prompt]  # type: ignore[arg-type]
+        return prompt  # type: ignore[return-value]
     raise APIError(400, f"prompt must be {PROMPT_TYPES}, not a mix", param="prompt")
+
+
+async def _prompt_token_ids(state: ApiState, prompts: list[str] | list[list[int]], max_model_len: int) -> list[list[int]]:
+    """Text gets the tokenizer's special tokens (BOS); ids are used as they are."""
+    if isinstance(prompts[0], str):
+        return await state.prompts.encode(prompts, add_special_tokens=True, max_model_len=max_model_len, param="prompt")  # type: ignore[arg-type]
+    return [_checked_ids(p, state.tokenizer.vocab_size) for p in prompts]  # type: ignore[arg-type]
 
 
 def _checked_ids(ids: list[int], vocab_size: int) -> list[int]:

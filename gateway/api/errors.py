@@ -8,8 +8,12 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from paged.gateway.engine_client import AdmissionError, Refusal
+from paged.shared.logging import get_logger
+
+log = get_logger("gateway.api")
 
 # OpenAI's `type` for each status we send; the openai client picks its exception class by status.
 ERROR_TYPES = {
@@ -17,6 +21,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -89,3 +94,28 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404:
         return APIError(404, f"{request.method} {request.url.path} not found", code="not_found").response()
     return APIError(exc.status_code, str(exc.detail)).response()
+
+
+
+class InternalErrorMiddleware:
+    """A bug, not the client's fault: a 500 in OpenAI's shape, and the traceback in one structured log
+    event (starlette's own handler re-raises, and uvicorn then prints it over many plain-text lines).
+    Once a response has started (a stream), the connection is closed instead: nothing else can be sent."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.error("request.internal_error", path=scope.get("path"), response_started=started, exc_info=exc)
+            if not started:
+                await APIError(500, "internal server error", code="internal_error").response()(scope, receive, send)

@@ -240,7 +240,11 @@ class Generation:
         updates = []
         for delta in output.deltas:
             update = request.choices[delta.index].apply(delta)
-            if update is not None and (update.text or update.token_ids or update.finish_reason):
+            if update is not None:
+                self._metrics.generation_tokens.inc(len(update.token_ids))  # live, for tokens/s while requests run
+            # Tokens that add no text yet (half a character, a held-back stop-string prefix) make no
+            # update of their own, unless their logprobs must be sent: streams carry no empty chunks.
+            if update is not None and (update.text or update.logprobs or update.finish_reason):
                 updates.append(update)
         if any(d.token_ids for d in output.deltas):
             if request.first_token_at is None:
@@ -259,7 +263,6 @@ class Generation:
         tokens = sum(c.num_tokens for c in request.choices)
         for choice in request.choices:
             self._metrics.requests_finished.labels(choice.finish_reason or reason or "abort").inc()
-        self._metrics.generation_tokens.inc(tokens)
         self._metrics.e2e_latency.observe(now - request.arrival)
         if request.first_token_at is not None and request.last_token_at is not None and request.token_outputs > 1:
             self._metrics.time_per_output_token.observe(

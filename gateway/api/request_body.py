@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import TypeVar
 
@@ -16,21 +17,28 @@ T = TypeVar("T")
 # "Object missing required field `prompt`" (plus the path of the object when nested).
 _ERROR_PATH = re.compile(r" - at `\$\.?(.*)`$")
 _MISSING_FIELD = re.compile(r"missing required field `([^`]*)`")
+_BAD_VALUE = re.compile(r"^(Expected `\w+` [<>]=|Invalid enum value)")  # the type was right, the value not
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed `limit` bytes: from
-    Content-Length when given, else while it streams in (chunked uploads)."""
+    Content-Length when given, else while it streams in (chunked uploads). A body that has not
+    arrived whole within `timeout` seconds is refused with 408: a client sending less than its
+    Content-Length, or a trickle, holds nothing for longer."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
     return b"".join(chunks)
 
 
@@ -40,9 +48,12 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as e:
         message = str(e)
-        raise APIError(400, message, param=_param(message), code="invalid_type") from None
+        code = "invalid_value" if _BAD_VALUE.match(message) else "invalid_type"
+        raise APIError(400, message, param=_param(message), code=code) from None
     except msgspec.DecodeError as e:
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # msgspec recurses into nested arrays and objects, even ones it skips
+        raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
 
 
 def _param(message: str) -> str | None:

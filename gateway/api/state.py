@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from paged.gateway.api.chat_template import ChatTemplate
 from paged.gateway.api.errors import DEFAULT_RETRY_AFTER_S, APIError
 from paged.gateway.api.logprobs import TokenStrings
 from paged.gateway.api.metrics import Metrics
+from paged.gateway.api.prompt_tokenizer import PromptTokenizer
 from paged.gateway.engine_client import EngineClient
+from paged.shared.config import HttpConfig
 from paged.shared.sampling_params import GenerationDefaults
 from paged.shared.tokenizer import Tokenizer
 
@@ -19,9 +20,9 @@ class ApiState:
     tokenizer: Tokenizer
     served_model_name: str
     metrics: Metrics
-    chat_template: ChatTemplate
+    prompts: PromptTokenizer
     token_strings: TokenStrings
-    max_body_bytes: int
+    limits: HttpConfig
     created: int  # unix time the model was loaded, for /v1/models
     generation_defaults: GenerationDefaults  # the checkpoint's, for what a request leaves out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -16,7 +17,7 @@ from paged.ops.bench.loadgen import LoadShape
 from paged.ops.bench.model_info import resolve_model_info
 from paged.ops.bench.report import markdown_table, sweep_table
 from paged.ops.bench.runner import BASELINES, BenchPlan, run_plan, systems_of
-from paged.ops.bench.servers import ServerStartError
+from paged.ops.bench.servers import ServerStartError, split_server_args
 from paged.ops.bench.workloads import WORKLOADS
 
 
@@ -63,22 +64,35 @@ def write_report(document: dict, output_dir: Path) -> str:
 @click.option("--baselines", callback=_baseline_list, help=f"Comma-separated, from: {', '.join(BASELINES)}.")
 @click.option("--compare", "sweep_rates", callback=_float_list, help="Also sweep these request rates, e.g. 1,2,4,8.")
 @click.option("--kv-cache-memory", help="KV memory for every server this tool starts (e.g. 16MiB), so all compare at one budget.")
-@click.option("--server-arg", "server_args", multiple=True, help="Extra option for the servers this tool starts (repeatable).")
+@click.option("--server-arg", "server_args", multiple=True,
+              help="Extra options for the servers this tool starts, split like a shell would (repeatable): --server-arg '--max-num-seqs 8'.")
+@click.option("--server-port", type=click.IntRange(1, 65535),
+              help="Port of the servers this tool starts; they run one at a time (also --server-arg '--port N') [default: a free port].")
 @click.option("--hf-batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--stall-timeout", type=float, default=300.0, show_default=True,
               help="Seconds a request may receive nothing before it counts as failed.")
 @click.option("--metrics-interval", type=float, default=0.25, show_default=True, help="Seconds between /metrics samples.")
-@click.option("--output-json", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Where results.md, the PNGs and server logs go.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where results.json, results.md, the PNG plots and the server logs go [default: bench-results/WORKLOAD-DATE-TIME].")
+@click.option("--output-json", type=click.Path(dir_okay=False, path_type=Path), help="The results JSON [default: OUTPUT_DIR/results.json].")
 def bench(url: str | None, model_dir: Path | None, workload: str, num_requests: int, request_rate: float,
           concurrency: int | None, seed: int, max_model_len: int | None, baselines: tuple[str, ...],
-          sweep_rates: tuple[float, ...], kv_cache_memory: str | None, server_args: tuple[str, ...], hf_batch_size: int,
-          stall_timeout: float, metrics_interval: float, output_json: Path, output_dir: Path | None) -> None:
+          sweep_rates: tuple[float, ...], kv_cache_memory: str | None, server_args: tuple[str, ...], server_port: int | None,
+          hf_batch_size: int, stall_timeout: float, metrics_interval: float, output_dir: Path | None, output_json: Path | None) -> None:
     """Benchmark a paged server: throughput, latency and KV memory, optionally against baselines."""
     if concurrency and request_rate != float("inf"):
         raise click.UsageError("give --request-rate or --concurrency, not both")
     if url is None and model_dir is None:
         raise click.UsageError("give --url of a running server, or --model to start one")
+    try:
+        argv, port_in_args = split_server_args(server_args)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--server-arg") from None
+    if server_port and port_in_args and server_port != port_in_args:
+        raise click.UsageError(f"--server-port {server_port} and --server-arg --port {port_in_args} disagree")
+    server_args = tuple(argv)
+    output_dir = output_dir or Path("bench-results") / f"{workload}-{time.strftime('%Y%m%d-%H%M%S')}"
+    output_json = output_json or output_dir / "results.json"
     if kv_cache_memory:
         server_args = ("--kv-cache-memory", kv_cache_memory, *server_args)
     if max_model_len:  # the servers this tool starts get the workload's context window (and size their pool by it)
@@ -87,8 +101,8 @@ def bench(url: str | None, model_dir: Path | None, workload: str, num_requests: 
         workload=workload, num_requests=num_requests,
         shape=LoadShape(request_rate=request_rate, concurrency=concurrency, seed=seed, stall_timeout=stall_timeout),
         url=url.rstrip("/") if url else None, model_dir=model_dir, baselines=baselines, sweep_rates=sweep_rates,
-        server_args=server_args, hf_batch_size=hf_batch_size, metrics_interval=metrics_interval,
-        log_dir=(output_dir or output_json.parent) / "logs",
+        server_args=server_args, server_port=server_port or port_in_args, hf_batch_size=hf_batch_size,
+        metrics_interval=metrics_interval, log_dir=output_dir / "logs",
     )
     # SIGTERM unwinds like Ctrl-C, so the servers this tool started are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -100,8 +114,5 @@ def bench(url: str | None, model_dir: Path | None, workload: str, num_requests: 
     output_json.parent.mkdir(parents=True, exist_ok=True)
     output_json.write_text(json.dumps(document, indent=1))
     console = Console()
-    if output_dir:
-        console.print(Markdown(write_report(document, output_dir)))
-    else:
-        console.print(Markdown(markdown_table(systems_of(document))))
-    console.print(f"results: {output_json}" + (f", report and plots: {output_dir}" if output_dir else ""))
+    console.print(Markdown(write_report(document, output_dir)))
+    console.print(f"results: {output_json}, report and plots: {output_dir}")

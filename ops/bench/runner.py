@@ -31,6 +31,7 @@ class BenchPlan:
     baselines: tuple[str, ...] = ()
     sweep_rates: tuple[float, ...] = ()  # --compare: the offered request rates to sweep
     server_args: tuple[str, ...] = ()  # options for every server the tool starts (same KV memory for all)
+    server_port: int | None = None  # where the servers the tool starts listen, one at a time; None: a free port
     hf_batch_size: int = 8
     metrics_interval: float = 0.25
     log_dir: Path = field(default_factory=lambda: Path("bench-logs"))
@@ -51,7 +52,7 @@ def _server_url(plan: BenchPlan, system: str) -> Iterator[str | None]:
     else:
         if plan.model_dir is None:
             raise ValueError(f"--model is needed to start the {system!r} server")
-        with running_server(plan.model_dir, system, list(plan.server_args), plan.log_dir) as url:
+        with running_server(plan.model_dir, system, list(plan.server_args), plan.log_dir, plan.server_port) as url:
             yield url
 
 

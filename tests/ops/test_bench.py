@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from paged.ops.bench.model_info import ModelInfo, resolve_model_info
+from paged.ops.bench.servers import free_port, split_server_args
 from paged.ops.bench.workloads import WORKLOADS, arrival_times, build_workload
 from paged.ops.cli import main
 from support.fake_openai_server import REJECT_EVERY, fake_server
@@ -138,11 +139,36 @@ def test_hf_static_baseline_and_ratios(tmp_path: Path, stories_dir: Path) -> Non
     assert "(×" in (tmp_path / "report" / "results.md").read_text()
 
 
+def test_server_args_split_like_a_shell_and_give_up_their_port() -> None:
+    assert split_server_args(("--max-num-seqs 8", "--no-prefix-caching")) == (["--max-num-seqs", "8", "--no-prefix-caching"], None)
+    assert split_server_args(("--port=8123", "--block-size", "32")) == (["--block-size", "32"], 8123)
+    assert split_server_args(("--port", "8124")) == ([], 8124)
+    assert split_server_args(("--port 8125 --max-num-seqs 4",)) == (["--max-num-seqs", "4"], 8125)
+    with pytest.raises(ValueError, match="port number"):
+        split_server_args(("--port",))
+
+
+def test_reports_go_to_a_named_directory_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with fake_server() as url:
+        main(["bench", "--url", url, "--workload", "long", "--num-requests", "4", "--max-model-len", "64"], standalone_mode=False)
+    [run] = (tmp_path / "bench-results").iterdir()
+    assert run.name.startswith("long-")
+    assert json.loads((run / "results.json").read_text())["requests_sent"] == 4
+    assert "| request throughput (req/s) |" in (run / "results.md").read_text()
+    assert (run / "latency_cdf.png").stat().st_size > 1000 and (run / "kv_utilization.png").stat().st_size > 1000
+
+
 @pytest.mark.slow
-def test_live_server(tmp_path: Path, stories_dir: Path) -> None:
-    """The tool starts `pagedd serve` itself (no --url), runs a short burst, reads its /metrics, stops it."""
+def test_live_server(tmp_path: Path, stories_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The tool starts `pagedd serve` itself (no --url) on the port given through --server-arg, says
+    what it waits for, runs a short burst, reads its /metrics, stops it."""
+    port = free_port()
     document = run_bench(tmp_path, "--model", str(stories_dir), "--kv-cache-memory", "1MiB", "--workload", "shared-prefix",
-                         "--num-requests", "16", "--max-model-len", "96", "--metrics-interval", "0.05")
+                         "--num-requests", "16", "--max-model-len", "96", "--metrics-interval", "0.05",
+                         "--server-arg", f"--port {port}")
     assert_sane(document)
     assert document["requests_completed"] == 16, document["failure_reasons"] | document["rejection_reasons"]
     assert document["prefix_hit_rate"] > 0.3  # 48 of every ~70 prompt tokens are the shared system prompt
+    progress = capsys.readouterr().err
+    assert f"starting pagedd serve (paged) on port {port}: 0 s" in progress and f"port {port}: ready" in progress

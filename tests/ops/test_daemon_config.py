@@ -78,3 +78,14 @@ def test_config_file_sets_option_defaults_and_flags_override(tmp_path: Path) -> 
     result = subprocess.run(pagedd_command("--config", str(bad), "serve"), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == f"Error: {bad}: port: expected `int`, got `bool`"
+
+
+def test_the_http_limits_are_options_and_keys(tmp_path: Path) -> None:
+    path = tmp_path / "paged.toml"
+    path.write_text('header_timeout = 2.5\nmax_body_size = "1MiB"\n[gateway]\nmax_connections = 64\n')
+    default_map = read_config_file(path, main)
+    assert default_map["serve"]["header_timeout"] == default_map["gateway"]["header_timeout"] == 2.5
+    assert default_map["gateway"]["max_connections"] == 64 and "max_connections" not in default_map["worker"]
+    path.write_text("max_request_choices = 0\n")
+    result = CliRunner().invoke(main, ["--config", str(path), "serve", "--null-model"])
+    assert result.exit_code == 2 and "max_request_choices must be positive" in result.output

@@ -18,6 +18,8 @@ from paged.shared.protocol import (
     KVReceive,
     KVSend,
     NewSequence,
+    WIRE_INT_MAX,
+    WIRE_INT_MIN,
     ProtocolError,
     ProtocolVersionError,
     RegistrationAck,
@@ -32,6 +34,7 @@ from paged.shared.protocol import (
     TransferFailure,
     WorkerRegistration,
 )
+from paged.shared.sampling_params import SamplingParams
 from paged.shared.sampling_params import SamplingParams
 
 MESSAGES = [
@@ -134,3 +137,13 @@ def test_arbitrary_payloads_never_crash(code: int, payload: bytes) -> None:
         Codec().decode([bytes((PROTOCOL_VERSION, code)), payload])
     except ProtocolError:
         pass
+
+
+@pytest.mark.parametrize("value", [WIRE_INT_MIN, WIRE_INT_MAX])
+def test_every_integer_the_api_lets_through_encodes(value: int) -> None:
+    """The HTTP layer bounds every integer of a request to [WIRE_INT_MIN, WIRE_INT_MAX]; at both ends a
+    step still encodes and decodes (beyond them msgpack or the worker's int64 tensors would fail)."""
+    params = SamplingParams(seed=value, top_k=abs(value) - 1, stop_token_ids=(abs(value) - 1,), max_tokens=abs(value) - 1)
+    step = StepInput(step_id=1, new_seqs=[NewSequence(seq_id=1, token_ids=[1], sampling=params)])
+    codec = Codec()
+    assert codec.decode(codec.encode(step)) == step

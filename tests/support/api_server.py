@@ -11,16 +11,17 @@ from contextlib import asynccontextmanager
 from starlette.types import ASGIApp
 
 from paged.gateway.api.server import http_server
+from paged.shared.config import HttpConfig
 
 
 @asynccontextmanager
-async def serving(app: ASGIApp) -> AsyncIterator[str]:
+async def serving(app: ASGIApp, limits: HttpConfig | None = None) -> AsyncIterator[str]:
     """Yields the base URL (http://127.0.0.1:PORT) while `app` is served."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = http_server(app, "127.0.0.1", port)
+    server = http_server(app, "127.0.0.1", port, limits)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():

@@ -38,3 +38,13 @@ def test_builtin_model_shapes() -> None:
     assert first_token_logits(0).shape == (1, loaded.arch.vocab_size)
     assert loaded.arch.max_model_len == 2048
     assert load_model(None, dtype="bfloat16").model.model.norm.weight.dtype == torch.bfloat16
+
+
+def test_builtin_model_writes_printable_ascii() -> None:
+    """Random weights sample random bytes, which decode to U+FFFD; the built-in model writes text."""
+    tokenizer = load_tokenizer(None)
+    logits = first_token_logits(0)[0]
+    allowed = {i for i in range(logits.numel()) if torch.isfinite(logits[i])}
+    assert tokenizer.eos_token_ids <= allowed
+    text = tokenizer.decode(sorted(allowed))
+    assert len(allowed) == 1 + 96 and text == "\n" + "".join(map(chr, range(32, 127)))

@@ -10,6 +10,7 @@ import pytest
 
 from paged.gateway.api.app import build_app
 from paged.gateway.engine_client import AdmissionError, Refusal
+from paged.shared.config import HttpConfig
 from paged.shared.tokenizer import Tokenizer
 from support.api_fixtures import MODEL, base_url, client, engine, sse_payloads, story_ids, tokenizer  # noqa: F401
 from support.api_server import serving
@@ -77,7 +78,7 @@ async def test_unknown_model_and_path(client: httpx.AsyncClient) -> None:
 
 
 async def test_body_too_large(engine: FakeEngine, tokenizer: Tokenizer) -> None:
-    async with serving(build_app(engine, tokenizer, MODEL, max_body_bytes=1000)) as url, httpx.AsyncClient(base_url=url) as client:
+    async with serving(build_app(engine, tokenizer, MODEL, http=HttpConfig(max_body_size=1000))) as url, httpx.AsyncClient(base_url=url) as client:
         assert_error(await client.post("/v1/completions", json={"prompt": "x" * 2000}), 413)
 
         async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: caught while streaming in

@@ -63,3 +63,17 @@ async def test_models(client: httpx.AsyncClient, engine: FakeEngine) -> None:
 async def test_health(client: httpx.AsyncClient) -> None:
     response = await client.get("/health")
     assert response.status_code == 200 and response.json()["status"] == "ready"
+
+
+async def test_generated_tokens_count_while_they_stream(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    """`pagedctl top`'s tokens/s reads this counter: it must move while a long request streams, not at its end."""
+    engine.step_delay_s = 0.02
+    received = 0
+    body = {"prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            received += line.startswith("data: {")
+            if received == 5:
+                break
+        counted = (await scrape(client))["paged_generation_tokens_total"][0][1]
+    assert counted >= 5 and not engine.completed

@@ -1,0 +1,73 @@
+"""pagedctl's layout: tables that fit the terminal's width or turn into one block per row, never cut
+values (`wor… sta…`), and plain text without colour or box drawing when the output is not a terminal."""
+
+from __future__ import annotations
+
+import io
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+from paged.ops.admin_output import Output
+from paged.ops.admin_tables import requests_table, workers_table
+from paged.ops.admin_top import _view
+
+WORKER = {
+    "name": "0", "state": "ready", "running_seqs": 37, "waiting_requests": 1204, "used_blocks": 123456, "num_blocks": 131072,
+    "cached_blocks": 5120, "free_blocks": 2496, "kv_utilization": 0.9312, "prefix_hit_rate": 0.4471, "preemptions": 18,
+    "steps": 9876543,
+}  # fmt: skip
+REQUEST = {
+    "id": "cmpl-6f2b8d0c4a1e4f9b8c7d6e5f4a3b2c1d-12", "worker": "0", "state": "running", "priority": 0, "prompt_tokens": 1500,
+    "generated_tokens": 230, "cached_tokens": 1024, "waiting_s": 0.01, "running_s": 12.5, "preemptions": 0,
+    "seqs": [{"block_table": list(range(109))}],
+}  # fmt: skip
+STATUS = {
+    "served_model_name": "stories260K", "draining": False, "ready": True, "running_seqs": 37, "waiting_requests": 1204,
+    "swapped_requests": 0, "workers": [WORKER, {**WORKER, "name": "1"}],
+}  # fmt: skip
+BOX_DRAWING = set("─━│┃┏┓┗┛╭╮╰╯")
+
+
+def terminal(width: int) -> tuple[Output, io.StringIO]:
+    buffer = io.StringIO()
+    return Output(Console(file=buffer, force_terminal=True, width=width, color_system=None)), buffer
+
+
+@pytest.mark.parametrize("width", [60, 80, 120, 200])
+def test_a_terminal_gets_whole_values_within_its_width(width: int) -> None:
+    output, buffer = terminal(width)
+    output.print(*_view(STATUS, [REQUEST] * 3, 1234.5))
+    lines = buffer.getvalue().splitlines()
+    assert all(len(line) <= width for line in lines), "\n".join(lines)
+    text = buffer.getvalue()
+    assert "…" not in text
+    for value in ("123456/131072", "9876543", "93.1%", "44.7%", REQUEST["id"], "1234.5 tokens/s", "12.50"):
+        assert value in text, (value, text)
+
+
+def test_a_wide_terminal_gets_tables_and_a_narrow_one_blocks_per_row() -> None:
+    wide, wide_buffer = terminal(200)
+    wide.print(workers_table([WORKER]))
+    assert [line for line in wide_buffer.getvalue().splitlines() if line.strip()][0].split() == workers_table([]).headers[:4] + ["KV", "used"] + workers_table([]).headers[5:]
+    narrow, narrow_buffer = terminal(80)
+    narrow.print(requests_table([REQUEST]))
+    lines = narrow_buffer.getvalue().splitlines()
+    assert lines[0] == f"request {REQUEST['id']}" and "prompt 1500" in narrow_buffer.getvalue() and "blocks 109" in narrow_buffer.getvalue()
+
+
+def test_a_pipe_gets_plain_aligned_columns() -> None:
+    output = Output(Console(file=io.StringIO(), force_terminal=False))
+    assert not output.terminal
+    runner = CliRunner()
+    with runner.isolation() as (out, _, _):
+        output.print(*_view(STATUS, [REQUEST], None))
+    text = out.getvalue().decode()
+    assert not BOX_DRAWING & set(text) and "\x1b[" not in text and "…" not in text
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("worker"))
+    row = lines[lines.index(header) + 1]
+    assert header.split()[:3] == ["worker", "state", "run"] and row.split()[:4] == ["0", "ready", "37", "1204"]
+    assert row.index("ready") == header.index("state")  # aligned under its header
+    assert any(line.startswith(REQUEST["id"] + "  ") for line in lines)
+
