@@ -36,7 +36,7 @@ from paged.worker.kv_store import KVStoreArena
 from paged.worker.kv_transfer import KVTransport, NoTransport
 from paged.worker.model_loader import load_model
 from paged.worker.sampler import Sampler, SamplerOutput
-from paged.worker.sampling_batch import SamplingBatch
+from paged.worker.sampling_batch import SamplingBatch, check_sampling
 from paged.worker.sequence_state import SequenceState
 from paged.worker.zmq_transport import ZmqTransport
 
@@ -241,6 +241,7 @@ class Worker:
         vocab_size = self.arch.vocab_size
         if any(not 0 <= token < vocab_size for token in new.token_ids):
             raise ValueError(f"token ids must lie in [0, {vocab_size})")
+        check_sampling(new.sampling, vocab_size)
         # Its block table arrives with its first ScheduledSeq (table_from 0).
         state = SequenceState.from_tokens(new.token_ids, new.num_output_tokens, [], new.sampling)
         self.sequences[new.seq_id] = state
