@@ -81,6 +81,33 @@ def bind_unix_socket(path: Path) -> socket.socket:
     return sock
 
 
+@dataclass(slots=True)
+class AdminListener:
+    """The admin API's unix socket, bound and listening, and where."""
+
+    path: Path
+    sock: socket.socket
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+def bind_admin_socket(settings: AdminSettings) -> AdminListener | None:
+    """Bind the admin socket; the daemon does it before it loads anything, so that a clash fails the
+    start in well under a second. A path given (--admin-socket, $PAGED_ADMIN_SOCKET or the config
+    file) that cannot be served is an AdminSocketError; the default path unusable (e.g. a second
+    daemon of the same user) only costs this daemon its admin socket (None)."""
+    path = settings.socket_path or default_admin_socket()
+    try:
+        return AdminListener(path, bind_unix_socket(path))
+    except AdminSocketError as exc:
+        if settings.socket_path is not None:
+            raise
+        log.warning("admin_socket_unavailable", path=str(path), error=str(exc))
+        return None
+
+
 def _server(app: object, **config: object) -> uvicorn.Server:
     server = uvicorn.Server(uvicorn.Config(app, lifespan="off", access_log=False, log_config=None, **config))  # type: ignore[arg-type]
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # the daemon owns the signals
@@ -88,37 +115,35 @@ def _server(app: object, **config: object) -> uvicorn.Server:
 
 
 class AdminServer:
+    """Serves the admin API on `listener` (bound beforehand: bind_admin_socket) and, when the
+    settings name one, on a loopback port."""
+
     def __init__(
         self,
         engine: EngineAdmin,
         settings: AdminSettings,
         served_model_name: str,
+        listener: AdminListener | None,
         metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.served_model_name = served_model_name
+        self.listener = listener
         self.metrics_registry = metrics_registry
-        self.socket_path: Path | None = None
         self._servers: list[uvicorn.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
 
+    @property
+    def socket_path(self) -> Path | None:
+        return self.listener.path if self.listener is not None else None
+
     async def start(self) -> None:
-        """Listen on the socket (and port). An explicit socket path in use is an error; the default
-        one unusable (e.g. a second daemon of the same user) only costs this daemon its admin socket."""
         settings = self.settings
-        path = settings.socket_path or default_admin_socket()
-        try:
-            sock = bind_unix_socket(path)
-        except AdminSocketError as exc:
-            if settings.socket_path is not None:
-                raise
-            log.warning("admin_socket_unavailable", path=str(path), error=str(exc))
-        else:
-            self.socket_path = path
+        if self.listener is not None:
             app = build_admin_app(self.engine, self.served_model_name, self.metrics_registry)
-            self._launch(_server(app), [sock])
-            log.info("admin_listening", socket=str(path))
+            self._launch(_server(app), [self.listener.sock])
+            log.info("admin_listening", socket=str(self.listener.path))
         if settings.port is not None:
             app = build_admin_app(self.engine, self.served_model_name, self.metrics_registry, token=settings.token)
             self._launch(_server(app, host=settings.host, port=settings.port), None)
@@ -132,5 +157,5 @@ class AdminServer:
         for server in self._servers:
             server.should_exit = True
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.socket_path is not None:
-            self.socket_path.unlink(missing_ok=True)
+        if self.listener is not None:
+            self.listener.close()

@@ -52,3 +52,20 @@ def test_worker_fails_to_start(tmp_path: Path, stories_dir: Path) -> None:
     assert len(worker_failures) == 1
     assert worker_failures[0]["worker_id"] == "0"
     assert str(model) in str(worker_failures[0]["error"]), worker_failures
+
+
+@pytest.mark.parametrize("given_by", ["env", "option"])
+def test_admin_socket_in_use_refuses_the_start_before_the_model_loads(tmp_path: Path, given_by: str) -> None:
+    """$PAGED_ADMIN_SOCKET behaves as --admin-socket: a live daemon's socket there refuses the start,
+    checked before any worker spawns (so it fails in well under a second, not after the model load)."""
+    path = tmp_path / "live-admin.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(str(path))
+        live.listen()
+        if given_by == "env":
+            daemon = start_daemon(tmp_path, env={"PAGED_ADMIN_SOCKET": str(path)})
+        else:
+            daemon = start_daemon(tmp_path, "--admin-socket", str(path))
+        failure = _failure(daemon)
+    assert failure["error"] == f"another daemon is serving the admin API at {path}"
+    assert not daemon.events("model_loaded") and not daemon.events("worker_spawned")
