@@ -109,6 +109,8 @@ async def _serve(
         await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
         notifier.stopping(draining_status(engine))
         await drain(engine, drain_timeout)
+        if engine.exiting_now:  # the handlers write their streams' errors until gateway/signals.py exits
+            await asyncio.Event().wait()
         server.should_exit = True
         await serving
     finally:

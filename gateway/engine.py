@@ -53,6 +53,7 @@ class AsyncEngine:
         self._requests: dict[str, TrackedRequest] = {}
         self._draining = False
         self._closing = False
+        self.exiting_now = False  # a forced exit is under way (exit_now)
 
     @property
     def replicas(self) -> list[Replica]:
@@ -105,6 +106,15 @@ class AsyncEngine:
             self._fail(tracked, message)
         return len(aborted)
 
+    def exit_now(self, message: str) -> int:
+        """A forced exit (a second stop signal): end every running request with `message` and kill
+        the workers, whose supervision stops first (nothing respawns them). Returns how many
+        requests were ended."""
+        self.exiting_now = True
+        aborted = self.abort_all(message)
+        self.supervisor.kill_worker_processes()
+        return aborted
+
     def reconfigure_scheduling(self, scheduler_config: SchedulerConfig) -> None:
         """Apply reloaded admission caps and scheduling policy (SIGHUP) to every worker's scheduler,
         and to the ones made when a worker (re)registers."""
@@ -116,9 +126,6 @@ class AsyncEngine:
 
     def num_requests(self) -> int:
         return len(self._requests)
-
-    def kill_worker_processes(self) -> None:
-        self.supervisor.kill_worker_processes()
 
     def flush_prefix_cache(self) -> int:
         """Forget every worker's cached-free blocks (the admin API); blocks held by requests keep

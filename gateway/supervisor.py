@@ -83,7 +83,11 @@ class Supervisor:
         self.context.term()
 
     def kill_worker_processes(self) -> None:
-        """SIGKILL the spawned workers now (a second stop signal: exit without draining)."""
+        """SIGKILL the spawned workers now (a second stop signal: exit without draining). Their
+        supervision stops first: nothing respawns them."""
+        for replica in self.replicas:
+            if replica.task is not None:
+                replica.task.cancel()
         for replica in self.replicas:
             process = replica.link.process
             if process is not None and process.exitcode is None:
