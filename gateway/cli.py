@@ -13,7 +13,7 @@ import click
 import uvloop
 from setproctitle import setproctitle
 
-from paged.gateway.admin.server import AdminSettings, AdminSocketError, bind_admin_socket
+from paged.gateway.admin.listener import AdminSettings, AdminSocketError, bind_admin_socket
 from paged.gateway.config_reload import ConfigReloader
 from paged.gateway.daemon import run_daemon
 from paged.gateway.drain import DEFAULT_DRAIN_TIMEOUT_S
@@ -25,10 +25,13 @@ from paged.gateway.worker_processes import RuntimeDir, local_workers
 from paged.shared.cli_options import build_config, config_options, null_model_option
 from paged.shared.config import CacheConfig, HttpConfig, ModelConfig, SchedulerConfig
 from paged.shared.config_file import config_file_path
+from paged.shared.logging import get_logger
 from paged.shared.startup_failure import StartupError, check_model_directory, exit_on_startup_failure
 from paged.shared.tokenizer import TokenizerLoadError, load_generation_defaults, load_tokenizer
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+log = get_logger("gateway.cli")
 
 # Which side takes which setting: a worker needs the model and the sizing of its page pool; the
 # gateway needs the scheduler and the allocation rules, and learns the pool's size at registration.
@@ -68,10 +71,15 @@ def _run_gateway(workers: list[WorkerSpec], model: str | None, cache_config: Cac
         admin_listener = bind_admin_socket(admin)
         if admin_listener is not None:
             on_failure.callback(admin_listener.close)
+        served_model_name = kwargs["served_model_name"] or (Path(model).name if model else "paged-builtin")
+        host, port = listener.getsockname()[:2]
+        log.info(
+            "starting", progress=f"starting paged: {served_model_name}, {len(workers)} worker{'s' if len(workers) > 1 else ''}, HTTP on {host}:{port}",
+            model=model or "builtin", workers=len(workers), host=host, port=port,
+        )  # fmt: skip
         tokenizer = load_tokenizer(model)
         generation_defaults = load_generation_defaults(model)
         on_failure.pop_all()  # from here run_daemon closes them
-    served_model_name = kwargs["served_model_name"] or (Path(model).name if model else "paged-builtin")
     engine = AsyncEngine(workers, scheduler_config, cache_config, registration_timeout=kwargs["registration_timeout"])
     context = click.get_current_context()
     config_path = config_file_path(context)

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 from starlette.applications import Starlette
 
-from paged.gateway.admin.server import AdminListener, AdminServer, AdminSettings
+from paged.gateway.admin.listener import AdminListener, AdminSettings
+from paged.gateway.admin.server import AdminServer
 from paged.gateway.api.app import build_app
 from paged.gateway.api.server import http_server
 from paged.gateway.drain import DEFAULT_DRAIN_TIMEOUT_S, drain
@@ -104,7 +105,8 @@ async def _serve(
             await asyncio.sleep(0.01)
         if server.started:
             notifier.ready(serving_status(engine))
-            log.info("serving", host=host, port=port, model=served_model_name, workers=len(engine.replicas))
+            url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+            log.info("serving", progress=f"serving {served_model_name} on {url}", host=host, port=port, model=served_model_name, workers=len(engine.replicas))
             informing = asyncio.create_task(follow_status(notifier, engine), name="systemd-status")
         await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
         notifier.stopping(draining_status(engine))

@@ -76,7 +76,10 @@ class AsyncEngine:
         except BaseException:
             await self.shutdown()
             raise
-        log.info("engine_started", workers=len(self.replicas), max_model_len=self.max_model_len, model=self.model)
+        log.info(
+            "engine_started", progress=f"workers ready: {len(self.replicas)}, context window {self.max_model_len} tokens",
+            workers=len(self.replicas), max_model_len=self.max_model_len, model=self.model,
+        )  # fmt: skip
 
     async def shutdown(self) -> None:
         """Fail what is still running, tell the workers to exit and wait for spawned processes."""

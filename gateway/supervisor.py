@@ -61,6 +61,10 @@ class Supervisor:
         RegistrationError after the timeout."""
         for replica in self.replicas:
             self._spawn_if_needed(replica)
+            if replica.link.process is not None:
+                log.info("worker_spawned", progress=f"worker {replica.name}: process started, loading the model…", worker=replica.name)
+            else:
+                log.info("worker_awaited", progress=f"waiting for the worker at {replica.spec.endpoint} to register…", worker=replica.name)
         registrations = await asyncio.gather(*(r.link.register(self.registration_timeout) for r in self.replicas))
         self.max_model_len = min(registration.max_model_len for registration in registrations)
         for replica, registration in zip(self.replicas, registrations, strict=True):

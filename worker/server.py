@@ -24,6 +24,7 @@ from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 import msgspec
+import structlog
 import zmq
 from setproctitle import setproctitle
 
@@ -106,6 +107,7 @@ class _SessionIO(threading.Thread):
         gateway_timeout: float,
     ) -> None:
         super().__init__(name="worker-io", daemon=True)
+        self.log_context = structlog.contextvars.get_contextvars()  # a thread starts without its creator's
         self.codec = Codec()
         self.registration = registration
         self.commands = commands
@@ -127,6 +129,7 @@ class _SessionIO(threading.Thread):
         self.stopping = False
 
     def run(self) -> None:
+        structlog.contextvars.bind_contextvars(**self.log_context)
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.pipe, zmq.POLLIN)
@@ -304,7 +307,10 @@ class WorkerServer:
     def serve(self) -> None:
         """Block until Shutdown or (with on_gateway_loss="exit") until the gateway falls silent."""
         self.io.start()
-        log.info("worker_listening", endpoint=self.endpoint, worker_id=self.worker_id, num_blocks=self.runner.num_blocks)
+        log.info(
+            "worker_listening", progress=f"ready, waiting for the gateway at {self.endpoint}",
+            endpoint=self.endpoint, worker_id=self.worker_id, num_blocks=self.runner.num_blocks,
+        )  # fmt: skip
         try:
             while (command := self.commands.get()).kind != "stop":
                 if command.kind == "reset":
@@ -403,9 +409,12 @@ def run_worker(
     if log_level is not None:
         configure_logging(log_level, json=log_json)
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    structlog.contextvars.bind_contextvars(worker_id=worker_id)  # every event says which worker
     setproctitle(f"paged-worker {worker_id}")
     notifier = SystemdNotifier.from_environment()
-    with exit_on_startup_failure("worker", worker_id=worker_id, endpoint=endpoint, model=model_config.model or "builtin"):
+    what = "the null model (no weights)" if null_model else model_config.model or "the built-in model"
+    log.info("model_loading", progress=f"loading {what} on {model_config.device}…", model=model_config.model or "builtin", device=model_config.device)
+    with exit_on_startup_failure("worker", endpoint=endpoint, model=model_config.model or "builtin"):
         sharing = sharing or KVSharingConfig()
         if sharing.kv_transfer_endpoint is None:
             sharing = msgspec.structs.replace(sharing, kv_transfer_endpoint=default_transfer_endpoint(endpoint))

@@ -19,7 +19,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from paged.gateway.admin.app import build_admin_app
-from paged.gateway.admin.server import AdminServer, AdminSettings, AdminSocketError, bind_admin_socket, bind_unix_socket
+from paged.gateway.admin.listener import AdminSettings, AdminSocketError, bind_admin_socket, bind_unix_socket
+from paged.gateway.admin.server import AdminServer
 from paged.gateway.engine import AsyncEngine
 from paged.gateway.replica import WorkerSpec
 from paged.gateway.memory_map import memory_map
