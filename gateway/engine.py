@@ -101,7 +101,7 @@ class AsyncEngine:
         log.info("engine_resumed")
 
     def abort_all(self, message: str) -> int:
-        """Fail every running request with `message` (a drain that ran out of time): each stream
+        """Fail every running request with `message` (a drain that ran out of time, a forced exit): each stream
         ends with that error. Returns how many were aborted."""
         aborted = list(self._requests.values())
         for tracked in aborted:
