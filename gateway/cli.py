@@ -4,6 +4,7 @@ separately (`paged-worker`). Both set the process title `paged-gateway`."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,21 +13,25 @@ import click
 import uvloop
 from setproctitle import setproctitle
 
-from paged.gateway.admin.server import AdminSettings, AdminSocketError
+from paged.gateway.admin.listener import AdminSettings, AdminSocketError, bind_admin_socket
 from paged.gateway.config_reload import ConfigReloader
 from paged.gateway.daemon import run_daemon
 from paged.gateway.drain import DEFAULT_DRAIN_TIMEOUT_S
 from paged.gateway.engine import AsyncEngine
+from paged.gateway.http_listener import bind_http_listener
 from paged.gateway.replica import WorkerSpec
 from paged.gateway.worker_link import RegistrationError
 from paged.gateway.worker_processes import RuntimeDir, local_workers
 from paged.shared.cli_options import build_config, config_options, null_model_option
 from paged.shared.config import CacheConfig, HttpConfig, ModelConfig, SchedulerConfig
 from paged.shared.config_file import config_file_path
+from paged.shared.logging import get_logger
 from paged.shared.startup_failure import StartupError, check_model_directory, exit_on_startup_failure
 from paged.shared.tokenizer import TokenizerLoadError, load_generation_defaults, load_tokenizer
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+log = get_logger("gateway.cli")
 
 # Which side takes which setting: a worker needs the model and the sizing of its page pool; the
 # gateway needs the scheduler and the allocation rules, and learns the pool's size at registration.
@@ -42,7 +47,7 @@ def http_options(command: F) -> F:
             click.option("--api-key", default=None, envvar="PAGED_API_KEY", help="Require this Bearer token on /v1 (env PAGED_API_KEY)."),
             click.option("--registration-timeout", default=300.0, show_default=True, help="Seconds to wait for the workers to register."),
             click.option("--drain-timeout", default=DEFAULT_DRAIN_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0), help="On SIGTERM/SIGINT: seconds running requests may take to finish before they are aborted."),
-            click.option("--admin-socket", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Admin API unix socket [default: $PAGED_ADMIN_SOCKET, else the runtime directory's paged/admin.sock]."),
+            click.option("--admin-socket", type=click.Path(dir_okay=False, path_type=Path), default=None, envvar="PAGED_ADMIN_SOCKET", help="Admin API unix socket (env PAGED_ADMIN_SOCKET); one given that a live daemon serves refuses the start [default: the runtime directory's paged/admin.sock, skipped when in use]."),
             click.option("--admin-port", type=click.IntRange(1, 65535), default=None, help="Also serve the admin API on this loopback port (needs --admin-token)."),
             click.option("--admin-token", default=None, envvar="PAGED_ADMIN_TOKEN", help="Bearer token the admin port requires (env PAGED_ADMIN_TOKEN)."),
         ]
@@ -54,23 +59,35 @@ def http_options(command: F) -> F:
 def _run_gateway(workers: list[WorkerSpec], model: str | None, cache_config: CacheConfig, kwargs: dict[str, Any]) -> None:
     setproctitle("paged-gateway")
     scheduler_config = build_config(SchedulerConfig, kwargs)
-    with exit_on_startup_failure("gateway", StartupError, TokenizerLoadError):
-        check_model_directory(model)
-        tokenizer = load_tokenizer(model)
-        generation_defaults = load_generation_defaults(model)
-    served_model_name = kwargs["served_model_name"] or (Path(model).name if model else "paged-builtin")
     try:
         admin = AdminSettings(kwargs["admin_socket"], kwargs["admin_port"], kwargs["admin_token"])
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    with exit_on_startup_failure("gateway", StartupError, TokenizerLoadError, AdminSocketError), contextlib.ExitStack() as on_failure:
+        check_model_directory(model)
+        # Both listening addresses first: one in use fails the start at once, not after the model loaded.
+        listener = bind_http_listener(kwargs["host"], kwargs["port"])
+        on_failure.callback(listener.close)
+        admin_listener = bind_admin_socket(admin)
+        if admin_listener is not None:
+            on_failure.callback(admin_listener.close)
+        served_model_name = kwargs["served_model_name"] or (Path(model).name if model else "paged-builtin")
+        host, port = listener.getsockname()[:2]
+        log.info(
+            "starting", progress=f"starting paged: {served_model_name}, {len(workers)} worker{'s' if len(workers) > 1 else ''}, HTTP on {host}:{port}",
+            model=model or "builtin", workers=len(workers), host=host, port=port,
+        )  # fmt: skip
+        tokenizer = load_tokenizer(model)
+        generation_defaults = load_generation_defaults(model)
+        on_failure.pop_all()  # from here run_daemon closes them
     engine = AsyncEngine(workers, scheduler_config, cache_config, registration_timeout=kwargs["registration_timeout"])
     context = click.get_current_context()
     config_path = config_file_path(context)
     reload = ConfigReloader(context, config_path).reload if config_path else None
-    with exit_on_startup_failure("gateway", StartupError, RegistrationError, AdminSocketError):
+    with exit_on_startup_failure("gateway", StartupError, RegistrationError):
         uvloop.run(
             run_daemon(
-                engine, tokenizer, served_model_name, kwargs["host"], kwargs["port"], kwargs["api_key"], admin,
+                engine, tokenizer, served_model_name, listener, kwargs["api_key"], admin, admin_listener,
                 drain_timeout=kwargs["drain_timeout"], reload=reload, http=build_config(HttpConfig, kwargs),
                 generation_defaults=generation_defaults,
             )

@@ -23,4 +23,5 @@ async def drain(engine: AsyncEngine, timeout: float) -> None:
         aborted = engine.abort_all(message)
         log.warning("drain_timed_out", drain_timeout_s=timeout, aborted=aborted)
     else:
-        log.info("drained")
+        if not engine.exiting_now:  # a forced exit ended them: nothing drained
+            log.info("drained")

@@ -53,6 +53,7 @@ class AsyncEngine:
         self._requests: dict[str, TrackedRequest] = {}
         self._draining = False
         self._closing = False
+        self.exiting_now = False  # a forced exit is under way (exit_now)
 
     @property
     def replicas(self) -> list[Replica]:
@@ -75,7 +76,10 @@ class AsyncEngine:
         except BaseException:
             await self.shutdown()
             raise
-        log.info("engine_started", workers=len(self.replicas), max_model_len=self.max_model_len, model=self.model)
+        log.info(
+            "engine_started", progress=f"workers ready: {len(self.replicas)}, context window {self.max_model_len} tokens",
+            workers=len(self.replicas), max_model_len=self.max_model_len, model=self.model,
+        )  # fmt: skip
 
     async def shutdown(self) -> None:
         """Fail what is still running, tell the workers to exit and wait for spawned processes."""
@@ -97,13 +101,22 @@ class AsyncEngine:
         log.info("engine_resumed")
 
     def abort_all(self, message: str) -> int:
-        """Fail every running request with `message` (a drain that ran out of time): each stream
+        """Fail every running request with `message` (a drain that ran out of time, a forced exit): each stream
         ends with that error. Returns how many were aborted."""
         aborted = list(self._requests.values())
         for tracked in aborted:
             self._abort(tracked)
             self._fail(tracked, message)
         return len(aborted)
+
+    def exit_now(self, message: str) -> int:
+        """A forced exit (a second stop signal): end every running request with `message` and kill
+        the workers, whose supervision stops first (nothing respawns them). Returns how many
+        requests were ended."""
+        self.exiting_now = True
+        aborted = self.abort_all(message)
+        self.supervisor.kill_worker_processes()
+        return aborted
 
     def reconfigure_scheduling(self, scheduler_config: SchedulerConfig) -> None:
         """Apply reloaded admission caps and scheduling policy (SIGHUP) to every worker's scheduler,
@@ -116,9 +129,6 @@ class AsyncEngine:
 
     def num_requests(self) -> int:
         return len(self._requests)
-
-    def kill_worker_processes(self) -> None:
-        self.supervisor.kill_worker_processes()
 
     def flush_prefix_cache(self) -> int:
         """Forget every worker's cached-free blocks (the admin API); blocks held by requests keep

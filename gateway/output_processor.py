@@ -54,6 +54,18 @@ class OutputProcessor:
         self.finish_seq = finish_seq
         self.fail_request = fail_request
 
+    def fail(self, request: Request, message: str) -> RequestOutput:
+        """End `request` with an error now; the output that tells its stream."""
+        request.error = message
+        self.fail_request(request, "error")
+        return RequestOutput(
+            request.request_id,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            finished=True,
+            error=message,
+        )
+
     def process(self, step: StepInput, output: StepOutput, allocator: BlockAllocator) -> tuple[list[RequestOutput], bool]:
         """The outputs, one per request with news, and whether a running sequence finished."""
         seqs = self.seqs
@@ -62,16 +74,7 @@ class OutputProcessor:
         for error in output.errors:
             seq = seqs.get(error.seq_id)
             if seq is not None and not is_stale(seq, step_id):
-                request = seq.request
-                request.error = error.message
-                self.fail_request(request, "error")
-                outputs[request.request_id] = RequestOutput(
-                    request.request_id,
-                    num_prompt_tokens=request.num_prompt_tokens,
-                    num_cached_tokens=request.num_cached_tokens,
-                    finished=True,
-                    error=error.message,
-                )
+                outputs[seq.request.request_id] = self.fail(seq.request, error.message)
         if allocator.enable_prefix_caching:
             register_computed_blocks(step, seqs, allocator)
         any_running_finished = False

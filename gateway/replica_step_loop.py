@@ -1,7 +1,8 @@
 """The server's step loop for one replica: the step pipeline (gateway/step_pipeline.py) driven over
 the replica's WorkerLink in the event loop. It keeps `depth` steps in flight, sleeps while the
 scheduler has nothing to do, and hands each step's outputs to `dispatch` (the request streams).
-It returns only by raising: WorkerLost when the worker goes away (or answers out of order)."""
+It returns only by raising: WorkerLost when the worker goes away (or answers out of order). A step
+that cannot be encoded fails only the requests at fault (gateway/unencodable_items.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from collections.abc import Callable
 from paged.gateway.outputs import RequestOutput
 from paged.gateway.replica import Replica
 from paged.gateway.step_pipeline import StepOrderError, StepPipeline, is_empty
+from paged.gateway.unencodable_items import fail_unencodable
 from paged.gateway.worker_link import WorkerLost
 from paged.shared.logging import get_logger
+from paged.shared.protocol import UnencodableMessage
 
 log = get_logger("gateway.step_loop")
 
@@ -41,7 +44,11 @@ async def run_step_loop(replica: Replica, depth: int, dispatch: Callable[[list[R
                 break
             if pipeline.num_in_flight == 1:  # the worker had nothing: it is loaded from now
                 loaded_since = wall()
-            await link.send_step(step)
+            try:
+                await link.send_step(step)
+            except UnencodableMessage as error:
+                dispatch(fail_unencodable(scheduler, step, error, replica.name))
+                await link.send_step(step)
             stats.send_s += cpu() - t1
         dispatch(pipeline.answer_unsent())
         if not pipeline.num_in_flight:

@@ -108,6 +108,16 @@ class Scheduler:
         self._finish_request(request, "abort")
         return True
 
+    def fail_sequences(self, errors: dict[int, str]) -> list[RequestOutput]:
+        """End the request of each sequence with that sequence's error now, as a worker's SeqError
+        would (its blocks freed, the worker told next step). One output per failed request."""
+        outputs: dict[str, RequestOutput] = {}
+        for seq_id, message in errors.items():
+            seq = self._seqs.get(seq_id)
+            if seq is not None and seq.request.request_id not in outputs:
+                outputs[seq.request.request_id] = self.processor.fail(seq.request, message)
+        return list(outputs.values())
+
     def _finish_request(self, request: Request, reason: str) -> None:
         """End every sequence of a request that has not ended (abort or error)."""
         live = request.live_seqs()

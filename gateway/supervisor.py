@@ -61,6 +61,10 @@ class Supervisor:
         RegistrationError after the timeout."""
         for replica in self.replicas:
             self._spawn_if_needed(replica)
+            if replica.link.process is not None:
+                log.info("worker_spawned", progress=f"worker {replica.name}: process started, loading the model…", worker=replica.name)
+            else:
+                log.info("worker_awaited", progress=f"waiting for the worker at {replica.spec.endpoint} to register…", worker=replica.name)
         registrations = await asyncio.gather(*(r.link.register(self.registration_timeout) for r in self.replicas))
         self.max_model_len = min(registration.max_model_len for registration in registrations)
         for replica, registration in zip(self.replicas, registrations, strict=True):
@@ -83,7 +87,11 @@ class Supervisor:
         self.context.term()
 
     def kill_worker_processes(self) -> None:
-        """SIGKILL the spawned workers now (a second stop signal: exit without draining)."""
+        """SIGKILL the spawned workers now (a second stop signal: exit without draining). Their
+        supervision stops first: nothing respawns them."""
+        for replica in self.replicas:
+            if replica.task is not None:
+                replica.task.cancel()
         for replica in self.replicas:
             process = replica.link.process
             if process is not None and process.exitcode is None:

@@ -141,7 +141,8 @@ class WorkerLink:
             loop.add_reader(self.process.sentinel, self._on_process_exit)
             self._sentinel_watched = True
         log.info(
-            "worker_registered", worker=self.name, worker_id=registration.worker_id, endpoint=self.endpoint,
+            "worker_registered", progress=f"registered: {registration.num_blocks} KV blocks of {registration.block_size} tokens on {registration.device}",
+            worker=self.name, worker_id=registration.worker_id, endpoint=self.endpoint,
             num_blocks=registration.num_blocks, block_size=registration.block_size, model=registration.model,
             device=registration.device, dtype=registration.dtype, pid=registration.pid,
         )  # fmt: skip

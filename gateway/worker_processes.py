@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from paged.gateway.replica import WorkerSpec
+from paged.gateway.stale_runtime_dirs import claim, remove_stale_runtime_dirs
 from paged.shared.config import CacheConfig, ModelConfig, default_cpu_threads
 from paged.shared.entry_points import spawn_entry_point
 
@@ -47,12 +48,18 @@ def worker_devices(device: str, num_workers: int | None) -> list[str]:
     return [device] * (num_workers or 1)
 
 
+RUNTIME_DIR_PREFIX = "paged-"
+
+
 class RuntimeDir:
-    """A private directory for ipc endpoints, removed on close."""
+    """A private directory for ipc endpoints, removed on close. It names its owner, and making one
+    first removes those a forced exit left behind (gateway/stale_runtime_dirs.py)."""
 
     def __init__(self) -> None:
-        base = os.environ.get("XDG_RUNTIME_DIR") or None
-        self.path = Path(tempfile.mkdtemp(prefix="paged-", dir=base))
+        base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        remove_stale_runtime_dirs(Path(base), RUNTIME_DIR_PREFIX)
+        self.path = Path(tempfile.mkdtemp(prefix=RUNTIME_DIR_PREFIX, dir=base))
+        claim(self.path)
 
     def endpoint(self, name: str) -> str:
         return f"ipc://{self.path / name}"

@@ -112,6 +112,16 @@ class StepInput(msgspec.Struct, gc=False, omit_defaults=True):
     transfer_wait_s: float = 0.0
 
 
+# The step items that belong to one sequence, each naming it by its seq_id: a fault in one of them
+# fails that sequence alone, on either end (gateway/unencodable_items.py, worker/step_decoding.py).
+# Every other item is a block or transfer id the gateway chose itself.
+SEQUENCE_ITEMS: dict[str, type[NewSequence | ScheduledSeq | KVSend]] = {
+    "new_seqs": NewSequence,
+    "scheduled": ScheduledSeq,
+    "kv_sends": KVSend,
+}
+
+
 class TokenLogprob(msgspec.Struct, gc=False, array_like=True):
     token_id: int
     logprob: float
@@ -232,8 +242,50 @@ class ProtocolVersionError(ProtocolError):
         self.peer_version = peer_version
 
 
+class UnencodableMessage(ProtocolError):
+    """A message holds a value msgpack cannot carry (an integer beyond 64 bits, an unknown type)."""
+
+
+# What msgspec raises for a value it cannot encode: OverflowError beyond -2^63..2^64-1, TypeError
+# for a type it does not know.
+ENCODE_ERRORS = (OverflowError, TypeError, ValueError, msgspec.EncodeError)
+
+
+def explain_unencodable(value: object) -> str | None:
+    """Where in `value` encoding fails and why ("sampling.seed: can't serialize ints < ..."), or
+    None when it encodes. For a value suspected to fail: it encodes every part on the way down."""
+    reason = _explain(value)
+    return None if reason is None else reason.removeprefix(".")
+
+
+def _explain(value: object) -> str | None:
+    try:
+        msgspec.msgpack.encode(value)
+    except ENCODE_ERRORS as exc:
+        return _locate(value) or str(exc)
+    return None
+
+
+def _locate(value: object) -> str | None:
+    """The first failing part of a container, as a path (".field", "[index]") and the reason."""
+    parts: list[tuple[str, object]]
+    if isinstance(value, msgspec.Struct):
+        parts = [(f".{name}", getattr(value, name)) for name in value.__struct_fields__]
+    elif isinstance(value, (list, tuple)):
+        parts = [(f"[{index}]", item) for index, item in enumerate(value)]
+    elif isinstance(value, dict):
+        parts = [(f"[{key!r}]", item) for key, item in value.items()]
+    else:
+        return None
+    for name, part in parts:
+        if (reason := _explain(part)) is not None:
+            return f"{name}{'' if reason.startswith(('.', '[')) else ': '}{reason}"
+    return None
+
+
 class Codec:
-    """Encodes messages to frames and decodes frames back, never raising anything but ProtocolError."""
+    """Encodes messages to frames and decodes frames back. Encoding raises UnencodableMessage,
+    decoding ProtocolError, never anything else."""
 
     def __init__(self) -> None:
         self._encoder = msgspec.msgpack.Encoder()
@@ -241,7 +293,11 @@ class Codec:
         self._decoders = {code: msgspec.msgpack.Decoder(cls) for code, cls in MESSAGE_TYPES.items()}
 
     def encode(self, message: Message) -> list[bytes]:
-        return [self._headers[type(message)], self._encoder.encode(message)]
+        try:
+            payload = self._encoder.encode(message)
+        except ENCODE_ERRORS as exc:
+            raise UnencodableMessage(f"{type(message).__name__} cannot be encoded: {exc}") from None
+        return [self._headers[type(message)], payload]
 
     def decode(self, frames: list[bytes]) -> Message:
         if len(frames) != 2:

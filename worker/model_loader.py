@@ -88,7 +88,7 @@ def load_model(
     if model_dir is None:
         torch_dtype = resolve_dtype(dtype, BUILTIN_ARCH.torch_dtype, torch_device)
         model = build_builtin_model(ops, seed).to(device=torch_device, dtype=torch_dtype)
-        log.info("model_loaded", model="builtin", seed=seed, dtype=str(torch_dtype), device=str(torch_device))
+        log.info("model_loaded", progress=f"model loaded ({str(torch_dtype).removeprefix('torch.')})", model="builtin", seed=seed, dtype=str(torch_dtype), device=str(torch_device))
         return LoadedModel(model.requires_grad_(False).eval(), BUILTIN_ARCH, torch_dtype, torch_device, None)
 
     root = Path(model_dir)
@@ -105,7 +105,10 @@ def load_model(
     tensors = read_checkpoint(root, expected, torch_dtype, torch_device)
     model.load_state_dict(tensors, strict=True, assign=True)
     model = model.to(torch_device)  # moves the rotary tables, which are built on the CPU
-    log.info("model_loaded", model=str(root), architecture=arch.architecture, dtype=str(torch_dtype), device=str(torch_device))
+    log.info(
+        "model_loaded", progress=f"model loaded ({arch.architecture}, {str(torch_dtype).removeprefix('torch.')})",
+        model=str(root), architecture=arch.architecture, dtype=str(torch_dtype), device=str(torch_device),
+    )  # fmt: skip
     return LoadedModel(model.requires_grad_(False).eval(), arch, torch_dtype, torch_device, root)
 
 

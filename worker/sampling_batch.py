@@ -9,6 +9,7 @@ logprobs) skip the sort, the penalty tensors and the hashing entirely.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,23 @@ import torch
 
 from paged.shared.sampling_params import SamplingParams
 from paged.worker.seeded_noise import as_int64
+
+
+def check_sampling(params: SamplingParams, vocab_size: int) -> None:
+    """Refuse (ValueError) a sequence whose sampling values this batch could not honour: the HTTP
+    API checks them, but whatever reaches a worker another way fails that sequence alone. Without
+    this, a top-logprobs count beyond the vocabulary fails the whole batch's sampling."""
+    if params.logprobs is not None and not 0 <= params.logprobs <= vocab_size:
+        raise ValueError(f"logprobs={params.logprobs} outside 0..{vocab_size}")
+    for name in ("temperature", "presence_penalty", "frequency_penalty"):
+        if math.isnan(getattr(params, name)):
+            raise ValueError(f"{name} is NaN")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"top_p={params.top_p} outside (0, 1]")
+    if not 0 <= params.min_p <= 1:
+        raise ValueError(f"min_p={params.min_p} outside [0, 1]")
+    if not params.repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty={params.repetition_penalty} must be > 0")
 
 
 @dataclass(frozen=True, slots=True)

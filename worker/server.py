@@ -24,6 +24,7 @@ from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 import msgspec
+import structlog
 import zmq
 from setproctitle import setproctitle
 
@@ -47,6 +48,7 @@ from paged.shared.protocol import (
     StepOutput,
     WorkerRegistration,
 )
+from paged.worker.step_decoding import UnsalvageableStep, is_step, salvage_step
 
 log = get_logger("worker.server")
 
@@ -87,6 +89,7 @@ class _Command:
     kind: Literal["step", "reset", "stop"]
     epoch: int  # session number; outputs of an older session are dropped
     step: StepInput | None = None
+    errors: dict[int, str] | None = None  # sequences whose items did not decode (worker/step_decoding.py)
 
 
 class _SessionIO(threading.Thread):
@@ -104,6 +107,7 @@ class _SessionIO(threading.Thread):
         gateway_timeout: float,
     ) -> None:
         super().__init__(name="worker-io", daemon=True)
+        self.log_context = structlog.contextvars.get_contextvars()  # a thread starts without its creator's
         self.codec = Codec()
         self.registration = registration
         self.commands = commands
@@ -125,6 +129,7 @@ class _SessionIO(threading.Thread):
         self.stopping = False
 
     def run(self) -> None:
+        structlog.contextvars.bind_contextvars(**self.log_context)
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.pipe, zmq.POLLIN)
@@ -172,9 +177,26 @@ class _SessionIO(threading.Thread):
                 log.warning("peer_refused", peer=peer.hex(), error=str(exc))
                 continue
             except ProtocolError as exc:
-                log.warning("message_dropped", peer=peer.hex(), error=str(exc))
+                if peer == self.gateway and is_step(frames):
+                    self._salvage(frames[1], str(exc))
+                else:
+                    log.warning("message_dropped", peer=peer.hex(), error=str(exc))
                 continue
             self._handle(peer, message)
+
+    def _salvage(self, payload: bytes, error: str) -> None:
+        """A step of this session that does not decode whole: run what can be, fail the rest's
+        sequences; with nothing to blame, end the session (its output can never be sent)."""
+        self.last_heard = time.monotonic()
+        try:
+            step, errors = salvage_step(payload)
+        except UnsalvageableStep as exc:
+            log.error("step_undecodable", gateway_id=self.gateway_id, error=str(exc), policy="new session")
+            self.gateway, self.gateway_id = None, ""
+            self._new_epoch()  # silent from now on: the gateway declares this session lost and registers anew
+            return
+        log.warning("step_items_undecodable", step_id=step.step_id, seq_ids=sorted(errors), error=error)
+        self.commands.put(_Command("step", self.epoch, step, errors))
 
     def _handle(self, peer: bytes, message: object) -> None:
         current = peer == self.gateway
@@ -285,13 +307,16 @@ class WorkerServer:
     def serve(self) -> None:
         """Block until Shutdown or (with on_gateway_loss="exit") until the gateway falls silent."""
         self.io.start()
-        log.info("worker_listening", endpoint=self.endpoint, worker_id=self.worker_id, num_blocks=self.runner.num_blocks)
+        log.info(
+            "worker_listening", progress=f"ready, waiting for the gateway at {self.endpoint}",
+            endpoint=self.endpoint, worker_id=self.worker_id, num_blocks=self.runner.num_blocks,
+        )  # fmt: skip
         try:
             while (command := self.commands.get()).kind != "stop":
                 if command.kind == "reset":
                     self._free_all()
                 elif command.step is not None and not self.io.stopping:
-                    self._run(command.step, command.epoch)
+                    self._run(command.step, command.epoch, command.errors)
         except KeyboardInterrupt:
             log.info("worker_interrupted")
         finally:
@@ -302,7 +327,7 @@ class WorkerServer:
             self.context.term()
             log.info("worker_exited", worker_id=self.worker_id)
 
-    def _run(self, step: StepInput, epoch: int) -> None:
+    def _run(self, step: StepInput, epoch: int, undecodable: dict[int, str] | None = None) -> None:
         started = time.perf_counter()
         self._track(step)
         try:
@@ -311,6 +336,8 @@ class WorkerServer:
             log.exception("step_failed", step_id=step.step_id)
             message = f"worker error in step {step.step_id}: {type(exc).__name__}: {exc}"
             output = StepOutput(step_id=step.step_id, errors=[SeqError(seq.seq_id, message) for seq in step.scheduled])
+        if undecodable:
+            output.errors += [SeqError(seq_id, message) for seq_id, message in undecodable.items()]
         output.total_s = time.perf_counter() - started
         self.live_transfer_ids.difference_update(output.transfers_done)
         self.live_transfer_ids.difference_update(failure.transfer_id for failure in output.transfers_failed)
@@ -382,9 +409,12 @@ def run_worker(
     if log_level is not None:
         configure_logging(log_level, json=log_json)
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    structlog.contextvars.bind_contextvars(worker_id=worker_id)  # every event says which worker
     setproctitle(f"paged-worker {worker_id}")
     notifier = SystemdNotifier.from_environment()
-    with exit_on_startup_failure("worker", worker_id=worker_id, endpoint=endpoint, model=model_config.model or "builtin"):
+    what = "the null model (no weights)" if null_model else model_config.model or "the built-in model"
+    log.info("model_loading", progress=f"loading {what} on {model_config.device}…", model=model_config.model or "builtin", device=model_config.device)
+    with exit_on_startup_failure("worker", endpoint=endpoint, model=model_config.model or "builtin"):
         sharing = sharing or KVSharingConfig()
         if sharing.kv_transfer_endpoint is None:
             sharing = msgspec.structs.replace(sharing, kv_transfer_endpoint=default_transfer_endpoint(endpoint))

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
-from paged.shared.config import CacheConfig, KVSharingConfig, ModelConfig, default_cpu_threads
+from paged.shared.config import GiB, CacheConfig, KVSharingConfig, ModelConfig, default_cpu_threads
 from paged.shared.logging import get_logger
 from paged.shared.protocol import (
     NewSequence,
@@ -36,7 +36,7 @@ from paged.worker.kv_store import KVStoreArena
 from paged.worker.kv_transfer import KVTransport, NoTransport
 from paged.worker.model_loader import load_model
 from paged.worker.sampler import Sampler, SamplerOutput
-from paged.worker.sampling_batch import SamplingBatch
+from paged.worker.sampling_batch import SamplingBatch, check_sampling
 from paged.worker.sequence_state import SequenceState
 from paged.worker.zmq_transport import ZmqTransport
 
@@ -82,6 +82,7 @@ class Worker:
             )
 
         if self.device.type == "cuda":
+            log.info("kv_cache_sizing", progress=f"sizing the KV cache: profiling a step of {max_num_batched_tokens} tokens…")
             budget = cuda_kv_cache_budget(
                 self.device, cache_config.gpu_memory_utilization, lambda: self._profile_forward(max_num_batched_tokens)
             )
@@ -94,6 +95,10 @@ class Worker:
                 f"fewer than one sequence of max_model_len={self.max_model_len}: raise the budget or lower max_model_len"
             )
         num_host_blocks = num_blocks_for_budget(cache_config.swap_space, self.arch, self.block_size, self.dtype)
+        log.info(
+            "kv_cache_allocating", progress=f"allocating the KV cache: {budget / GiB:.2f} GiB on {self.device}…",
+            budget_bytes=budget, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
+        )  # fmt: skip
         self.kv_cache = KVCache(self.arch, num_blocks, self.block_size, self.dtype, self.device, num_host_blocks)
         self.sampler = Sampler()
         self.sequences: dict[int, SequenceState] = {}
@@ -108,6 +113,7 @@ class Worker:
             )
         log.info(
             "kv_cache_allocated",
+            progress=f"KV cache ready: {num_blocks} blocks of {self.block_size} tokens (+{num_host_blocks} host blocks for swapping)",
             num_blocks=num_blocks,
             num_host_blocks=num_host_blocks,
             block_size=self.block_size,
@@ -241,6 +247,7 @@ class Worker:
         vocab_size = self.arch.vocab_size
         if any(not 0 <= token < vocab_size for token in new.token_ids):
             raise ValueError(f"token ids must lie in [0, {vocab_size})")
+        check_sampling(new.sampling, vocab_size)
         # Its block table arrives with its first ScheduledSeq (table_from 0).
         state = SequenceState.from_tokens(new.token_ids, new.num_output_tokens, [], new.sampling)
         self.sequences[new.seq_id] = state

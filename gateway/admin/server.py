@@ -1,5 +1,5 @@
-"""Serving the admin API inside the daemon's event loop: on a unix socket of mode 0600 (the default,
-see shared/admin_socket.py), and optionally on a loopback TCP port that requires a token.
+"""Serving the admin API inside the daemon's event loop: on its unix socket (bound beforehand,
+gateway/admin/listener.py), and optionally on a loopback TCP port that requires a token.
 
 Running in the engine's loop is what keeps the admin's reads consistent: no scheduler step runs
 halfway through building a memory map.
@@ -9,76 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 from prometheus_client import CollectorRegistry
 
 from paged.gateway.admin.app import build_admin_app
+from paged.gateway.admin.listener import AdminListener, AdminSettings
 from paged.gateway.engine_client import EngineAdmin
-from paged.shared.admin_socket import default_admin_socket
 from paged.shared.logging import get_logger
 
 log = get_logger("gateway.admin")
-
-ADMIN_HOST = "127.0.0.1"
-
-
-class AdminSocketError(RuntimeError):
-    """The admin socket cannot be served at its path (in use, or in a directory someone else owns)."""
-
-
-@dataclass(slots=True)
-class AdminSettings:
-    socket_path: Path | None = None  # None: the default path (shared/admin_socket.py)
-    port: int | None = None  # loopback TCP listener, off by default
-    token: str | None = None  # required with `port`
-    host: str = ADMIN_HOST
-
-    def __post_init__(self) -> None:
-        if self.port is not None:
-            if not self.token:
-                raise ValueError("--admin-port needs --admin-token (or PAGED_ADMIN_TOKEN)")
-            if not ipaddress.ip_address(self.host).is_loopback:
-                raise ValueError(f"the admin API listens on loopback only, not {self.host}")
-
-
-def bind_unix_socket(path: Path) -> socket.socket:
-    """A listening socket at `path`, mode 0600 in a directory we create with mode 0700. A stale
-    socket file (nobody listening) is replaced; a live one means another daemon owns it. The
-    directory must belong to us (or root): whoever owns it could swap the socket for their own."""
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        owner = path.parent.stat().st_uid
-        if owner not in (os.getuid(), 0):
-            raise AdminSocketError(f"{path.parent} belongs to uid {owner}, not to this user: no admin socket there")
-        if path.exists():
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                try:
-                    probe.connect(str(path))
-                except OSError:
-                    path.unlink()
-                else:
-                    raise AdminSocketError(f"another daemon is serving the admin API at {path}")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)  # no window in which the socket is reachable by others
-        try:
-            sock.bind(str(path))
-        except OSError:
-            sock.close()
-            raise
-        finally:
-            os.umask(old_umask)
-    except OSError as exc:
-        raise AdminSocketError(f"cannot serve the admin API at {path}: {exc}") from None
-    os.chmod(path, 0o600)
-    sock.listen(64)
-    sock.setblocking(False)
-    return sock
 
 
 def _server(app: object, **config: object) -> uvicorn.Server:
@@ -88,37 +30,35 @@ def _server(app: object, **config: object) -> uvicorn.Server:
 
 
 class AdminServer:
+    """Serves the admin API on `listener` (bound beforehand: bind_admin_socket) and, when the
+    settings name one, on a loopback port."""
+
     def __init__(
         self,
         engine: EngineAdmin,
         settings: AdminSettings,
         served_model_name: str,
+        listener: AdminListener | None,
         metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.served_model_name = served_model_name
+        self.listener = listener
         self.metrics_registry = metrics_registry
-        self.socket_path: Path | None = None
         self._servers: list[uvicorn.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
 
+    @property
+    def socket_path(self) -> Path | None:
+        return self.listener.path if self.listener is not None else None
+
     async def start(self) -> None:
-        """Listen on the socket (and port). An explicit socket path in use is an error; the default
-        one unusable (e.g. a second daemon of the same user) only costs this daemon its admin socket."""
         settings = self.settings
-        path = settings.socket_path or default_admin_socket()
-        try:
-            sock = bind_unix_socket(path)
-        except AdminSocketError as exc:
-            if settings.socket_path is not None:
-                raise
-            log.warning("admin_socket_unavailable", path=str(path), error=str(exc))
-        else:
-            self.socket_path = path
+        if self.listener is not None:
             app = build_admin_app(self.engine, self.served_model_name, self.metrics_registry)
-            self._launch(_server(app), [sock])
-            log.info("admin_listening", socket=str(path))
+            self._launch(_server(app), [self.listener.sock])
+            log.info("admin_listening", progress=f"admin API on {self.listener.path} (pagedctl)", socket=str(self.listener.path))
         if settings.port is not None:
             app = build_admin_app(self.engine, self.served_model_name, self.metrics_registry, token=settings.token)
             self._launch(_server(app, host=settings.host, port=settings.port), None)
@@ -132,5 +72,5 @@ class AdminServer:
         for server in self._servers:
             server.should_exit = True
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.socket_path is not None:
-            self.socket_path.unlink(missing_ok=True)
+        if self.listener is not None:
+            self.listener.close()

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from paged.gateway.signals import EXIT_NOW_MESSAGE
 from support.daemon_process import PROJECT_ROOT, Daemon, NotifySocket, free_port, pagedd_command, start_daemon, stream_completion
 
 pytestmark = pytest.mark.slow
@@ -58,9 +60,9 @@ class Streams:
 
 
 @contextmanager
-def streaming_daemon(tmp_path: Path, drain_timeout: str, max_tokens: int) -> Iterator[tuple[Daemon, Streams]]:
+def streaming_daemon(tmp_path: Path, drain_timeout: str, max_tokens: int, env: dict[str, str] | None = None) -> Iterator[tuple[Daemon, Streams]]:
     """A daemon serving NUM_STREAMS started streams; killed afterwards if the test left it running."""
-    daemon = start_daemon(tmp_path, "--drain-timeout", drain_timeout)
+    daemon = start_daemon(tmp_path, "--drain-timeout", drain_timeout, env=env)
     try:
         daemon.wait_ready()
         streams = Streams(daemon, max_tokens=max_tokens)
@@ -103,15 +105,48 @@ def test_drain_timeout_ends_unfinished_streams_with_an_error_event(tmp_path: Pat
 
 
 def test_second_stop_signal_exits_at_once(tmp_path: Path) -> None:
-    with streaming_daemon(tmp_path, "300", max_tokens=2000) as (daemon, streams):
+    """Each stream still gets an error event that says why; the runtime directory the forced exit
+    leaves behind is removed by the next start, as is the one a SIGKILL leaves."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = {"XDG_RUNTIME_DIR": str(run_dir)}
+    with streaming_daemon(tmp_path, "300", max_tokens=2000, env=env) as (daemon, streams):
         daemon.process.send_signal(signal.SIGTERM)
         daemon.wait_for_log("engine_draining")
         daemon.process.send_signal(signal.SIGTERM)
         status = daemon.wait_exit(timeout=60)
-        streams.join(expect_errors=True)  # the connections drop
+        streams.join(expect_errors=True)  # the connections drop after the error event
     assert status == 1
-    assert daemon.events("exiting_now")
+    assert daemon.events("exiting_now")[0]["requests_aborted"] == NUM_STREAMS
     assert not daemon.events("drained")
+    for events in streams.events:
+        assert EXIT_NOW_MESSAGE in events[-1]["error"]["message"], events[-3:]
+    wait_gone(worker_pids(daemon))
+    (left,) = run_dir.glob("paged-*")
+
+    for left_by in ("second-sigterm", "sigkill"):
+        (log_dir := tmp_path / f"after-{left_by}").mkdir()
+        next_daemon = start_daemon(log_dir, "--null-model", env=env)
+        try:
+            next_daemon.wait_ready()
+            assert [event["path"] for event in next_daemon.events("stale_runtime_dir_removed")] == [str(left)]
+            assert not left.exists()
+            (left,) = run_dir.glob("paged-*")  # the new daemon's own
+        finally:
+            next_daemon.process.kill()  # SIGKILL: its directory stays too
+            next_daemon.wait_exit()
+        wait_gone(worker_pids(next_daemon))
+
+
+def worker_pids(daemon: Daemon) -> list[int]:
+    return [event["pid"] for event in daemon.events("worker_registered")]
+
+
+def wait_gone(pids: list[int], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{pid}").exists() and "Z" != Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] for pid in pids):
+        assert time.monotonic() < deadline, f"workers {pids} still running"
+        time.sleep(0.1)
 
 
 def test_stop_signal_while_waiting_for_workers_exits_cleanly(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -24,7 +23,7 @@ from paged.gateway.request import Request
 from paged.gateway.scheduler import Scheduler
 from paged.gateway.step_pipeline import LocalStepLoop
 from paged.gateway.worker_link import RegistrationError, WorkerLink
-from paged.gateway.worker_processes import RuntimeDir, local_workers
+from paged.gateway.worker_processes import RuntimeDir
 from paged.ops.bench.servers import free_port
 from paged.shared.config import MiB, CacheConfig, ModelConfig, SchedulerConfig
 from paged.shared.protocol import (
@@ -38,60 +37,11 @@ from paged.shared.protocol import (
 )
 from paged.shared.sampling_params import SamplingParams
 from paged.worker.null_worker import NULL_VOCAB_SIZE
+from support.engine_processes import EOS, generate, running_engine, start_split_worker, used_blocks, wait_for
 
 pytestmark = pytest.mark.slow
 
-EOS = frozenset({2})
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-@contextlib.asynccontextmanager
-async def running_engine(
-    num_workers: int = 1,
-    *,
-    null_step_s: float = 0.0,
-    model_config: ModelConfig | None = None,
-    cache_config: CacheConfig | None = None,
-    null_model: bool = True,
-) -> AsyncIterator[AsyncEngine]:
-    runtime = RuntimeDir()
-    cache_config = cache_config or CacheConfig(kv_cache_memory=64 * MiB, swap_space=0)
-    scheduler_config = SchedulerConfig()
-    specs = local_workers(
-        runtime, model_config or ModelConfig(), cache_config, scheduler_config.max_num_batched_tokens,
-        num_workers=num_workers, null_model=null_model, log_level="warning", log_json=False, null_step_s=null_step_s,
-    )  # fmt: skip
-    engine = AsyncEngine(specs, scheduler_config, cache_config, registration_timeout=120)
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.shutdown()
-        runtime.close()
-
-
-async def generate(engine: AsyncEngine, request_id: str, prompt: list[int], max_tokens: int, **params: object) -> tuple[list[int], str | None, str | None]:
-    """(tokens, finish_reason, error) of one request."""
-    tokens: list[int] = []
-    finish = error = None
-    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params)  # type: ignore[arg-type]
-    async for output in engine.generate(request_id, prompt, sampling, eos_token_ids=EOS):
-        error = output.error or error
-        for delta in output.deltas:
-            tokens += delta.token_ids
-            finish = delta.finish_reason or finish
-    return tokens, finish, error
-
-
-def used_blocks(engine: AsyncEngine) -> dict[str, int]:
-    return {m.name: m.used_blocks for m in engine.worker_stats() if m.ready}
-
-
-async def wait_for(condition: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 # --- round trips --------------------------------------------------------------------------------
@@ -217,12 +167,6 @@ async def test_kill_only_worker_fails_requests_cleanly() -> None:
         await wait_for(lambda: engine.is_ready(), timeout=30)  # respawned: serving again
         assert (await generate(engine, "after", [1, 2, 3], 5))[2] is None
         assert used_blocks(engine) == {"0": 0}
-
-
-def start_split_worker(endpoint: str, *extra: str) -> subprocess.Popen[bytes]:
-    """`paged-worker` (the worker's own program; `pagedd worker` is tested in test_daemon_notify.py)."""
-    command = [sys.executable, "-m", "paged.worker.cli", "--log-json", "--endpoint", endpoint, "--null-model", *extra]
-    return subprocess.Popen(command, cwd=PROJECT_ROOT, stderr=subprocess.DEVNULL)
 
 
 async def test_hung_worker_detected_by_heartbeat_and_taken_back() -> None:

@@ -19,7 +19,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from paged.gateway.admin.app import build_admin_app
-from paged.gateway.admin.server import AdminServer, AdminSettings, AdminSocketError, bind_unix_socket
+from paged.gateway.admin.listener import AdminSettings, AdminSocketError, bind_admin_socket, bind_unix_socket
+from paged.gateway.admin.server import AdminServer
 from paged.gateway.engine import AsyncEngine
 from paged.gateway.replica import WorkerSpec
 from paged.gateway.memory_map import memory_map
@@ -65,7 +66,8 @@ def add_running(engine: AsyncEngine, request_id: str, prompt: list[int]) -> Step
 
 @pytest.fixture
 async def admin(engine: AsyncEngine, tmp_path: Path) -> AsyncIterator[AdminServer]:
-    server = AdminServer(engine, AdminSettings(tmp_path / "admin.sock"), "test-served")
+    settings = AdminSettings(tmp_path / "admin.sock")
+    server = AdminServer(engine, settings, "test-served", bind_admin_socket(settings))
     await server.start()
     for _ in range(200):  # uvicorn starts listening within the first loop iterations
         if server._servers[0].started:

@@ -32,9 +32,10 @@ from paged.shared.protocol import (
     StepOutput,
     TokenLogprob,
     TransferFailure,
+    UnencodableMessage,
     WorkerRegistration,
+    explain_unencodable,
 )
-from paged.shared.sampling_params import SamplingParams
 from paged.shared.sampling_params import SamplingParams
 
 MESSAGES = [
@@ -147,3 +148,20 @@ def test_every_integer_the_api_lets_through_encodes(value: int) -> None:
     step = StepInput(step_id=1, new_seqs=[NewSequence(seq_id=1, token_ids=[1], sampling=params)])
     codec = Codec()
     assert codec.decode(codec.encode(step)) == step
+
+
+@pytest.mark.parametrize(
+    "sequence, where",
+    [
+        (NewSequence(1, [1, 2], SamplingParams(seed=1 << 64)), "sampling.seed: "),
+        (NewSequence(1, [1, 2], SamplingParams(stop_token_ids=(3, -(1 << 63) - 1))), "sampling.stop_token_ids[1]: "),
+        (NewSequence(1, [1, 1 << 70], SamplingParams()), "token_ids[1]: "),
+        (NewSequence(1, [1, object()], SamplingParams()), "token_ids[1]: "),  # type: ignore[list-item]
+    ],
+)
+def test_an_unencodable_value_is_an_unencodable_message_and_explained(sequence: NewSequence, where: str) -> None:
+    with pytest.raises(UnencodableMessage, match="^StepInput cannot be encoded: "):
+        Codec().encode(StepInput(0, new_seqs=[sequence]))
+    reason = explain_unencodable(sequence)
+    assert reason is not None and reason.startswith(where)
+    assert explain_unencodable(NewSequence(1, [1, 2], SamplingParams(seed=(1 << 64) - 1))) is None

@@ -118,8 +118,8 @@ def start_daemon(tmp_path: Path, *serve_args: str, global_args: tuple[str, ...] 
     port = port or free_port()
     log_path = tmp_path / "pagedd.log"
     process_env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-    process_env.update(env or {})
     process_env["PAGED_ADMIN_SOCKET"] = str(tmp_path / "admin.sock")  # no clash with a daemon already running
+    process_env.update(env or {})
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             pagedd_command("--log-json", *global_args, "serve", "--port", str(port), *serve_args),

@@ -12,6 +12,7 @@ n > 1 greedy forks continue exactly as their parent does.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,32 @@ def test_bad_sequence_fails_alone_and_worker_keeps_serving(stories_dir: Path, mo
     decode = ScheduledSeq(1, len(STORIES_PROMPT) + 1, 1, 1, [])
     output = worker.execute_step(StepInput(3, scheduled=[decode, decode]))
     assert output.results == [] and [e.seq_id for e in output.errors] == [1]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        SamplingParams(logprobs=10**6),
+        SamplingParams(logprobs=-1),
+        SamplingParams(temperature=math.nan),
+        SamplingParams(top_p=0.0),
+        SamplingParams(min_p=2.0),
+        SamplingParams(repetition_penalty=0.0),
+        SamplingParams(presence_penalty=math.nan),
+    ],
+    ids=["logprobs-beyond-vocab", "logprobs-negative", "nan-temperature", "top-p-0", "min-p-2", "repetition-0", "nan-penalty"],
+)
+def test_sampling_values_the_worker_cannot_honour_fail_that_sequence_alone(bad: SamplingParams) -> None:
+    """Below the API's validation: such a sequence must not fail the batch's sampling for everyone."""
+    worker = make_worker(None, 16)  # the built-in model: a byte vocabulary
+    prompt = [1, 72, 105, 33]
+    step = StepInput(
+        0,
+        new_seqs=[NewSequence(1, prompt, SamplingParams(temperature=0.7, seed=3, logprobs=2)), NewSequence(2, prompt, bad)],
+        scheduled=[ScheduledSeq(1, 0, len(prompt), 0, [0]), ScheduledSeq(2, 0, len(prompt), 0, [1])],
+    )
+    output = worker.execute_step(step)
+    assert [r.seq_id for r in output.results] == [1] and [e.seq_id for e in output.errors] == [2]
 
 
 def test_logprobs_reported_only_when_asked(stories_dir: Path) -> None:
