@@ -142,6 +142,9 @@ class StepOutput(msgspec.Struct, gc=False, omit_defaults=True):
     total_s: float = 0.0  # time from receiving the step to sending the result
     store_save_s: float = 0.0  # time saving pages to the KV store
     store_load_s: float = 0.0  # time loading pages from the KV store
+    # The step's page movements (store saves, swaps, store loads, copies) failed: none of the pages
+    # they write can be trusted, and its sequences failed with it.
+    page_moves_failed: bool = False
     # Transfers that ended since the previous output, as this end saw them. Done means the receiver
     # holds every block: the receiver reports it once the last block is written, the sender once the
     # receiver acknowledged that. A failed transfer touches none of its blocks any more, on this end.

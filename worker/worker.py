@@ -166,7 +166,9 @@ class Worker:
                 TransferFailure(item.transfer_id, f"step {step.step_id} failed before the transfer started: {exc}")
                 for item in (*step.kv_receives, *step.kv_sends)
             ]
-            return self._output(step, [], errors, 0.0, started, failed), {}
+            output = self._output(step, [], errors, 0.0, started, failed)
+            output.page_moves_failed = True
+            return output, {}
         for receive in step.kv_receives:
             self.transport.receive(receive.transfer_id, receive.blocks)
 
