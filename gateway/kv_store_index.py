@@ -217,13 +217,21 @@ class KVStoreIndexes:
         ValueError if the store was known with another size (then it is not the same arena)."""
         if not store_id or num_slots <= 0:
             return None
+        problem = self.conflict(store_id, num_slots)
+        if problem:
+            raise ValueError(problem)
         index = self._indexes.get(store_id)
         if index is None:
             policy = make_policy(self.policy, num_slots, context_cost)
             index = self._indexes[store_id] = KVStoreIndex(store_id, num_slots, policy, page_bytes)
-        elif index.num_slots != num_slots:
-            raise ValueError(f"KV store {store_id} has {index.num_slots} slots, a worker reports {num_slots}")
         return index
+
+    def conflict(self, store_id: str, num_slots: int) -> str | None:
+        """Why a worker reporting this store cannot join (None: it can)."""
+        index = self._indexes.get(store_id)
+        if index is not None and index.num_slots != num_slots:
+            return f"KV store {store_id} has {index.num_slots} slots, a worker reports {num_slots}"
+        return None
 
     def all(self) -> list[KVStoreIndex]:
         return list(self._indexes.values())

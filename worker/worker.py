@@ -136,6 +136,14 @@ class Worker:
     def num_store_slots(self) -> int:
         return self.store.num_slots if self.store else 0
 
+    @property
+    def page_bytes(self) -> int:
+        return self.kv_cache.page_nbytes
+
+    @property
+    def block_context_cost(self) -> float:
+        return self.arch.block_context_cost(self.block_size)
+
     def close(self) -> None:
         """Stop the KV transport and unmap the KV store (the store itself stays for the host's other workers)."""
         self.transport.close()
