@@ -31,6 +31,7 @@ WORKER_GAUGES = (
     ("paged_requests_running", "Requests with sequences in the running batch", "running_requests"),
     ("paged_requests_waiting", "Requests waiting to be scheduled", "waiting_requests"),
     ("paged_kv_blocks_total", "KV cache blocks in the pool", "num_blocks"),
+    ("paged_kv_block_size", "Tokens per KV cache block", "block_size"),
     ("paged_kv_blocks_used", "KV cache blocks held by live requests", "used_blocks"),
     ("paged_kv_blocks_free", "KV cache blocks neither held nor cached", "free_blocks"),
     ("paged_kv_blocks_cached", "Unreferenced KV cache blocks kept for prefix-cache hits", "cached_blocks"),
