@@ -20,7 +20,7 @@ from paged.gateway.replica import Replica, WorkerSpec
 from paged.gateway.request import Request
 from paged.gateway.request_streams import TrackedRequest
 from paged.gateway.router import route
-from paged.gateway.scheduler import Scheduler
+from paged.gateway.scheduler import Scheduler, uses_kv_store
 from paged.gateway.stats import KVStoreStats, WorkerStats
 from paged.gateway.step_pipeline import DEFAULT_DEPTH
 from paged.gateway.supervisor import Supervisor
@@ -215,9 +215,11 @@ class AsyncEngine:
     # --- workers --------------------------------------------------------------------------------
 
     def _make_scheduler(self, name: str, registration: WorkerRegistration, max_model_len: int) -> Scheduler:
-        store = self.supervisor.kv_stores.for_store(
-            registration.kv_store_id, registration.num_store_slots, registration.page_bytes, registration.block_context_cost
-        )
+        store = None
+        if uses_kv_store(self.cache_config):
+            store = self.supervisor.kv_stores.for_store(
+                registration.kv_store_id, registration.num_store_slots, registration.page_bytes, registration.block_context_cost
+            )
         return Scheduler(
             self.scheduler_config, self.cache_config, registration.num_blocks, max_model_len, registration.num_host_blocks,
             store_index=store, worker_name=name, context_cost=registration.block_context_cost,

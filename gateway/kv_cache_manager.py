@@ -48,8 +48,8 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, make_policy(eviction_policy, num_blocks, context_cost))
         self.host_pool = BlockPool(num_host_blocks)
         self.seqs: dict[int, SeqBlocks] = {}
-        self.store = store if enable_prefix_caching else None
-        if self.store is not None:
+        self.store = store
+        if store is not None:
             self.pool.on_evict = self.store.save
 
     @property

@@ -49,6 +49,11 @@ RUNNING = SequenceStatus.RUNNING
 FINISHED = SequenceStatus.FINISHED
 
 
+def uses_kv_store(cache_config: CacheConfig) -> bool:
+    """Only the paged allocator's prefix cache has a tier a KV store can back."""
+    return cache_config.kv_allocator == "paged" and cache_config.enable_prefix_caching
+
+
 def make_allocator(
     cache_config: CacheConfig,
     num_blocks: int,
@@ -86,7 +91,7 @@ class Scheduler:
         self.counters = SchedulerCounters()
         self._num_blocks = num_blocks
         self._num_host_blocks = num_host_blocks
-        self._store_index = store_index if cache_config.kv_allocator == "paged" else None
+        self._store_index = store_index if uses_kv_store(cache_config) else None
         self._worker_name = worker_name
         self._context_cost = context_cost
         self._start_empty()
