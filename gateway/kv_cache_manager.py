@@ -83,7 +83,8 @@ class KVCacheManager:
 
     def probe(self, seq: Sequence) -> CacheHit:
         """The longest chain of cached blocks matching the sequence's known tokens, leaving at least
-        one token to compute (its logits are needed). No side effects on the pool."""
+        one token to compute (its logits are needed): each link from the pool, else from the store.
+        No side effects on either tier."""
         if not self.enable_prefix_caching:
             return CacheHit()
         max_blocks = (len(seq.token_ids) - 1) // self.block_size
@@ -103,7 +104,6 @@ class KVCacheManager:
                 blocks.append(block)
             return CacheHit(blocks, len(blocks) * self.block_size)
         store_hits = []
-        index = 0
         for index in range(max_blocks):
             block = lookup(hashes[index])
             if block is not None:
