@@ -2,7 +2,9 @@
 
 Each allocator audits itself (`audit()`, beside its own bookkeeping): paged, every block is exactly
 one of free, cached-free or held, a block's ref count equals the number of block tables holding
-it, and the hash map and the pool's counters agree with the blocks (`audit_pool` below);
+it, and the hash map, the eviction policy and the pool's counters agree with the blocks
+(`audit_pool` below); with a KV store, its index agrees with its slots and with the saves and loads
+in flight (gateway/kv_store_index.py);
 contiguous, free extents and reserved runs partition the pool. The scheduler adds its own
 (Scheduler.audit): exactly the running and swapped sequences hold blocks, each as many slots as it
 has computed.
@@ -73,6 +75,7 @@ def audit_pool(pool: BlockPool, tables: list[list[int]], report: AccountingRepor
         report.problems.append(f"{name}: shared counter {pool.num_shared}, counted {shared}")
     if count_fill and pool.num_filled_slots != filled:
         report.problems.append(f"{name}: filled-slot counter {pool.num_filled_slots}, counted {filled}")
+    report.problems += [f"{name}: {problem}" for problem in pool.audit_policy()]
 
 
 def assert_block_accounting(subject: Auditable) -> None:

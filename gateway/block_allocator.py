@@ -29,10 +29,13 @@ HASH_PREFIX_HEX = 12  # enough to tell cached prefixes apart on screen
 
 @dataclass(slots=True)
 class CacheHit:
-    """Prefix-cache blocks a sequence would reuse (not yet taken)."""
+    """Prefix-cache blocks a sequence would reuse (not yet taken). With a KV store tier, links of
+    the chain found only in the store are loaded into new blocks at admission."""
 
-    blocks: list[int] = field(default_factory=list)
-    num_tokens: int = 0
+    blocks: list[int] = field(default_factory=list)  # device blocks of the links the pool holds, in chain order
+    num_tokens: int = 0  # tokens of the whole chain, from either tier
+    store_hits: list[tuple[int, int]] = field(default_factory=list)  # (index in the chain, store slot)
+    store_miss_tokens: int = 0  # tokens of full blocks in neither tier (with a store only)
 
 
 @dataclass(slots=True)

@@ -1,28 +1,34 @@
-"""The physical KV blocks of one pool: reference counts, an LRU free queue and the prefix-cache map.
+"""The physical KV blocks of one pool: reference counts, the free blocks, and the prefix-cache map.
 
 A block is always exactly one of:
 - held: ref_count > 0, in at least one block table;
-- cached-free: ref_count == 0 with a content hash, in the free queue and reusable by a prefix hit;
-- free: ref_count == 0 without a hash, in the free queue.
+- cached-free: ref_count == 0 with a content hash, reusable by a prefix hit until evicted;
+- free: ref_count == 0 without a hash.
 
-The free queue is an OrderedDict used as an O(1) doubly-linked list: the front is reused first.
-Blocks without a hash go to the front (nothing is lost by reusing them), hashed blocks to the back,
-so cached content is evicted least-recently-freed first. Eviction is lazy: a cached block keeps its
-hash in the free queue and loses it only when it is popped for reuse. Callers free a table's blocks
-in reverse order so that the tail of a prefix chain is evicted before its head.
+Free blocks are reused first (nothing is lost by reusing them), in an OrderedDict used as an O(1)
+queue. Cached-free blocks are reused only when no free block is left, in the order of the pool's
+eviction policy (gateway/eviction_policy.py: lru by default, lfu or depth; leaf first, so the tail
+of a prefix chain goes before its head). Eviction is lazy: a cached block keeps its hash while it is
+free and loses it only when it is taken for reuse; `on_evict` then hears of it, in time for the KV
+store tier to save its content (gateway/kv_cache_manager.py). Callers free a table's blocks in
+reverse order, so that under lru the tail of a chain is also the least recently freed.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from paged.gateway.block_hash import BlockHash
+from paged.gateway.eviction_policy import EvictionPolicy, LeastRecentlyUsed
+
+# (block, its hash, its parent's hash, its depth in the prefix chain): a cached block is being reused.
+EvictionHook = Callable[[int, BlockHash, BlockHash | None, int], None]
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, policy: EvictionPolicy | None = None) -> None:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[BlockHash | None] = [None] * num_blocks
@@ -33,51 +39,70 @@ class BlockPool:
         self.num_shared = 0  # blocks with ref_count > 1
         self.num_evictions = 0
         self.cached_since = [0.0] * num_blocks  # monotonic time a cached block became free (its age, for the admin)
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.on_evict: EvictionHook | None = None
+        self.policy = policy or LeastRecentlyUsed(num_blocks)
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # free, without a hash
         self._cache: dict[BlockHash, int] = {}
 
     @property
     def num_free(self) -> int:
         """Blocks an allocation can take: free plus cached-free."""
-        return len(self._free)
+        return len(self._free) + self.num_cached_free
 
     def free_queue(self) -> list[int]:
-        """The free queue, next to be reused first (for audits and tests)."""
-        return list(self._free)
+        """Every block an allocation can take, next to be reused first (for audits, tests and views)."""
+        return [*self._free, *self.policy.order()]
 
     def allocate(self, count: int) -> list[int]:
-        """Pop `count` blocks off the front of the free queue, evicting any cached content."""
-        if count > len(self._free):
-            raise ValueError(f"asked for {count} blocks with {len(self._free)} free")
+        """Take `count` blocks: free ones first, then cached-free ones by the policy, evicting their content."""
+        if count > self.num_free:
+            raise ValueError(f"asked for {count} blocks with {self.num_free} free")
         blocks = []
-        popitem = self._free.popitem
+        free = self._free
         for _ in range(count):
-            block, _ = popitem(last=False)
-            block_hash = self.block_hashes[block]
-            if block_hash is not None:
-                self.block_hashes[block] = None
-                if self._cache.get(block_hash) == block:
-                    del self._cache[block_hash]
-                self.num_cached_free -= 1
-                self.num_evictions += 1
+            if free:
+                block = free.popitem(last=False)[0]
+            else:
+                block = self.policy.victim()  # type: ignore[assignment]  # not None: num_cached_free > 0
+                self._evict(block, notify=True)
             self.ref_counts[block] = 1
             self.fill[block] = 0
             blocks.append(block)
         return blocks
 
+    def _evict(self, block: int, notify: bool) -> None:
+        """Drop a cached-free block's content (it is out of the policy's evictable entries already)."""
+        block_hash, parent, depth = self.policy.entry(block)
+        self.policy.untrack(block)
+        self.block_hashes[block] = None
+        del self._cache[block_hash]  # type: ignore[arg-type]  # tracked: has a hash
+        self.num_cached_free -= 1
+        self.num_evictions += 1
+        if notify and self.on_evict is not None:
+            self.on_evict(block, block_hash, parent, depth)  # type: ignore[arg-type]
+
     def touch(self, blocks: Iterable[int]) -> None:
-        """Take one more reference on each block, reviving it from the free queue if it was free."""
+        """Take one more reference on each block, reviving it if it was free."""
         ref_counts = self.ref_counts
         for block in blocks:
             ref = ref_counts[block]
             if ref == 0:
-                del self._free[block]
                 self.num_filled_slots += self.fill[block]
-                if self.block_hashes[block] is not None:
+                if self.block_hashes[block] is None:
+                    del self._free[block]
+                else:
+                    self.policy.hold(block)
                     self.num_cached_free -= 1
             elif ref == 1:
                 self.num_shared += 1
             ref_counts[block] = ref + 1
+
+    def reuse(self, blocks: list[int]) -> None:
+        """Take a reference on each block of a prefix hit (the policy counts the hits)."""
+        self.touch(blocks)
+        hit = self.policy.hit
+        for block in blocks:
+            hit(block)
 
     def free(self, blocks: Iterable[int]) -> None:
         """Drop one reference on each block, in the given order (pass a table reversed)."""
@@ -92,10 +117,11 @@ class BlockPool:
                 self.num_shared -= 1
             elif ref == 0:
                 self.num_filled_slots -= self.fill[block]
-                self._free[block] = None
                 if self.block_hashes[block] is None:
+                    self._free[block] = None
                     self._free.move_to_end(block, last=False)
                 else:
+                    self.policy.release(block)
                     self.num_cached_free += 1
                     self.cached_since[block] = now
 
@@ -107,12 +133,28 @@ class BlockPool:
     def lookup(self, block_hash: BlockHash) -> int | None:
         return self._cache.get(block_hash)
 
-    def register(self, block: int, block_hash: BlockHash) -> None:
-        """Make a held, full block findable by its content hash. A block whose content is already
-        cached elsewhere stays unregistered: tables are append-only, so duplicates are not merged."""
+    def register(self, block: int, block_hash: BlockHash, parent: BlockHash | None = None, depth: int = 0) -> None:
+        """Make a held, full block findable by its content hash (`parent` is the previous block's in
+        its chain, `depth` its index there). A block whose content is already cached elsewhere stays
+        unregistered: tables are append-only, so duplicates are not merged."""
         if self.block_hashes[block] is None and block_hash not in self._cache:
             self.block_hashes[block] = block_hash
             self._cache[block_hash] = block
+            self.policy.track(block, block_hash, parent, depth)
+
+    def unregister(self, block: int) -> None:
+        """Forget a block's content (it cannot be trusted); a cached-free block becomes free."""
+        block_hash = self.block_hashes[block]
+        if block_hash is None:
+            return
+        if self.ref_counts[block]:
+            self.policy.untrack(block)
+            self.block_hashes[block] = None
+            del self._cache[block_hash]
+            return
+        self.policy.hold(block)
+        self._evict(block, notify=False)
+        self._free[block] = None
 
     def cached_blocks(self) -> dict[BlockHash, int]:
         """A copy of the hash -> block map (for audits and tests)."""
@@ -121,12 +163,16 @@ class BlockPool:
     def evict_cached_free(self) -> int:
         """Forget the content of every cached-free block (the admin's flush); held blocks keep theirs.
         Returns how many blocks were evicted."""
-        evicted = [(block, self.block_hashes[block]) for block in self._free if self.block_hashes[block] is not None]
-        for block, block_hash in evicted:
-            self.block_hashes[block] = None
-            if self._cache.get(block_hash) == block:  # type: ignore[arg-type]  # not None: filtered above
-                del self._cache[block_hash]  # type: ignore[arg-type]
+        evicted = self.policy.order()
+        for block in evicted:
+            self.policy.hold(block)
+            self._evict(block, notify=False)
+            self._free[block] = None
             self._free.move_to_end(block, last=False)
-        self.num_cached_free -= len(evicted)
-        self.num_evictions += len(evicted)
         return len(evicted)
+
+    def audit_policy(self) -> list[str]:
+        """The eviction policy against the blocks: it tracks the registered ones, cached-free are evictable."""
+        tracked = {block: block_hash for block, block_hash in enumerate(self.block_hashes) if block_hash is not None}
+        evictable = [block for block in tracked if self.ref_counts[block] == 0]
+        return self.policy.audit(evictable, tracked)

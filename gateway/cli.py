@@ -19,11 +19,12 @@ from paged.gateway.daemon import run_daemon
 from paged.gateway.drain import DEFAULT_DRAIN_TIMEOUT_S
 from paged.gateway.engine import AsyncEngine
 from paged.gateway.http_listener import bind_http_listener
+from paged.gateway.kv_store_lease import KVStoreLease
 from paged.gateway.replica import WorkerSpec
 from paged.gateway.worker_link import RegistrationError
 from paged.gateway.worker_processes import RuntimeDir, local_workers
 from paged.shared.cli_options import build_config, config_options, null_model_option
-from paged.shared.config import CacheConfig, HttpConfig, ModelConfig, SchedulerConfig
+from paged.shared.config import CacheConfig, HttpConfig, KVSharingConfig, ModelConfig, SchedulerConfig
 from paged.shared.config_file import config_file_path
 from paged.shared.logging import get_logger
 from paged.shared.startup_failure import StartupError, check_model_directory, exit_on_startup_failure
@@ -35,7 +36,7 @@ log = get_logger("gateway.cli")
 
 # Which side takes which setting: a worker needs the model and the sizing of its page pool; the
 # gateway needs the scheduler and the allocation rules, and learns the pool's size at registration.
-GATEWAY_CACHE_FIELDS = ("block_size", "kv_allocator", "enable_prefix_caching")
+GATEWAY_CACHE_FIELDS = ("block_size", "kv_allocator", "enable_prefix_caching", "kv_eviction_policy", "kv_store_eviction_policy")
 
 
 def http_options(command: F) -> F:
@@ -98,25 +99,35 @@ def _run_gateway(workers: list[WorkerSpec], model: str | None, cache_config: Cac
 @config_options(ModelConfig)
 @config_options(CacheConfig)
 @config_options(SchedulerConfig)
+@config_options(KVSharingConfig, only=("kv_offload_memory",))
+@click.option("--kv-store-name", default=None, help="Name of the host KV store in /dev/shm [default: paged-kv-store-PORT].")
 @click.option("--workers", "num_workers", type=click.IntRange(min=1), default=None, help="CPU worker processes [default: 1]; on GPU one per visible device.")
 @null_model_option
 @http_options
-def serve(num_workers: int | None, null_model: bool, **kwargs: Any) -> None:
-    """Run the gateway and spawn its workers (one per visible GPU, or --workers N on CPU), then serve HTTP."""
+def serve(num_workers: int | None, null_model: bool, kv_offload_memory: int, kv_store_name: str | None, **kwargs: Any) -> None:
+    """Run the gateway and spawn its workers (one per visible GPU, or --workers N on CPU), then serve HTTP.
+    With --kv-offload-memory the workers share a host KV store for evicted prefix-cache blocks."""
     model_config = build_config(ModelConfig, kwargs)
     cache_config = build_config(CacheConfig, kwargs)
     root = click.get_current_context().find_root().params
+    sharing = KVSharingConfig(kv_offload_memory=kv_offload_memory, kv_store_name=kv_store_name or f"paged-kv-store-{kwargs['port']}")
+    store = KVStoreLease(sharing.kv_store_name) if kv_offload_memory else None
     runtime_dir = RuntimeDir()
     try:
+        if store is not None:
+            with exit_on_startup_failure("gateway", StartupError):
+                store.acquire()
         workers = local_workers(
             runtime_dir, model_config, cache_config, kwargs["max_num_batched_tokens"],
-            num_workers=num_workers, null_model=null_model, log_level=root["log_level"], log_json=root["log_json"],
+            num_workers=num_workers, null_model=null_model, log_level=root["log_level"], log_json=root["log_json"], sharing=sharing,
         )  # fmt: skip
         _run_gateway(workers, model_config.model, cache_config, kwargs)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     finally:
         runtime_dir.close()
+        if store is not None:
+            store.release()
 
 
 @click.command()

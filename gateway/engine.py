@@ -20,8 +20,8 @@ from paged.gateway.replica import Replica, WorkerSpec
 from paged.gateway.request import Request
 from paged.gateway.request_streams import TrackedRequest
 from paged.gateway.router import route
-from paged.gateway.scheduler import Scheduler
-from paged.gateway.stats import WorkerStats
+from paged.gateway.scheduler import Scheduler, uses_kv_store
+from paged.gateway.stats import KVStoreStats, WorkerStats
 from paged.gateway.step_pipeline import DEFAULT_DEPTH
 from paged.gateway.supervisor import Supervisor
 from paged.shared.config import CacheConfig, SchedulerConfig
@@ -137,6 +137,13 @@ class AsyncEngine:
         log.info("prefix_cache_flushed", blocks=flushed)
         return flushed
 
+    def flush_kv_store(self) -> int:
+        """Forget every host KV store's entries that no load in flight reads (the admin API, with
+        flush_prefix_cache). Returns how many entries were dropped."""
+        flushed = sum(index.flush() for index in self.supervisor.kv_stores.all())
+        log.info("kv_store_flushed", entries=flushed)
+        return flushed
+
     async def wait_drained(self) -> None:
         while self._requests:
             await asyncio.sleep(0.05)
@@ -217,10 +224,16 @@ class AsyncEngine:
 
     # --- workers --------------------------------------------------------------------------------
 
-    def _make_scheduler(self, registration: WorkerRegistration, max_model_len: int) -> Scheduler:
+    def _make_scheduler(self, name: str, registration: WorkerRegistration, max_model_len: int) -> Scheduler:
+        store = None
+        if uses_kv_store(self.cache_config):
+            store = self.supervisor.kv_stores.for_store(
+                registration.kv_store_id, registration.num_store_slots, registration.page_bytes, registration.block_context_cost
+            )
         return Scheduler(
-            self.scheduler_config, self.cache_config, registration.num_blocks, max_model_len, registration.num_host_blocks
-        )
+            self.scheduler_config, self.cache_config, registration.num_blocks, max_model_len, registration.num_host_blocks,
+            store_index=store, worker_name=name, context_cost=registration.block_context_cost,
+        )  # fmt: skip
 
     def _on_worker_lost(self, replica: Replica, scheduler: Scheduler, reason: str) -> None:
         """Move the lost worker's requests to other replicas, or fail them when none can take them."""
@@ -245,6 +258,9 @@ class AsyncEngine:
 
     def worker_stats(self) -> list[WorkerStats]:
         return [replica.stats() for replica in self.replicas]
+
+    def store_stats(self) -> list[KVStoreStats]:
+        return [index.stats() for index in self.supervisor.kv_stores.all()]
 
     def workers(self) -> list[Replica]:
         return list(self.replicas)

@@ -10,7 +10,7 @@ from typing import Protocol
 from paged.gateway.admission import AdmissionError, Refusal
 from paged.gateway.outputs import RequestOutput
 from paged.gateway.scheduler import Scheduler
-from paged.gateway.stats import WorkerStats
+from paged.gateway.stats import KVStoreStats, WorkerStats
 from paged.shared.config import CacheConfig, SchedulerConfig
 from paged.shared.sampling_params import SamplingParams
 
@@ -50,6 +50,10 @@ class EngineClient(Protocol):
         """One snapshot per worker, read at every /metrics scrape."""
         ...
 
+    def store_stats(self) -> list[KVStoreStats]:
+        """One snapshot per host KV store the workers attached (none without --kv-offload-memory)."""
+        ...
+
 
 class WorkerView(Protocol):
     """One worker, read only: its name, its snapshot and its scheduler (None while it registers)."""
@@ -80,3 +84,5 @@ class EngineAdmin(EngineClient, Protocol):
     def resume(self) -> None: ...
 
     def flush_prefix_cache(self) -> int: ...
+
+    def flush_kv_store(self) -> int: ...

@@ -3,6 +3,12 @@ fork (n > 1) and copy-on-write, and swapping to a host pool.
 
 It implements the BlockAllocator protocol (gateway/block_allocator.py), which the scheduler drives
 per sequence; `gateway/contiguous_allocator.py` implements it without paging.
+
+With the host KV store tier (docs/kv-store.md, `store`): a cached block the pool reuses has its
+content saved to the store in the same step (the pool's eviction hook); the prefix probe looks in
+the pool, then the store, for each link of the chain; a link only the store has is loaded into a
+new block in the admitting step, and that block joins the pool's prefix map at once (the worker
+loads it before any forward pass that reads it).
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ from paged.gateway.block_accounting import AccountingReport, audit_pool
 from paged.gateway.block_allocator import BlockInfo, CacheHit, SeqBlocks, hash_prefix, holders_by_block
 from paged.gateway.block_hash import BlockHash, extend_block_hashes, hash_block
 from paged.gateway.block_pool import BlockPool
+from paged.gateway.eviction_policy import make_policy
+from paged.gateway.kv_store_session import KVStoreSession
 from paged.gateway.request import Sequence
 from paged.gateway.stats import PoolStats
+from paged.shared.config import EvictionPolicyName
 from paged.shared.protocol import BlockCopy
 
 
@@ -23,13 +32,25 @@ class KVCacheManager:
     kind = "paged"
 
     def __init__(
-        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_host_blocks: int = 0
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        num_host_blocks: int = 0,
+        *,
+        eviction_policy: EvictionPolicyName = "lru",
+        context_cost: float = 0.0,
+        store: KVStoreSession | None = None,
     ) -> None:
+        """`context_cost` weighs depth in the depth policy (what one block of context adds to computing a block)."""
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, make_policy(eviction_policy, num_blocks, context_cost))
         self.host_pool = BlockPool(num_host_blocks)
         self.seqs: dict[int, SeqBlocks] = {}
+        self.store = store
+        if store is not None:
+            self.pool.on_evict = self.store.save
 
     @property
     def num_blocks(self) -> int:
@@ -62,7 +83,8 @@ class KVCacheManager:
 
     def probe(self, seq: Sequence) -> CacheHit:
         """The longest chain of cached blocks matching the sequence's known tokens, leaving at least
-        one token to compute (its logits are needed). No side effects on the pool."""
+        one token to compute (its logits are needed): each link from the pool, else from the store.
+        No side effects on either tier."""
         if not self.enable_prefix_caching:
             return CacheHit()
         max_blocks = (len(seq.token_ids) - 1) // self.block_size
@@ -73,12 +95,26 @@ class KVCacheManager:
             )
         lookup = self.pool.lookup
         blocks = []
+        store = self.store
+        if store is None:
+            for index in range(max_blocks):
+                block = lookup(hashes[index])
+                if block is None:
+                    break
+                blocks.append(block)
+            return CacheHit(blocks, len(blocks) * self.block_size)
+        store_hits = []
         for index in range(max_blocks):
             block = lookup(hashes[index])
-            if block is None:
+            if block is not None:
+                blocks.append(block)
+                continue
+            slot = store.lookup(hashes[index])
+            if slot is None:
                 break
-            blocks.append(block)
-        return CacheHit(blocks, len(blocks) * self.block_size)
+            store_hits.append((index, slot))
+        num_tokens = (len(blocks) + len(store_hits)) * self.block_size
+        return CacheHit(blocks, num_tokens, store_hits, max_blocks * self.block_size - num_tokens)
 
     def match_prefix(self, token_ids: list[int], cache_salt: str | None) -> int:
         """Tokens of this prompt the cache would serve (for routing); hashes only until the first miss."""
@@ -89,7 +125,7 @@ class KVCacheManager:
         matched = 0
         for start in range(0, (len(token_ids) - 1) // size * size, size):
             parent = hash_block(parent, token_ids[start : start + size], cache_salt)
-            if self.pool.lookup(parent) is None:
+            if self.pool.lookup(parent) is None and (self.store is None or self.store.lookup(parent) is None):
                 break
             matched += size
         return matched
@@ -109,8 +145,13 @@ class KVCacheManager:
         hashes = seq.block_hashes
         extend_block_hashes(hashes, seq.token_ids, num_full * self.block_size, self.block_size, seq.request.cache_salt)
         for index in range(record.num_registered, num_full):
-            self.pool.register(record.table[index], hashes[index])
+            self.pool.register(record.table[index], hashes[index], hashes[index - 1] if index else None, index)
         record.num_registered = num_full
+
+    def forget_blocks(self, blocks: list[int]) -> None:
+        """Drop these blocks' content from the prefix cache: a load into them failed."""
+        for block in blocks:
+            self.pool.unregister(block)
 
     # Allocation ---------------------------------------------------------------------------------
 
@@ -123,12 +164,39 @@ class KVCacheManager:
         num_revived = sum(1 for block in hit.blocks if ref_counts[block] == 0)
         if self.pool.num_free - num_new_blocks - num_revived < reserve_blocks:
             return False
-        self.pool.touch(hit.blocks)
-        table = hit.blocks + self.pool.allocate(num_new_blocks)
-        record = SeqBlocks(table, hit.num_tokens, num_registered=len(hit.blocks))
+        self.pool.reuse(hit.blocks)
+        if hit.store_hits:
+            table = self._load_from_store(seq, hit, num_new_blocks)
+        else:
+            table = hit.blocks + self.pool.allocate(num_new_blocks)
+        record = SeqBlocks(table, hit.num_tokens, num_registered=hit.num_tokens // self.block_size)
         self.seqs[seq.seq_id] = record
         self._fill(record, num_slots)
         return True
+
+    def _load_from_store(self, seq: Sequence, hit: CacheHit, num_new_blocks: int) -> list[int]:
+        """The table of an admitted sequence whose chain the store partly holds: each store link gets
+        a new block, loaded in this step and findable in the pool at once."""
+        store = self.store
+        assert store is not None
+        for _, slot in hit.store_hits:  # pinned first: the evictions of the allocation below save into the store
+            store.pin(slot)
+        fresh = iter(self.pool.allocate(num_new_blocks))
+        pooled = iter(hit.blocks)
+        from_store = dict(hit.store_hits)
+        hashes = seq.block_hashes
+        table = []
+        for index in range(len(hit.blocks) + len(hit.store_hits)):
+            slot = from_store.get(index)
+            if slot is None:
+                table.append(next(pooled))
+                continue
+            block = next(fresh)
+            store.load(slot, block)
+            self.pool.register(block, hashes[index], hashes[index - 1] if index else None, index)
+            table.append(block)
+        table.extend(fresh)
+        return table
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> list[BlockCopy] | None:
         """Slots for the sequence's next `num_new_tokens` tokens. Returns the copy-on-write copies

@@ -26,7 +26,7 @@ import msgspec
 from paged.gateway.block_allocator import BlockInfo
 from paged.gateway.request import Request, SequenceStatus
 from paged.gateway.scheduler import Scheduler
-from paged.gateway.stats import PoolStats
+from paged.gateway.stats import KVStoreStats, PoolStats
 
 HOTTEST_PREFIXES = 10
 
@@ -65,15 +65,21 @@ class SharedPrefix(msgspec.Struct):
 
 
 class CacheSummary(msgspec.Struct):
+    """The prefix cache of one worker: its pool tier, and the host KV store tier it shares (if any)."""
+
     worker: str
     enabled: bool
     cached_free_blocks: int  # unreferenced, reusable by a prefix hit until evicted
     cached_held_blocks: int  # held and findable by a prefix hit
     queries_tokens: int
-    hits_tokens: int
+    hits_tokens: int  # from either tier
     hit_rate: float
     evictions: int
     hottest_prefixes: list[SharedPrefix]
+    eviction_policy: str = ""  # the pool's ("" for an allocator without a prefix cache)
+    store_hits_tokens: int = 0  # of hits_tokens, loaded from the store
+    store_misses_tokens: int = 0
+    store: KVStoreStats | None = None  # the store this worker attached
 
 
 def _holder_names(scheduler: Scheduler) -> dict[int, str]:
@@ -144,6 +150,10 @@ def cache_summary(scheduler: Scheduler, worker: str) -> CacheSummary:
         hit_rate=stats.prefix_hit_rate,
         evictions=stats.evictions,
         hottest_prefixes=hottest_prefixes(blocks),
+        eviction_policy=scheduler.cache_config.kv_eviction_policy if scheduler.kv.kind == "paged" else "",
+        store_hits_tokens=stats.store_hits_tokens,
+        store_misses_tokens=stats.store_misses_tokens,
+        store=scheduler.store.index.stats() if scheduler.store is not None else None,
     )
 
 

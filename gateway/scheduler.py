@@ -11,7 +11,9 @@ It owns the requests and composes the parts, one job each:
   result fencing;
 - output_processor.py: results applied in step order, the stop check, prefix-cache registration;
 - stats.py: the snapshot read by metrics, the admin API and the simulator.
-The block allocator (block_allocator.py: paged or contiguous) holds the block tables.
+The block allocator (block_allocator.py: paged or contiguous) holds the block tables; with a host
+KV store (docs/kv-store.md), a KVStoreSession (kv_store_session.py) orders the step's saves to and
+loads from it, over the store's index that every worker of the host shares (kv_store_index.py).
 
 Overlapped scheduling: the caller may schedule() step N+1 before update() for step N (the step
 pipeline, gateway/step_pipeline.py, keeps N steps in flight); results must come back in step order.
@@ -29,6 +31,8 @@ from paged.gateway.block_accounting import AccountingReport
 from paged.gateway.block_allocator import BlockAllocator
 from paged.gateway.contiguous_allocator import ContiguousAllocator
 from paged.gateway.kv_cache_manager import KVCacheManager
+from paged.gateway.kv_store_index import KVStoreIndex
+from paged.gateway.kv_store_session import KVStoreSession
 from paged.gateway.output_processor import OutputProcessor
 from paged.gateway.outputs import RequestOutput
 from paged.gateway.policy_queues import PolicyQueues, request_order
@@ -36,7 +40,7 @@ from paged.gateway.preemption import Preemption
 from paged.gateway.request import Request, Sequence, SequenceStatus
 from paged.gateway.sequence_groups import SequenceGroups, fork_again_if_nothing_sampled, reset_for_recompute
 from paged.gateway.stats import SchedulerCounters, SchedulerStats, extend
-from paged.gateway.step_builder import WorkerMirror
+from paged.gateway.step_builder import WorkerMirror, is_empty
 from paged.gateway.step_planner import StepPlanner
 from paged.shared.config import CacheConfig, SchedulerConfig
 from paged.shared.protocol import StepInput, StepOutput
@@ -45,10 +49,25 @@ RUNNING = SequenceStatus.RUNNING
 FINISHED = SequenceStatus.FINISHED
 
 
-def make_allocator(cache_config: CacheConfig, num_blocks: int, num_host_blocks: int) -> BlockAllocator:
+def uses_kv_store(cache_config: CacheConfig) -> bool:
+    """Only the paged allocator's prefix cache has a tier a KV store can back."""
+    return cache_config.kv_allocator == "paged" and cache_config.enable_prefix_caching
+
+
+def make_allocator(
+    cache_config: CacheConfig,
+    num_blocks: int,
+    num_host_blocks: int,
+    store: KVStoreSession | None = None,
+    context_cost: float = 0.0,
+) -> BlockAllocator:
+    """The configured allocator; only the paged one has a prefix cache, so only it uses a KV store."""
     if cache_config.kv_allocator == "contiguous":
         return ContiguousAllocator(num_blocks, cache_config.block_size)
-    return KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching, num_host_blocks)
+    return KVCacheManager(
+        num_blocks, cache_config.block_size, cache_config.enable_prefix_caching, num_host_blocks,
+        eviction_policy=cache_config.kv_eviction_policy, context_cost=context_cost, store=store,
+    )  # fmt: skip
 
 
 class Scheduler:
@@ -59,18 +78,29 @@ class Scheduler:
         num_blocks: int,
         max_model_len: int,
         num_host_blocks: int = 0,
+        *,
+        store_index: KVStoreIndex | None = None,
+        worker_name: str = "0",
+        context_cost: float = 0.0,
     ) -> None:
+        """`store_index`: the host KV store this worker attached (None: none); `worker_name` names the
+        replica to it; `context_cost` weighs depth in the depth eviction policy (from the registration)."""
         self.config = scheduler_config
         self.cache_config = cache_config
         self.max_model_len = max_model_len
         self.counters = SchedulerCounters()
         self._num_blocks = num_blocks
         self._num_host_blocks = num_host_blocks
+        self._store_index = store_index if uses_kv_store(cache_config) else None
+        self._worker_name = worker_name
+        self._context_cost = context_cost
         self._start_empty()
 
     def _start_empty(self) -> None:
         """Fresh parts: an empty allocator, queues and worker mirror (the counters carry on)."""
-        self.kv = make_allocator(self.cache_config, self._num_blocks, self._num_host_blocks)
+        index = self._store_index
+        self.store = KVStoreSession(index, self._worker_name) if index is not None else None
+        self.kv = make_allocator(self.cache_config, self._num_blocks, self._num_host_blocks, self.store, self._context_cost)
         self.requests: dict[str, Request] = {}  # every unfinished request
         self._seqs: dict[int, Sequence] = {}  # live sequences by id
         self.queues = PolicyQueues(self.config.scheduling_policy == "priority")
@@ -167,6 +197,8 @@ class Scheduler:
             fork_again_if_nothing_sampled(request)
         self.groups.forget_all()
         self.counters.evictions_before += self.kv.stats().evictions
+        if self.store is not None:
+            self.store.lost()
         self._start_empty()
         return requests
 
@@ -215,10 +247,18 @@ class Scheduler:
             self.mirror.fork_copies += copies
             for child in children:
                 self._seqs[child.seq_id] = child
-        return self.mirror.finish_step(step)
+        step_input = self.mirror.finish_step(step)
+        if self.store is not None:
+            step_input.store_saves, step_input.store_loads = self.store.take(step_input.step_id)
+        return step_input
 
     def update(self, step: StepInput, output: StepOutput) -> list[RequestOutput]:
         """Apply a step's results (in step order). Returns one RequestOutput per request with news."""
+        if self.store is not None:
+            failed_loads = self.store.step_done(step, output, sent=not is_empty(step))
+            if failed_loads:
+                assert isinstance(self.kv, KVCacheManager)  # only the paged allocator has a store
+                self.kv.forget_blocks(failed_loads)
         outputs, running_finished = self.processor.process(step, output, self.kv)
         if running_finished:
             self.queues.drop_finished_running()
@@ -240,6 +280,8 @@ class Scheduler:
             swapped_requests=len(queues.swapped),
             prefix_queries_tokens=counters.prefix_queries_tokens,
             prefix_hits_tokens=counters.prefix_hits_tokens,
+            store_hits_tokens=counters.store_hits_tokens,
+            store_misses_tokens=counters.store_misses_tokens,
             preemptions=counters.preemptions,
             swaps_out=counters.swaps_out,
             swaps_in=counters.swaps_in,
@@ -249,6 +291,8 @@ class Scheduler:
         """The allocator's own invariants plus: exactly the running and swapped sequences hold
         blocks, each as many slots as it has computed; waiting sequences are waiting."""
         report = self.kv.audit()
+        if self.store is not None:
+            report.problems += self.store.index.audit()
         queues = self.queues
         holding = {seq.seq_id for seq in queues.running}
         holding |= {seq.seq_id for request in queues.swapped for seq in request.live_seqs()}

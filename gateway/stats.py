@@ -44,7 +44,9 @@ class SchedulerStats(PoolStats, kw_only=True):
     waiting_requests: int = 0  # waiting for admission, including ones preempted by recompute
     swapped_requests: int = 0
     prefix_queries_tokens: int = 0  # counters from here on: monotonically increasing
-    prefix_hits_tokens: int = 0
+    prefix_hits_tokens: int = 0  # from either tier of the prefix cache
+    store_hits_tokens: int = 0  # of those, loaded from the host KV store
+    store_misses_tokens: int = 0  # tokens of full prompt blocks in neither tier (with a KV store)
     preemptions: int = 0
     swaps_out: int = 0  # blocks copied device -> host
     swaps_in: int = 0  # blocks copied host -> device
@@ -79,7 +81,58 @@ class SchedulerCounters(msgspec.Struct):
 
     prefix_queries_tokens: int = 0
     prefix_hits_tokens: int = 0
+    store_hits_tokens: int = 0
+    store_misses_tokens: int = 0
     preemptions: int = 0
     swaps_out: int = 0
     swaps_in: int = 0
     evictions_before: int = 0  # evictions of allocators dropped when their worker was lost
+
+
+# Seconds a step spends saving to or loading from the KV store: a 20 KiB page takes microseconds,
+# a batch of 2 MiB pages milliseconds.
+STORE_SECONDS_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+class Histogram(msgspec.Struct):
+    """Observations counted into buckets the Prometheus way, kept where prometheus-client may not be
+    imported (the scheduling core); /metrics exposes it as a histogram family."""
+
+    bounds: tuple[float, ...] = STORE_SECONDS_BUCKETS
+    counts: list[int] = []  # per bucket (value <= bound), then one for values beyond the last bound
+    sum: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        index = next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))
+        self.counts[index] += 1
+        self.sum += value
+        self.count += 1
+
+
+class KVStoreStats(msgspec.Struct, kw_only=True):
+    """One host KV store, as its gateway index sees it (shared by the workers that attached it)."""
+
+    store_id: str
+    policy: str  # its eviction policy
+    num_slots: int
+    page_bytes: int  # bytes of one slot (0: the workers did not say)
+    free_slots: int
+    saving_slots: int  # a save was ordered, its step has not come back: not loadable yet
+    ready_slots: int  # loadable; of these, pinned ones have loads in flight
+    pinned_slots: int
+    quarantined_slots: int  # saves in flight on a lost worker: unusable until it is known to be done
+    saves: int = 0  # counters from here on
+    loads: int = 0
+    evictions: int = 0  # ready entries dropped for a new save
+    dropped_saves: int = 0  # evicted pool blocks not saved: every slot was saving or pinned
+    save_seconds: Histogram = msgspec.field(default_factory=Histogram)  # per step with saves
+    load_seconds: Histogram = msgspec.field(default_factory=Histogram)  # per step with loads
+    bytes_used: int = 0  # derived: slots not free × page_bytes
+
+    def __post_init__(self) -> None:
+        self.bytes_used = (self.num_slots - self.free_slots) * self.page_bytes

@@ -33,6 +33,14 @@ def is_stale(seq: Sequence, step_id: int) -> bool:
     return step_id <= seq.ignore_results_until
 
 
+def is_empty(step: StepInput) -> bool:
+    """Nothing for the worker to do: the step is answered without being sent."""
+    return not (
+        step.scheduled or step.new_seqs or step.freed_seq_ids or step.swap_out or step.swap_in or step.copies
+        or step.store_saves or step.store_loads
+    )  # fmt: skip
+
+
 @dataclass(slots=True)
 class StepBuilder:
     """One step while the scheduler decides it; `budget` is the token budget left."""

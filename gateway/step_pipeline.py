@@ -23,18 +23,16 @@ from collections.abc import Callable
 
 from paged.gateway.outputs import RequestOutput
 from paged.gateway.scheduler import Scheduler
+from paged.gateway.step_builder import is_empty
 from paged.shared.protocol import StepInput, StepOutput
 
 DEFAULT_DEPTH = 2  # the step the worker runs and the one waiting behind it
 
+__all__ = ["DEFAULT_DEPTH", "LocalStepLoop", "StepOrderError", "StepPipeline", "is_empty"]
+
 
 class StepOrderError(RuntimeError):
     """A worker answered another step than the oldest one sent: its session cannot be trusted."""
-
-
-def is_empty(step: StepInput) -> bool:
-    """Nothing for the worker to do: the step is answered without being sent."""
-    return not (step.scheduled or step.new_seqs or step.freed_seq_ids or step.swap_out or step.swap_in or step.copies)
 
 
 class StepPipeline:

@@ -18,7 +18,7 @@ Swapped requests come back before any new admission, oldest first, while they fi
 from __future__ import annotations
 
 from paged.gateway.admission import may_take_seats, reserve_blocks
-from paged.gateway.block_allocator import BlockAllocator
+from paged.gateway.block_allocator import BlockAllocator, CacheHit
 from paged.gateway.policy_queues import PolicyQueues
 from paged.gateway.preemption import Preemption
 from paged.gateway.request import Request, Sequence
@@ -139,7 +139,7 @@ class StepPlanner:
         reserve = reserve_blocks(self.watermark_blocks, len(self.queues.running))
         budget = step.budget
         num_children = request.params.n - 1 if not request.forked else 0
-        admitted: list[tuple[Sequence, int, int]] = []
+        admitted: list[tuple[Sequence, CacheHit, int]] = []
         for seq in seqs:
             hit = allocator.probe(seq)
             num_new = min(seq.num_tokens - hit.num_tokens, budget)
@@ -147,14 +147,18 @@ class StepPlanner:
                 for taken, _, _ in admitted:
                     allocator.free(taken)
                 return False
-            admitted.append((seq, hit.num_tokens, num_new))
+            admitted.append((seq, hit, num_new))
             budget -= num_new
         self.queues.pop_waiting()
-        request.mark_scheduled(num_cached_tokens=admitted[0][1])
-        for seq, num_cached, num_new in admitted:
+        request.mark_scheduled(num_cached_tokens=admitted[0][1].num_tokens)
+        counters = self.counters
+        for seq, hit, num_new in admitted:
+            num_cached = hit.num_tokens
             if allocator.enable_prefix_caching:
-                self.counters.prefix_queries_tokens += seq.num_tokens
-                self.counters.prefix_hits_tokens += num_cached
+                counters.prefix_queries_tokens += seq.num_tokens
+                counters.prefix_hits_tokens += num_cached
+                counters.store_hits_tokens += len(hit.store_hits) * allocator.block_size
+                counters.store_misses_tokens += hit.store_miss_tokens
             seq.num_computed = num_cached
             self.queues.add_running(seq)
             if num_new:

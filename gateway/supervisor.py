@@ -3,7 +3,8 @@ one's step loop, and when one is lost, hand its requests on, kill a hung process
 one and register it again with a fresh scheduler (a new session: the worker starts empty).
 
 The supervisor owns the replicas and what every worker must agree on (model, block size, context
-window); the engine front end (gateway/engine.py) owns the request streams and is told, through
+window), and the index of each host KV store its workers attached (gateway/kv_store_index.py: one
+per store id, shared by the replicas whose workers attached that store); the engine front end (gateway/engine.py) owns the request streams and is told, through
 the callbacks, of outputs and of lost workers.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import zmq.asyncio
 
+from paged.gateway.kv_store_index import KVStoreIndexes
 from paged.gateway.outputs import RequestOutput
 from paged.gateway.replica import Replica, WorkerSpec
 from paged.gateway.replica_step_loop import run_step_loop
@@ -34,7 +36,7 @@ class Supervisor:
         self,
         workers: Sequence[WorkerSpec],
         cache_config: CacheConfig,
-        make_scheduler: Callable[[WorkerRegistration, int], Scheduler],
+        make_scheduler: Callable[[str, WorkerRegistration, int], Scheduler],
         dispatch: Callable[[list[RequestOutput]], None],
         on_lost: Callable[[Replica, Scheduler, str], None],
         *,
@@ -42,7 +44,7 @@ class Supervisor:
         steps_in_flight: int,
     ) -> None:
         self.cache_config = cache_config
-        self.make_scheduler = make_scheduler  # (registration, max_model_len) -> a fresh scheduler
+        self.make_scheduler = make_scheduler  # (replica name, registration, max_model_len) -> a fresh scheduler
         self.dispatch = dispatch
         self.on_lost = on_lost
         self.registration_timeout = registration_timeout
@@ -54,6 +56,7 @@ class Supervisor:
             for i, spec in enumerate(workers)
         ]
         self.model = ""  # what the first worker registered with; every other must serve the same
+        self.kv_stores = KVStoreIndexes(cache_config.kv_store_eviction_policy)
         self.max_model_len = 0  # the smallest context window of the first registrations
 
     async def start(self) -> None:
@@ -105,11 +108,11 @@ class Supervisor:
             return f"worker serves model {registration.model!r}, the other workers {self.model!r}"
         if self.max_model_len and registration.max_model_len < self.max_model_len:
             return f"worker max_model_len {registration.max_model_len} is below the gateway's {self.max_model_len}"
-        return None
+        return self.kv_stores.conflict(registration.kv_store_id, registration.num_store_slots)
 
     def attach(self, replica: Replica, registration: WorkerRegistration) -> None:
         self.model = self.model or registration.model
-        replica.attach(registration, self.make_scheduler(registration, self.max_model_len))
+        replica.attach(registration, self.make_scheduler(replica.name, registration, self.max_model_len))
 
     def _spawn_if_needed(self, replica: Replica) -> None:
         process = replica.link.process

@@ -17,7 +17,7 @@ import msgspec
 
 from paged.gateway.replica import WorkerSpec
 from paged.gateway.stale_runtime_dirs import claim, remove_stale_runtime_dirs
-from paged.shared.config import CacheConfig, ModelConfig, default_cpu_threads
+from paged.shared.config import CacheConfig, KVSharingConfig, ModelConfig, default_cpu_threads
 from paged.shared.entry_points import spawn_entry_point
 
 WORKER_ENTRY_POINT = "paged.worker.server:run_worker"
@@ -80,11 +80,12 @@ def spawn_worker(
     on_gateway_loss: str,
     log_level: str,
     log_json: bool | None,
+    sharing: KVSharingConfig | None = None,
 ) -> BaseProcess:
     return spawn_entry_point(
         WORKER_ENTRY_POINT, endpoint, model_config, cache_config, max_num_batched_tokens,
         process_name=f"paged-worker-{worker_id}", null_model=null_model, null_step_s=null_step_s, worker_id=worker_id,
-        on_gateway_loss=on_gateway_loss, log_level=log_level, log_json=log_json, ignore_sigint=True,
+        on_gateway_loss=on_gateway_loss, log_level=log_level, log_json=log_json, ignore_sigint=True, sharing=sharing,
     )  # fmt: skip
 
 
@@ -99,8 +100,10 @@ def local_workers(
     log_level: str,
     log_json: bool | None,
     null_step_s: float = 0.0,
+    sharing: KVSharingConfig | None = None,
 ) -> list[WorkerSpec]:
-    """One WorkerSpec per device; the engine starts (and, after a crash, restarts) each process."""
+    """One WorkerSpec per device; the engine starts (and, after a crash, restarts) each process.
+    `sharing` names the host KV store they all attach (the first to start creates it)."""
     devices = ["cpu"] * (num_workers or 1) if null_model else worker_devices(model_config.device, num_workers)
     specs = []
     for index, device in enumerate(devices):
@@ -111,6 +114,7 @@ def local_workers(
         spawn = functools.partial(
             spawn_worker, endpoint, config, cache_config, max_num_batched_tokens,
             worker_id=str(index), null_model=null_model, null_step_s=null_step_s, on_gateway_loss="exit", log_level=log_level, log_json=log_json,
+            sharing=sharing,
         )  # fmt: skip
         specs.append(WorkerSpec(endpoint, spawn))
     return specs

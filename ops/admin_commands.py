@@ -14,7 +14,7 @@ from rich.text import Text
 
 from paged.ops.admin_client import AdminClient, admin_command
 from paged.ops.admin_output import Columns, Output, Part
-from paged.ops.admin_tables import pct, requests_table, workers_table
+from paged.ops.admin_tables import pool_tier_table, requests_table, store_tier_table, workers_table
 from paged.ops.memmap_render import render_memmap, write_png
 from paged.shared.logging import LEVELS
 
@@ -88,20 +88,19 @@ def request(client: AdminClient, as_json: bool, request_id: str) -> None:
 @click.command()
 @admin_command
 def cache(client: AdminClient, as_json: bool) -> None:
-    """The prefix cache per worker: cached blocks, hit rate, evictions, hottest shared prefixes."""
+    """Both tiers of the prefix cache: each worker's pool (cached blocks, hits, evictions), the host
+    KV stores (slots, saves, loads, latency), and each worker's hottest shared prefixes."""
     payload = client.get("/cache")
     if as_json:
         return _print_json(payload)
-    parts: list[Part] = []
+    parts: list[Part] = [Text("pool tier", "bold"), pool_tier_table(payload)]
+    stores = store_tier_table(payload)
+    parts += [Text("host KV store tier", "bold"), stores] if stores is not None else ["host KV store tier: none (--kv-offload-memory 0)"]
     for summary in payload:
-        enabled = "" if summary["enabled"] else " (prefix caching off)"
-        parts.append(Text.assemble(
-            (f"worker {summary['worker']}", "bold"),
-            f"{enabled}: {summary['cached_free_blocks']} cached-free, {summary['cached_held_blocks']} cached and held blocks"
-            f" · hit rate {pct(summary['hit_rate'])} ({summary['hits_tokens']}/{summary['queries_tokens']} tokens)"
-            f" · {summary['evictions']} evictions",
-        ))  # fmt: skip
-        if summary["hottest_prefixes"]:
+        if not summary["enabled"]:
+            parts.append(f"worker {summary['worker']}: prefix caching off")
+        elif summary["hottest_prefixes"]:
+            parts.append(Text(f"worker {summary['worker']}: hottest shared prefixes", "bold"))
             table = Columns(["blocks", "holders", "blocks × holders", "first block", "hash"])
             for prefix in summary["hottest_prefixes"]:
                 table.rows.append([
@@ -144,8 +143,8 @@ def resume(client: AdminClient, as_json: bool) -> None:
 @click.command("flush-cache")
 @admin_command
 def flush_cache(client: AdminClient, as_json: bool) -> None:
-    """Forget every cached-free block; blocks held by requests keep their content."""
-    _act(client, as_json, "/flush-cache", "flushed {flushed_blocks} cached-free blocks")
+    """Forget every cached-free block and KV store entry; blocks held by requests keep their content."""
+    _act(client, as_json, "/flush-cache", "flushed {flushed_blocks} cached-free blocks and {flushed_store_entries} KV store entries")
 
 
 @click.command("log-level")

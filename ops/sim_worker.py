@@ -1,11 +1,13 @@
 """A simulated worker: executes StepInputs the way a real worker must, without a model.
 
-It keeps each sequence's tokens and block table from the deltas, applies frees, swaps and copies
-in protocol order, and "computes" a position by writing its token id into the slot its table
-names. With `verify=True` it then checks that every slot the sequence reads holds the right token,
-which catches wrong prefix-cache hits, missed copy-on-write copies, bad swaps and stale tables.
-Sampled tokens come from a seeded generator, or `choose_token(seq_id, position)` when given.
-With `verify=False` (benchmarks) it keeps no state and only samples.
+It keeps each sequence's tokens and block table from the deltas, applies frees, store saves, swaps,
+store loads and copies in protocol order, and "computes" a position by writing its token id into
+the slot its table names. With `verify=True` it then checks that every slot the sequence reads
+holds the right token, which catches wrong prefix-cache hits, missed copy-on-write copies, bad
+swaps, bad saves or loads of the KV store tier, and stale tables. Workers given one `store` (a list
+of slots) share it, as the workers of a host share its KV store arena. Sampled tokens come from a
+seeded generator, or `choose_token(seq_id, position)` when given. With `verify=False` (benchmarks)
+it keeps no state and only samples.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ class SimulatedWorker:
         seed: int = 0,
         vocab_size: int = 100,
         choose_token: Callable[[int, int], int] | None = None,
+        store: list[list[int | None]] | None = None,
     ) -> None:
         self.block_size = block_size
+        self.store = store if store is not None else []
         self.verify = verify
         self.device: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)] if verify else []
         self.host: list[list[int | None]] = [[None] * block_size for _ in range(num_host_blocks)] if verify else []
@@ -62,10 +66,14 @@ class SimulatedWorker:
             return self._sample_only(step)
         for seq_id in step.freed_seq_ids:
             self.seqs.pop(seq_id, None)
+        for copy in step.store_saves:
+            self.store[copy.dst] = list(self.device[copy.src])
         for copy in step.swap_out:
             self.host[copy.dst] = list(self.device[copy.src])
         for copy in step.swap_in:
             self.device[copy.dst] = list(self.host[copy.src])
+        for copy in step.store_loads:
+            self.device[copy.dst] = list(self.store[copy.src])
         for copy in step.copies:
             self.device[copy.dst] = list(self.device[copy.src])
         for new in step.new_seqs:

@@ -13,6 +13,8 @@ GiB = 1 << 30
 
 # prefill: computes prompts and sends their KV on; decode: takes KV in and decodes; mixed: both.
 WorkerRole = Literal["prefill", "decode", "mixed"]
+# Which cached block a prefix-cache tier evicts first (gateway/eviction_policy.py, docs/kv-store.md).
+EvictionPolicyName = Literal["lru", "lfu", "depth"]
 
 
 class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -36,6 +38,8 @@ class CacheConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     kv_allocator: Literal["paged", "contiguous"] = "paged"
     enable_prefix_caching: bool = True
     swap_space: int = 1 * GiB  # bytes of host memory per worker for swapped-out blocks
+    kv_eviction_policy: EvictionPolicyName = "lru"  # which cached-free block of the pool is reused first: lru, lfu, depth (recompute cost)
+    kv_store_eviction_policy: EvictionPolicyName = "lru"  # which entry the host KV store drops first: lru, lfu, depth (recompute cost)
 
 
 SchedulingPolicy = Literal["prefill-first", "decode-first", "priority"]

@@ -152,6 +152,9 @@ class StepOutput(msgspec.Struct, gc=False, omit_defaults=True):
     total_s: float = 0.0  # time from receiving the step to sending the result
     store_save_s: float = 0.0  # time saving pages to the KV store
     store_load_s: float = 0.0  # time loading pages from the KV store
+    # The step's page movements (store saves, swaps, store loads, copies) failed: none of the pages
+    # they write can be trusted, and its sequences failed with it.
+    page_moves_failed: bool = False
     # Transfers that ended since the previous output, as this end saw them. Done means the receiver
     # holds every block: the receiver reports it once the last block is written, the sender once the
     # receiver acknowledged that. A failed transfer touches none of its blocks any more, on this end.
@@ -195,6 +198,10 @@ class WorkerRegistration(msgspec.Struct, array_like=True):
     transfer_endpoint: str = ""  # where other workers send it KV blocks ("": it takes no transfers)
     kv_store_id: str = ""  # the host KV store it attached ("": none); workers with equal ids share one store
     num_store_slots: int = 0
+    page_bytes: int = 0  # bytes of one KV page (a block's K and V in every layer): a store slot's size
+    # What one block of context adds to the cost of computing a token, relative to its cost without
+    # context (from the model's shape): how the depth eviction policy weighs a block's depth.
+    block_context_cost: float = 0.0
 
 
 class RegistrationAck(msgspec.Struct, array_like=True):

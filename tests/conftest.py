@@ -4,6 +4,8 @@ it skip with the reason when it is absent, except under CI, where its absence is
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from paged.shared.kv_store_path import SHM_DIR
 from paged.shared.logging import configure_logging
 
 # structlog's unconfigured default renders exceptions with rich, frame locals included: seconds per
@@ -32,3 +35,13 @@ def stories_dir() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return STORIES_DIR
+
+
+@pytest.fixture
+def store_name() -> Iterator[str]:
+    """A fresh host KV store name; every file in /dev/shm named after it (the arena, a draft, a
+    lease's lock, NAME-suffixed stores of the test) is removed after the test."""
+    name = f"paged-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    for leftover in SHM_DIR.glob(f"*{name}*"):
+        leftover.unlink(missing_ok=True)

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
+from paged.shared.kv_store_path import SHM_DIR, draft_prefix, store_path
 from paged.shared.logging import get_logger
 
 log = get_logger("worker.kv_store")
 
-SHM_DIR = Path("/dev/shm")
+__all__ = ["SHM_DIR", "KVStoreArena", "KVStoreError"]
 HEADER_BYTES = 4096  # one page: the slots start page-aligned
 MAGIC = b"PAGEDKV1"  # format version included: a future layout gets a new magic
 FORMAT_VERSION = 1
@@ -87,7 +88,7 @@ class KVStoreArena:
         encoded = json.dumps(header).encode()
         if len(MAGIC) + 4 + len(encoded) > HEADER_BYTES:
             raise KVStoreError("KV store header too long")
-        draft = path.with_name(f".{path.name}.{os.getpid()}.{header['store_id']}")
+        draft = path.with_name(f"{draft_prefix(name)}{os.getpid()}.{header['store_id']}")
         fd = os.open(draft, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             # tmpfs allocates pages on first write: the size costs nothing until slots are saved.
@@ -136,7 +137,8 @@ class KVStoreArena:
 
 
 def _path(name: str) -> Path:
-    if not name or "/" in name or name.startswith("."):
-        raise KVStoreError(f"bad KV store name {name!r}: a file name without '/' or a leading '.'")
-    return SHM_DIR / name
+    try:
+        return store_path(name)
+    except ValueError as exc:
+        raise KVStoreError(str(exc)) from None
 

@@ -58,6 +58,18 @@ class ModelArch:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
 
+    def block_context_cost(self, block_size: int) -> float:
+        """What one block of context adds to the cost of computing a token, relative to the token's
+        cost without context (the depth eviction policy's slope, docs/kv-store.md). Per token,
+        attention reads block_size more keys and values in every layer (2 FLOPs for the score and 2
+        for the weighted value, per query head and head dimension), against 2 FLOPs per weight of
+        every layer's projections and MLP and of the LM head."""
+        q_width = self.num_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
+        per_layer = self.hidden_size * (2 * q_width + 2 * kv_width) + 3 * self.hidden_size * self.intermediate_size
+        per_token = 2 * (self.num_layers * per_layer + self.vocab_size * self.hidden_size)
+        return 4 * self.num_layers * q_width * block_size / per_token
+
     @classmethod
     def from_dict(cls, config: dict[str, Any], source: str = "config.json") -> ModelArch:
         """Validate a parsed config.json; `source` names the file in errors."""

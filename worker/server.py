@@ -78,6 +78,8 @@ class StepRunner(Protocol):
     transfer_endpoint: str
     kv_store_id: str
     num_store_slots: int
+    page_bytes: int
+    block_context_cost: float
 
     def execute_step(self, step: StepInput) -> StepOutput: ...
 
@@ -288,6 +290,8 @@ class WorkerServer:
             transfer_endpoint=runner.transfer_endpoint,
             kv_store_id=runner.kv_store_id,
             num_store_slots=runner.num_store_slots,
+            page_bytes=runner.page_bytes,
+            block_context_cost=runner.block_context_cost,
         )
         self.io = _SessionIO(
             self.context, endpoint, registration, self.commands, pipe_address,

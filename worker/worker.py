@@ -142,6 +142,14 @@ class Worker:
     def num_store_slots(self) -> int:
         return self.store.num_slots if self.store else 0
 
+    @property
+    def page_bytes(self) -> int:
+        return self.kv_cache.page_nbytes
+
+    @property
+    def block_context_cost(self) -> float:
+        return self.arch.block_context_cost(self.block_size)
+
     def close(self) -> None:
         """Stop the KV transport and unmap the KV store (the store itself stays for the host's other workers)."""
         self.transport.close()
@@ -172,7 +180,9 @@ class Worker:
                 TransferFailure(item.transfer_id, f"step {step.step_id} failed before the transfer started: {exc}")
                 for item in (*step.kv_receives, *step.kv_sends)
             ]
-            return self._output(step, [], errors, 0.0, started, failed), {}
+            output = self._output(step, [], errors, 0.0, started, failed)
+            output.page_moves_failed = True
+            return output, {}
         for receive in step.kv_receives:
             self.transport.receive(receive.transfer_id, receive.blocks)
 

@@ -105,7 +105,7 @@ class AdminHandlers:
         return _json({"draining": False})
 
     async def flush_cache(self, request: Request) -> Response:
-        return _json({"flushed_blocks": self.engine.flush_prefix_cache()})
+        return _json({"flushed_blocks": self.engine.flush_prefix_cache(), "flushed_store_entries": self.engine.flush_kv_store()})
 
     async def log_level(self, request: Request) -> Response:
         try:

@@ -1,5 +1,6 @@
-"""Prometheus metrics: per-worker scheduler and page-pool state read from the engine at each
-scrape, plus per-request counters and latency histograms recorded by the HTTP layer.
+"""Prometheus metrics: per-worker scheduler and page-pool state and per-store KV store state read
+from the engine at each scrape, plus per-request counters and latency histograms recorded by the
+HTTP layer.
 
 Every app gets its own registry, so several apps (tests) never share or clash over metrics.
 """
@@ -9,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
 from paged.gateway.engine_client import EngineClient
-from paged.gateway.stats import WorkerStats
+from paged.gateway.stats import Histogram as HistogramCounts
+from paged.gateway.stats import KVStoreStats, WorkerStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -29,6 +31,7 @@ WORKER_GAUGES = (
     ("paged_requests_running", "Requests with sequences in the running batch", "running_requests"),
     ("paged_requests_waiting", "Requests waiting to be scheduled", "waiting_requests"),
     ("paged_kv_blocks_total", "KV cache blocks in the pool", "num_blocks"),
+    ("paged_kv_block_size", "Tokens per KV cache block", "block_size"),
     ("paged_kv_blocks_used", "KV cache blocks held by live requests", "used_blocks"),
     ("paged_kv_blocks_free", "KV cache blocks neither held nor cached", "free_blocks"),
     ("paged_kv_blocks_cached", "Unreferenced KV cache blocks kept for prefix-cache hits", "cached_blocks"),
@@ -41,6 +44,25 @@ WORKER_COUNTERS = (
     ("paged_evictions", "Cached blocks evicted for reuse", "evictions"),
     ("paged_swaps_out", "Blocks swapped out to host memory", "swaps_out"),
     ("paged_swaps_in", "Blocks swapped back in from host memory", "swaps_in"),
+    ("paged_kv_store_hits_tokens", "Prompt tokens loaded from the host KV store (of the prefix-cache hits)", "store_hits_tokens"),
+    ("paged_kv_store_misses_tokens", "Prompt tokens of full blocks in neither the pool nor the KV store (with a store)", "store_misses_tokens"),
+)
+# Per host KV store (label `store`, its id): (name, help, KVStoreStats field).
+STORE_GAUGES = (
+    ("paged_kv_store_slots_total", "Slots of the host KV store", "num_slots"),
+    ("paged_kv_store_bytes", "Bytes of the host KV store's slots in use", "bytes_used"),
+    ("paged_kv_store_capacity_bytes", "Bytes of the host KV store's slots", None),
+)
+STORE_SLOT_STATES = ("free", "saving", "ready", "pinned", "quarantined")
+STORE_COUNTERS = (
+    ("paged_kv_store_saves", "Blocks saved to the host KV store as the pool evicted them", "saves"),
+    ("paged_kv_store_loads", "Blocks loaded from the host KV store for prefix hits", "loads"),
+    ("paged_kv_store_evictions", "KV store entries dropped for new saves", "evictions"),
+    ("paged_kv_store_dropped_saves", "Evicted blocks not saved because every store slot was busy", "dropped_saves"),
+)
+STORE_HISTOGRAMS = (
+    ("paged_kv_store_save_seconds", "Worker time per step saving pages to the KV store", "save_seconds"),
+    ("paged_kv_store_load_seconds", "Worker time per step loading pages from the KV store", "load_seconds"),
 )
 
 
@@ -56,6 +78,43 @@ class WorkerCollector(Collector):
             yield _family(GaugeMetricFamily(name, help_text, labels=["worker"]), workers, field)
         for name, help_text, field in WORKER_COUNTERS:
             yield _family(CounterMetricFamily(name, help_text, labels=["worker"]), workers, field)
+        yield from _store_families(self._engine.store_stats())
+
+
+def _store_families(stores: list[KVStoreStats]) -> Iterator[Metric]:
+    if not stores:
+        return
+    for name, help_text, field in STORE_GAUGES:
+        gauge = GaugeMetricFamily(name, help_text, labels=["store"])
+        for store in stores:
+            value = getattr(store, field) if field else store.num_slots * store.page_bytes
+            gauge.add_metric([store.store_id], float(value))
+        yield gauge
+    slots = GaugeMetricFamily("paged_kv_store_slots", "KV store slots by state (pinned: ready ones a load reads)", labels=["store", "state"])
+    for store in stores:
+        for state in STORE_SLOT_STATES:
+            slots.add_metric([store.store_id, state], float(getattr(store, f"{state}_slots")))
+    yield slots
+    for name, help_text, field in STORE_COUNTERS:
+        counter = CounterMetricFamily(name, help_text, labels=["store"])
+        for store in stores:
+            counter.add_metric([store.store_id], float(getattr(store, field)))
+        yield counter
+    for name, help_text, field in STORE_HISTOGRAMS:
+        histogram = HistogramMetricFamily(name, help_text, labels=["store"])
+        for store in stores:
+            counts: HistogramCounts = getattr(store, field)
+            histogram.add_metric([store.store_id], _cumulative_buckets(counts), counts.sum)
+        yield histogram
+
+
+def _cumulative_buckets(counts: HistogramCounts) -> list[tuple[str, float]]:
+    buckets = []
+    total = 0
+    for bound, count in zip([*map(str, counts.bounds), "+Inf"], counts.counts, strict=True):
+        total += count
+        buckets.append((bound, float(total)))
+    return buckets
 
 
 def _family(family: GaugeMetricFamily | CounterMetricFamily, workers: list[WorkerStats], field: str) -> Metric:

@@ -40,7 +40,13 @@ def write_report(document: dict, output_dir: Path) -> str:
     """results.md and the PNG plots under output_dir; returns the Markdown."""
     output_dir.mkdir(parents=True, exist_ok=True)
     systems = systems_of(document)
-    markdown = f"## {document['workload']}: {document['requests_sent']} requests\n\n" + markdown_table(systems)
+    markdown = f"## {document['workload']}: {document['requests_sent']} requests\n\n"
+    if document.get("pool_tokens"):
+        markdown += (
+            f"{document['system_prompts']} distinct system prompts asked, {document['system_prompt_tokens']} tokens in all: "
+            f"{document['system_prompt_tokens'] / document['pool_tokens']:.1f}× the KV pool ({document['pool_tokens']} tokens).\n\n"
+        )
+    markdown += markdown_table(systems)
     plots.latency_cdfs(systems, output_dir / "latency_cdf.png")
     plots.kv_utilization(systems, output_dir / "kv_utilization.png")
     if document["sweep"]:
@@ -64,6 +70,9 @@ def write_report(document: dict, output_dir: Path) -> str:
 @click.option("--baselines", callback=_baseline_list, help=f"Comma-separated, from: {', '.join(BASELINES)}.")
 @click.option("--compare", "sweep_rates", callback=_float_list, help="Also sweep these request rates, e.g. 1,2,4,8.")
 @click.option("--kv-cache-memory", help="KV memory for every server this tool starts (e.g. 16MiB), so all compare at one budget.")
+@click.option("--kv-offload-memory", help="Host KV store for every server this tool starts (e.g. 64MiB); the no-kv-store baseline runs without.")
+@click.option("--prefix-working-set", type=click.FloatRange(min=0, min_open=True),
+              help="shared-prefix: distinct system prompts adding up to this many times the KV pool [default: one system prompt].")
 @click.option("--server-arg", "server_args", multiple=True,
               help="Extra options for the servers this tool starts, split like a shell would (repeatable): --server-arg '--max-num-seqs 8'.")
 @click.option("--server-port", type=click.IntRange(1, 65535),
@@ -77,7 +86,8 @@ def write_report(document: dict, output_dir: Path) -> str:
 @click.option("--output-json", type=click.Path(dir_okay=False, path_type=Path), help="The results JSON [default: OUTPUT_DIR/results.json].")
 def bench(url: str | None, model_dir: Path | None, workload: str, num_requests: int, request_rate: float,
           concurrency: int | None, seed: int, max_model_len: int | None, baselines: tuple[str, ...],
-          sweep_rates: tuple[float, ...], kv_cache_memory: str | None, server_args: tuple[str, ...], server_port: int | None,
+          sweep_rates: tuple[float, ...], kv_cache_memory: str | None, kv_offload_memory: str | None, prefix_working_set: float | None,
+          server_args: tuple[str, ...], server_port: int | None,
           hf_batch_size: int, stall_timeout: float, metrics_interval: float, output_dir: Path | None, output_json: Path | None) -> None:
     """Benchmark a paged server: throughput, latency and KV memory, optionally against baselines."""
     if concurrency and request_rate != float("inf"):
@@ -93,8 +103,12 @@ def bench(url: str | None, model_dir: Path | None, workload: str, num_requests: 
     server_args = tuple(argv)
     output_dir = output_dir or Path("bench-results") / f"{workload}-{time.strftime('%Y%m%d-%H%M%S')}"
     output_json = output_json or output_dir / "results.json"
+    if prefix_working_set and workload != "shared-prefix":
+        raise click.UsageError("--prefix-working-set sizes the shared-prefix workload only")
     if kv_cache_memory:
         server_args = ("--kv-cache-memory", kv_cache_memory, *server_args)
+    if kv_offload_memory:
+        server_args = ("--kv-offload-memory", kv_offload_memory, *server_args)
     if max_model_len:  # the servers this tool starts get the workload's context window (and size their pool by it)
         server_args = ("--max-model-len", str(max_model_len), *server_args)
     plan = BenchPlan(
@@ -102,14 +116,14 @@ def bench(url: str | None, model_dir: Path | None, workload: str, num_requests: 
         shape=LoadShape(request_rate=request_rate, concurrency=concurrency, seed=seed, stall_timeout=stall_timeout),
         url=url.rstrip("/") if url else None, model_dir=model_dir, baselines=baselines, sweep_rates=sweep_rates,
         server_args=server_args, server_port=server_port or port_in_args, hf_batch_size=hf_batch_size,
-        metrics_interval=metrics_interval, log_dir=output_dir / "logs",
+        metrics_interval=metrics_interval, log_dir=output_dir / "logs", prefix_working_set=prefix_working_set,
     )
     # SIGTERM unwinds like Ctrl-C, so the servers this tool started are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     model = resolve_model_info(plan.url, model_dir, max_model_len)
     try:
         document = run_plan(plan, model)
-    except ServerStartError as error:
+    except (ServerStartError, ValueError) as error:  # ValueError: what the plan needs and lacks, said for the user
         raise click.ClickException(str(error)) from None
     output_json.parent.mkdir(parents=True, exist_ok=True)
     output_json.write_text(json.dumps(document, indent=1))

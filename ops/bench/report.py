@@ -37,6 +37,7 @@ FIGURES: list[tuple[str, Callable[[Summary], float | None], str]] = [
     ("KV blocks used peak", _field("kv_memory_used_peak"), "{:.1%}"),
     ("peak concurrent sequences", _field("peak_concurrency"), "{:.0f}"),
     ("prefix-cache hit rate", _field("prefix_hit_rate"), "{:.1%}"),
+    ("of which KV store", _field("store_hit_rate"), "{:.1%}"),
     ("preemptions", _field("preemptions"), "{:.0f}"),
 ]
 

@@ -68,6 +68,7 @@ def summarize(results: list[RequestResult], duration_s: float, server: ServerSta
         "kv_memory_used_peak": server.kv_memory_used_peak,
         "peak_concurrency": server.peak_running,
         "prefix_hit_rate": server.prefix_hit_rate,
+        "store_hit_rate": server.store_hit_rate,
         "preemptions": server.preemptions,
         "kv_timeline": server.timeline,
         "samples_ms": {"ttft": _rounded_ms(ttfts), "tpot": _rounded_ms(tpots), "itl": _rounded_ms(itls)},

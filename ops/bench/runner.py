@@ -14,10 +14,12 @@ from paged.ops.bench.model_info import ModelInfo, served_model
 from paged.ops.bench.report import ratios
 from paged.ops.bench.results import RequestResult, summarize
 from paged.ops.bench.servers import SERVER_CONFIGS, running_server
-from paged.ops.bench.server_metrics import ServerStats
-from paged.ops.bench.workloads import RequestSpec, build_workload
+from paged.ops.bench.server_metrics import ServerStats, pool_tokens
+from paged.ops.bench.workloads import RequestSpec, build_workload, system_prompts
 
 HF_BASELINE = "hf-static"
+# About the workload, not a system's figures: the distinct system prompts asked and the paged server's KV pool.
+WORKLOAD_KEYS = ("system_prompts", "system_prompt_tokens", "pool_tokens")
 BASELINES = (*[name for name in SERVER_CONFIGS if name != "paged"], HF_BASELINE)
 
 
@@ -35,6 +37,9 @@ class BenchPlan:
     hf_batch_size: int = 8
     metrics_interval: float = 0.25
     log_dir: Path = field(default_factory=lambda: Path("bench-logs"))
+    # shared-prefix: distinct system prompts adding up to this many times the KV pool of the paged
+    # server under test (read from its /metrics); None: one shared system prompt
+    prefix_working_set: float | None = None
 
 
 def _shape_fields(plan: BenchPlan, system: str, shape: LoadShape) -> dict[str, Any]:
@@ -67,13 +72,30 @@ def _run_once(plan: BenchPlan, system: str, url: str | None, served_name: str, s
     return run_load(url, served_name, specs, shape, label, plan.metrics_interval)
 
 
+def _working_set(plan: BenchPlan, url: str | None) -> tuple[int, int | None]:
+    """(shared-prefix working set in tokens, the paged server's KV pool in tokens) for the workload."""
+    if plan.prefix_working_set is None:
+        return 0, None
+    pool = pool_tokens(url) if url else None
+    if pool is None:
+        raise ValueError("--prefix-working-set needs the paged server's pool size from its /metrics")
+    return int(plan.prefix_working_set * pool), pool
+
+
 def run_plan(plan: BenchPlan, model: ModelInfo) -> dict[str, Any]:
-    """The results document: the paged run's figures at the top level, then baselines, ratios and sweep."""
-    specs = build_workload(plan.workload, model, plan.num_requests, plan.shape.seed)
+    """The results document: the paged run's figures at the top level, then baselines, ratios and sweep.
+    The workload is built once the paged server is up (a shared-prefix working set is sized by its pool)."""
+    specs: list[RequestSpec] = []
+    workload: dict[str, Any] = {}
     systems: dict[str, dict[str, Any]] = {}
     sweep: dict[str, list[dict[str, Any]]] = {}
     for system in ("paged", *plan.baselines):
         with _server_url(plan, system) as url:
+            if not specs:
+                working_set, pool = _working_set(plan, url)
+                specs = build_workload(plan.workload, model, plan.num_requests, plan.shape.seed, working_set)
+                count, tokens = system_prompts(specs)
+                workload = {"system_prompts": count, "system_prompt_tokens": tokens, "pool_tokens": pool} if working_set else {}
             served_name = (served_model(url)[0] if url else None) or model.name
             if url is not None:
                 warm_up(url, served_name, RequestSpec(specs[0].prompt[:16], 4))
@@ -89,7 +111,7 @@ def run_plan(plan: BenchPlan, model: ModelInfo) -> dict[str, Any]:
                 point.pop("samples_ms")
                 point.pop("kv_timeline")
                 sweep.setdefault(system, []).append(point)
-    return systems["paged"] | {
+    return systems["paged"] | workload | {
         "baselines": {name: summary for name, summary in systems.items() if name != "paged"},
         "ratios": ratios(systems) if len(systems) > 1 else {},
         "sweep": sweep,
@@ -98,5 +120,5 @@ def run_plan(plan: BenchPlan, model: ModelInfo) -> dict[str, Any]:
 
 def systems_of(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The per-system summaries of a results document, paged first."""
-    paged = {key: value for key, value in document.items() if key not in ("baselines", "ratios", "sweep")}
+    paged = {key: value for key, value in document.items() if key not in ("baselines", "ratios", "sweep", *WORKLOAD_KEYS)}
     return {"paged": paged, **document["baselines"]}

@@ -13,7 +13,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 # Counters read at the start and the end of a run.
-COUNTERS = ("paged_prefix_cache_queries_tokens_total", "paged_prefix_cache_hits_tokens_total", "paged_preemptions_total")
+COUNTERS = (
+    "paged_prefix_cache_queries_tokens_total", "paged_prefix_cache_hits_tokens_total", "paged_preemptions_total",
+    "paged_kv_store_hits_tokens_total",
+)  # fmt: skip
 
 
 @dataclass
@@ -22,7 +25,8 @@ class ServerStats:
     kv_utilization_peak: float | None = None
     kv_memory_used_peak: float | None = None  # peak fraction of KV blocks held by live requests
     peak_running: int | None = None
-    prefix_hit_rate: float | None = None
+    prefix_hit_rate: float | None = None  # prompt tokens served by either tier of the prefix cache
+    store_hit_rate: float | None = None  # of which by the host KV store (its share of all prompt tokens)
     preemptions: int | None = None
     # [seconds from start, KV utilization, fraction of blocks used, running, waiting] per sample
     timeline: list[list[float]] = field(default_factory=list)
@@ -39,6 +43,20 @@ def parse_metrics(text: str) -> dict[str, list[float]]:
 
 def _total(values: dict[str, list[float]], name: str) -> float:
     return sum(values.get(name, []))
+
+
+def pool_tokens(url: str) -> int | None:
+    """Token slots of the server's KV pools (every worker's), from its /metrics; None if it does not say."""
+    try:
+        response = httpx.get(f"{url}/metrics", timeout=10)
+        response.raise_for_status()
+        values = parse_metrics(response.text)
+    except (httpx.HTTPError, ValueError):
+        return None
+    blocks, sizes = values.get("paged_kv_blocks_total", []), values.get("paged_kv_block_size", [])
+    if not blocks or len(blocks) != len(sizes):
+        return None
+    return int(sum(count * size for count, size in zip(blocks, sizes, strict=True)))
 
 
 class MetricsSampler:
@@ -100,6 +118,7 @@ class MetricsSampler:
             kv_memory_used_peak=max(sample[2] for sample in self._timeline),
             peak_running=int(max(sample[3] for sample in self._timeline)),
             prefix_hit_rate=delta["paged_prefix_cache_hits_tokens_total"] / queries if queries else 0.0,
+            store_hit_rate=delta["paged_kv_store_hits_tokens_total"] / queries if queries else 0.0,
             preemptions=int(delta["paged_preemptions_total"]),
             timeline=self._timeline,
         )

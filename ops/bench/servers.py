@@ -20,11 +20,15 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-# Baseline name -> the `pagedd serve` options that make it; "paged" is the system under test.
+# Baseline name -> the `pagedd serve` options that make it; "paged" is the system under test. They
+# come after --server-arg's, so a baseline's own setting wins (no-kv-store drops a store the run gave).
 SERVER_CONFIGS: dict[str, list[str]] = {
     "paged": [],
     "contiguous": ["--kv-allocator", "contiguous"],
     "no-prefix-caching": ["--no-prefix-caching"],
+    "no-kv-store": ["--kv-offload-memory", "0"],
+    "lfu": ["--kv-eviction-policy", "lfu", "--kv-store-eviction-policy", "lfu"],
+    "depth": ["--kv-eviction-policy", "depth", "--kv-store-eviction-policy", "depth"],
 }
 STARTUP_TIMEOUT_S = 300.0
 PROGRESS_LINE_EVERY_S = 10.0  # without a terminal (a log file, CI), a line this often while a server starts
@@ -115,11 +119,11 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def running_server(model_dir: Path, config: str, extra_args: list[str], log_dir: Path, port: int | None = None) -> Iterator[str]:
-    """Run `pagedd serve` with the baseline's options plus `extra_args` on `port` (default: a free one);
+    """Run `pagedd serve` with `extra_args` and the baseline's options on `port` (default: a free one);
     yields its URL once healthy, showing on stderr what the server is doing until then."""
     port = port or free_port()
     command = [sys.executable, "-m", "paged.ops.pagedd", "serve", "--model", str(model_dir),
-               "--host", "127.0.0.1", "--port", str(port), *SERVER_CONFIGS[config], *extra_args]  # fmt: skip
+               "--host", "127.0.0.1", "--port", str(port), *extra_args, *SERVER_CONFIGS[config]]  # fmt: skip
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{config}.log"
     with log_path.open("wb") as log:

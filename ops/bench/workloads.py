@@ -16,6 +16,13 @@ class RequestSpec:
     prompt: list[int]  # token ids, sent as is (the server adds no BOS to id prompts)
     max_tokens: int  # with ignore_eos every choice generates exactly this many tokens
     n: int = 1
+    system_tokens: int = 0  # leading prompt tokens that are a system prompt other requests share
+
+
+def system_prompts(specs: list[RequestSpec]) -> tuple[int, int]:
+    """(distinct system prompts the requests open with, their tokens in all): a workload's prefix working set."""
+    distinct = {tuple(spec.prompt[: spec.system_tokens]) for spec in specs if spec.system_tokens}
+    return len(distinct), sum(len(system) for system in distinct)
 
 
 def _lognormal_lengths(rng: np.random.Generator, median: float, sigma: float, low: int, high: int, size: int) -> np.ndarray:
@@ -53,15 +60,35 @@ def parallel(rng: np.random.Generator, model: ModelInfo, num_requests: int) -> l
     return _sharegpt_like(rng, model, num_requests, n=4)
 
 
-def shared_prefix(rng: np.random.Generator, model: ModelInfo, num_requests: int) -> list[RequestSpec]:
-    """One long system prompt (half the context window, at most 1000 tokens) shared by every request."""
-    system = _tokens(rng, model, min(1000, model.max_model_len // 2))
+ZIPF_EXPONENT = 1.0  # popularity of the i-th most asked system prompt ∝ 1/i: a few hot ones, a long tail
+
+
+def shared_prefix(
+    rng: np.random.Generator, model: ModelInfo, num_requests: int, working_set_tokens: int = 0
+) -> list[RequestSpec]:
+    """Requests that open with a system prompt and add a user turn. Without `working_set_tokens`,
+    one long system prompt (half the context window, at most 1000 tokens) shared by every request.
+    With it, distinct system prompts of varied length (lognormal, 16 tokens to that maximum) adding
+    up to that many tokens, asked with Zipf popularity: a KV pool smaller than the working set must
+    evict, which is where a KV store tier and the eviction policies make their difference."""
+    longest = min(1000, model.max_model_len // 2)
+    if working_set_tokens <= 0:
+        systems = [_tokens(rng, model, longest)]
+    else:
+        systems = []
+        total = 0
+        while total < working_set_tokens:
+            length = int(_lognormal_lengths(rng, longest / 2, 0.5, 16, longest, 1)[0])
+            systems.append(_tokens(rng, model, length))
+            total += length
+    popularity = 1.0 / (rng.permutation(len(systems)) + 1.0) ** ZIPF_EXPONENT if len(systems) > 1 else None
     specs = []
     for _ in range(num_requests):
+        system = systems[0] if popularity is None else systems[int(rng.choice(len(systems), p=popularity / popularity.sum()))]
         user_len, output_len = _fit_to_context(
             int(rng.integers(16, 80)), int(rng.integers(16, 128)), model.max_model_len - len(system)
         )
-        specs.append(RequestSpec(system + _tokens(rng, model, user_len), output_len))
+        specs.append(RequestSpec(system + _tokens(rng, model, user_len), output_len, system_tokens=len(system)))
     return specs
 
 
@@ -83,8 +110,12 @@ WORKLOADS: dict[str, Callable[[np.random.Generator, ModelInfo, int], list[Reques
 }
 
 
-def build_workload(name: str, model: ModelInfo, num_requests: int, seed: int) -> list[RequestSpec]:
-    return WORKLOADS[name](np.random.default_rng(seed), model, num_requests)
+def build_workload(name: str, model: ModelInfo, num_requests: int, seed: int, prefix_working_set_tokens: int = 0) -> list[RequestSpec]:
+    """The workload's requests; `prefix_working_set_tokens` sizes shared-prefix's distinct system prompts."""
+    rng = np.random.default_rng(seed)
+    if name == "shared-prefix":
+        return shared_prefix(rng, model, num_requests, prefix_working_set_tokens)
+    return WORKLOADS[name](rng, model, num_requests)
 
 
 def arrival_times(num_requests: int, request_rate: float, seed: int) -> list[float]:

@@ -107,3 +107,30 @@ def test_block_hash_chain_depends_on_parent_tokens_and_salt() -> None:
     extend_block_hashes(hashes, list(range(10)), 10, 4, None)
     assert len(hashes) == 2  # only full blocks
     assert hashes[1] == hash_block(hashes[0], [4, 5, 6, 7], None)
+
+
+def test_reusing_a_cached_block_tells_the_eviction_hook_but_a_flush_does_not() -> None:
+    pool = BlockPool(3)
+    heard: list[tuple[int, int, int | None, int]] = []
+    pool.on_evict = lambda *evicted: heard.append(evicted)
+    a, b, c = pool.allocate(3)
+    pool.register(a, 10)
+    pool.register(b, 11, parent=10, depth=1)
+    pool.free([c, b, a])
+    assert pool.allocate(2) == [c, b]  # the free block, then the chain's tail (leaf first)
+    assert heard == [(b, 11, 10, 1)]
+    assert pool.evict_cached_free() == 1 and len(heard) == 1
+
+
+def test_unregistering_forgets_content_held_or_cached() -> None:
+    pool = BlockPool(2)
+    a, b = pool.allocate(2)
+    pool.register(a, 10)
+    pool.register(b, 11, parent=10, depth=1)
+    pool.unregister(a)  # held
+    pool.free([b])
+    pool.unregister(b)  # cached-free: becomes plainly free
+    assert pool.cached_blocks() == {} and pool.num_cached_free == 0
+    assert pool.audit_policy() == []
+    pool.free([a])
+    assert sorted(pool.free_queue()) == [a, b]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from paged.gateway.block_accounting import assert_block_accounting
 from paged.gateway.kv_cache_manager import KVCacheManager
+from paged.gateway.kv_store_index import KVStoreIndexes
+from paged.gateway.kv_store_session import KVStoreSession
 from paged.gateway.request import Request, Sequence
 from paged.shared.protocol import BlockCopy
 from paged.shared.sampling_params import SamplingParams
@@ -200,3 +202,33 @@ def test_block_copy_is_the_protocol_struct() -> None:
     manager.fork(parent, parent.request.seqs[1])
     (copy,) = manager.grow(parent, 1)
     assert isinstance(copy, BlockCopy)
+
+
+def test_a_chain_mixes_pool_and_store_links_and_the_store_links_load_into_new_blocks() -> None:
+    index = KVStoreIndexes("lru").for_store("host", 8)
+    assert index is not None
+    session = KVStoreSession(index, "w")
+    manager = KVCacheManager(10, BS, store=session)
+    prompt = list(range(14))  # three full blocks and a partial one
+    first = _seq(prompt)
+    _run_prompt(manager, first)
+    table = manager.block_table(first.seq_id)
+    manager.free(first)
+    hashes = first.block_hashes
+    # The middle link leaves the pool for the store (as an eviction would save it).
+    slot = index.reserve(hashes[1], hashes[0], 1)
+    assert slot is not None
+    index.saved(slot)
+    manager.pool.unregister(table[1])
+    again = _seq(prompt[:13] + [77])
+    hit = manager.probe(again)
+    assert (hit.blocks, hit.store_hits, hit.num_tokens) == ([table[0], table[2]], [(1, slot)], 12)
+    assert manager.match_prefix(prompt, None) == 12
+    assert manager.admit(again, hit, 2, 0)
+    new_table = manager.block_table(again.seq_id)
+    assert new_table[0] == table[0] and new_table[2] == table[2] and new_table[1] not in table[:3]
+    _, loads = session.take(step_id=5)
+    assert loads == [BlockCopy(slot, new_table[1])]
+    assert manager.pool.lookup(hashes[1]) == new_table[1]  # findable at once: the load runs first
+    assert index.stats().pinned_slots == 1
+    assert_block_accounting(manager)

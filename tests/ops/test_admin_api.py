@@ -121,11 +121,53 @@ async def test_actions_drain_resume_flush_and_log_level(engine: AsyncEngine) -> 
         assert engine.is_draining()
         assert (await http.post("/v1/resume")).json() == {"draining": False}
         assert not engine.is_draining()
-        assert (await http.post("/v1/flush-cache")).json() == {"flushed_blocks": cached}
+        assert (await http.post("/v1/flush-cache")).json() == {"flushed_blocks": cached, "flushed_store_entries": 0}
         assert scheduler.stats().cached_blocks == 0
         assert (await http.post("/v1/log-level", json={"level": "loud"})).status_code == 400
         assert (await http.post("/v1/log-level", content=b"not json")).status_code == 400
         assert (await http.post("/v1/log-level", json={"level": "DEBUG"})).json() == {"level": "debug"}
+
+
+async def test_pagedctl_cache_shows_both_tiers(tmp_path: Path) -> None:
+    """Two workers attached to one host KV store: a prompt computed on worker 0 and evicted there is
+    loaded from the store on worker 1; `pagedctl cache` shows the pools and the one shared store."""
+    engine = AsyncEngine([WorkerSpec("ipc:///none-0"), WorkerSpec("ipc:///none-1")], SchedulerConfig(kv_watermark=0.0),
+                         CacheConfig(block_size=BS, kv_store_eviction_policy="lfu"))
+    engine.supervisor.max_model_len = 64
+    pool_blocks = 4  # one request at a time: the next one evicts all of the last one's blocks
+    for replica in engine.replicas:
+        engine.supervisor.attach(replica, WorkerRegistration(
+            1, f"w{replica.name}", pool_blocks, 0, BS, 64, "test-model", "cpu", "float32", 1,
+            kv_store_id="host-store", num_store_slots=32, page_bytes=4096,
+        ))  # fmt: skip
+    arena: list[list[int | None]] = [[None] * BS for _ in range(32)]
+    loops = [StepLoop(r.scheduler, SimulatedWorker(pool_blocks, BS, store=arena), overlapped=False) for r in engine.replicas]  # type: ignore[arg-type]
+    first, second = (r.scheduler for r in engine.replicas)
+    assert first.store.index is second.store.index  # type: ignore[union-attr]
+    for number, prompt in enumerate(([5] * 12 + [1], [6] * 12 + [1])):  # the second evicts the first
+        first.add_request(Request(f"a{number}", prompt, SamplingParams(max_tokens=2), eos_token_ids=frozenset()))  # type: ignore[union-attr]
+        loops[0].run()
+    second.add_request(Request("b", [5] * 12 + [2], SamplingParams(max_tokens=2), eos_token_ids=frozenset()))  # type: ignore[union-attr]
+    loops[1].run()
+    assert second.stats().store_hits_tokens == 12  # type: ignore[union-attr]
+    settings = AdminSettings(tmp_path / "admin.sock")
+    server = AdminServer(engine, settings, "test-served", bind_admin_socket(settings))
+    await server.start()
+    try:
+        summaries = json.loads((await ctl(server, "cache", "--json")).output)
+        assert [c["store"]["store_id"] for c in summaries] == ["host-store", "host-store"]
+        assert summaries[1]["store_hits_tokens"] == 12 and summaries[0]["store"]["policy"] == "lfu"
+        result = await ctl(server, "cache")
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert lines[0] == "pool tier" and "store hits" in lines[1]
+        store_row = lines[lines.index("host KV store tier") + 2].split()
+        assert store_row[:3] == ["host-store", "0,1", "lfu"]
+        flushed = json.loads((await ctl(server, "flush-cache", "--json")).output)
+        assert flushed["flushed_store_entries"] > 0
+    finally:
+        await server.stop()
+        engine.supervisor.context.term()
 
 
 async def test_the_tcp_app_requires_the_token(engine: AsyncEngine) -> None:

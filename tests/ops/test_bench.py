@@ -5,22 +5,24 @@ Runs against a fake OpenAI-compatible server, and (marked slow) against a live `
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 
 from paged.ops.bench.model_info import ModelInfo, resolve_model_info
 from paged.ops.bench.servers import free_port, split_server_args
-from paged.ops.bench.workloads import WORKLOADS, arrival_times, build_workload
+from paged.ops.bench.workloads import WORKLOADS, arrival_times, build_workload, system_prompts
 from paged.ops.cli import main
-from support.fake_openai_server import REJECT_EVERY, fake_server
+from support.fake_openai_server import BLOCK_SIZE, BLOCKS_TOTAL, REJECT_EVERY, fake_server
 
 LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms")
 TOP_LEVEL_KEYS = (
     "requests_sent", "requests_completed", "requests_failed", "requests_rejected", "request_throughput",
     "input_tokens_per_s", "output_tokens_per_s", *LATENCY_KEYS, "kv_utilization_mean", "kv_utilization_peak",
-    "peak_concurrency", "prefix_hit_rate", "preemptions",
+    "peak_concurrency", "prefix_hit_rate", "store_hit_rate", "preemptions",
 )
 MODEL = ModelInfo(name="m", token_ids=tuple(range(3, 500)), max_model_len=512)
 
@@ -68,6 +70,27 @@ def test_shared_prefix_requests_share_a_long_system_prompt() -> None:
     prefix = MODEL.max_model_len // 2
     assert all(spec.prompt[:prefix] == specs[0].prompt[:prefix] for spec in specs)
     assert len({tuple(spec.prompt[prefix:]) for spec in specs}) == len(specs)
+
+
+def test_a_shared_prefix_working_set_is_many_system_prompts_some_hot() -> None:
+    specs = build_workload("shared-prefix", MODEL, 400, seed=0, prefix_working_set_tokens=3000)
+    longest = MODEL.max_model_len // 2
+    systems = Counter(tuple(spec.prompt[: spec.system_tokens]) for spec in specs)
+    assert len(systems) > 8 and system_prompts(specs) == (len(systems), sum(len(system) for system in systems))
+    assert 3000 - 2 * longest < system_prompts(specs)[1] <= 3000 + longest  # the tail may go unasked
+    assert max(systems.values()) > 3 * 400 / len(systems)  # Zipf: the hottest far above the mean
+    assert all(len(spec.prompt) + spec.max_tokens <= MODEL.max_model_len for spec in specs)
+    assert all(len(spec.prompt) <= longest + 80 for spec in specs)
+
+
+def test_the_working_set_is_sized_by_the_servers_pool(tmp_path: Path) -> None:
+    with fake_server() as url:
+        document = run_bench(tmp_path, "--url", url, "--workload", "shared-prefix", "--num-requests", "6", "--prefix-working-set", "0.5")
+    assert document["pool_tokens"] == BLOCKS_TOTAL * BLOCK_SIZE
+    assert document["system_prompts"] <= 6 and document["system_prompt_tokens"] <= BLOCKS_TOTAL * BLOCK_SIZE // 2 + 256
+    assert f"{document['system_prompts']} distinct system prompts asked" in (tmp_path / "report" / "results.md").read_text()
+    with pytest.raises(click.UsageError, match="shared-prefix workload only"):
+        run_bench(tmp_path, "--url", url, "--workload", "mixed", "--prefix-working-set", "2")
 
 
 def test_poisson_arrivals_have_the_requested_rate() -> None:
@@ -172,3 +195,17 @@ def test_live_server(tmp_path: Path, stories_dir: Path, capsys: pytest.CaptureFi
     assert document["prefix_hit_rate"] > 0.3  # 48 of every ~70 prompt tokens are the shared system prompt
     progress = capsys.readouterr().err
     assert f"starting pagedd serve (paged) on port {port}: 0 s" in progress and f"port {port}: ready" in progress
+
+
+@pytest.mark.slow
+def test_live_store_comparison(tmp_path: Path, stories_dir: Path) -> None:
+    """The KV store tier against the same server without it, in one run: a working set of system
+    prompts three times the pool, prefixes evicted from the pool come back from the store."""
+    document = run_bench(tmp_path, "--model", str(stories_dir), "--kv-cache-memory", "1MiB", "--kv-offload-memory", "4MiB",
+                         "--workload", "shared-prefix", "--prefix-working-set", "3", "--num-requests", "40", "--concurrency", "2",
+                         "--max-model-len", "256", "--baselines", "no-kv-store")  # fmt: skip
+    without = document["baselines"]["no-kv-store"]
+    assert document["requests_completed"] == without["requests_completed"] == 40
+    assert document["system_prompt_tokens"] > document["pool_tokens"]  # of the 3x built, 40 requests ask fewer
+    assert document["store_hit_rate"] > 0 and without["store_hit_rate"] == 0
+    assert document["prefix_hit_rate"] > without["prefix_hit_rate"]

@@ -44,6 +44,7 @@ MESSAGES = [
     WorkerRegistration(
         PROTOCOL_VERSION, "host:2", 1000, 50, 16, 4096, "/models/x", "cuda:1", "bfloat16", 1235,
         role="decode", transfer_endpoint="tcp://host:5601", kv_store_id="ab12", num_store_slots=300,
+        page_bytes=2 << 20, block_context_cost=0.0005,
     ),  # fmt: skip
     RegistrationAck("gw"),
     RegistrationRefused("protocol version 9"),
@@ -69,6 +70,7 @@ MESSAGES = [
     ),
     StepOutput(7, [SeqResult(1, 42, -0.5, [TokenLogprob(42, -0.5)])], [SeqError(2, "boom")], 0.01, 0.02),
     StepOutput(8, store_save_s=0.001, store_load_s=0.002, transfers_done=[11, 12], transfers_failed=[TransferFailure(10, "stream stalled after 2 of 5 blocks")]),
+    StepOutput(9, page_moves_failed=True),
 ]
 
 
@@ -93,6 +95,7 @@ def test_registration_from_a_worker_without_kv_sharing_fields_decodes_with_defau
     decoded = Codec().decode([header, payload])
     assert decoded == full
     assert (decoded.role, decoded.transfer_endpoint, decoded.kv_store_id, decoded.num_store_slots) == ("mixed", "", "", 0)
+    assert (decoded.page_bytes, decoded.block_context_cost) == (0, 0.0)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from paged.gateway.engine_client import AdmissionError
-from paged.gateway.stats import WorkerStats
+from paged.gateway.stats import KVStoreStats, WorkerStats
 from paged.gateway.outputs import RequestOutput, SequenceDelta
 from paged.shared.protocol import TokenLogprob
 from paged.shared.sampling_params import SamplingParams
@@ -138,6 +138,14 @@ class FakeEngine:
 
     def is_draining(self) -> bool:
         return self.draining
+
+    def store_stats(self) -> list[KVStoreStats]:
+        store = KVStoreStats(
+            store_id="host", policy="lru", num_slots=100, page_bytes=1024, free_slots=60, saving_slots=2,
+            ready_slots=38, pinned_slots=1, quarantined_slots=0, saves=50, loads=12, evictions=3,
+        )  # fmt: skip
+        store.load_seconds.observe(0.0002)
+        return [store]
 
     def worker_stats(self) -> list[WorkerStats]:
         used = 2 * len(self.live)

@@ -23,6 +23,7 @@ from paged.ops.bench.servers import free_port
 REJECT_EVERY = 5
 TOKEN_DELAY_S = 0.002
 BLOCKS_TOTAL = 1000
+BLOCK_SIZE = 16
 
 
 class FakeState:
@@ -47,6 +48,7 @@ def build_app(max_model_len: int, stall_every: int | None) -> Starlette:
             f'paged_requests_running{{worker="0"}} {state.running}',
             'paged_requests_waiting{worker="0"} 0',
             f'paged_kv_blocks_total{{worker="0"}} {BLOCKS_TOTAL}',
+            f'paged_kv_block_size{{worker="0"}} {BLOCK_SIZE}',
             f'paged_kv_blocks_used{{worker="0"}} {state.blocks_used}',
             f'paged_kv_blocks_free{{worker="0"}} {BLOCKS_TOTAL - state.blocks_used}',
             'paged_kv_blocks_cached{worker="0"} 0',

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from paged.gateway.block_accounting import assert_block_accounting
+from paged.gateway.kv_store_index import KVStoreIndex, KVStoreIndexes
 from paged.gateway.outputs import RequestOutput
 from paged.gateway.request import Request
 from paged.gateway.scheduler import Scheduler
@@ -29,15 +30,24 @@ def make(
     host_blocks: int = 0,
     prefix_caching: bool = True,
     allocator: str = "paged",
+    eviction_policy: str = "lru",
+    store_index: KVStoreIndex | None = None,
+    worker_name: str = "0",
     **config: object,
 ) -> Scheduler:
     config.setdefault("kv_watermark", 0.0)
+    cache_config = CacheConfig(
+        block_size=BS, enable_prefix_caching=prefix_caching, kv_allocator=allocator, kv_eviction_policy=eviction_policy
+    )
     return Scheduler(
         SchedulerConfig(**config),
-        CacheConfig(block_size=BS, enable_prefix_caching=prefix_caching, kv_allocator=allocator),
+        cache_config,
         num_blocks,
         max_model_len,
         num_host_blocks=host_blocks,
+        store_index=store_index,
+        worker_name=worker_name,
+        context_cost=0.1,
     )
 
 
@@ -49,14 +59,19 @@ def req(request_id: str, prompt: list[int], priority: int = 0, salt: str | None 
 
 
 def loop_for(
-    scheduler: Scheduler, overlapped: bool, choose_token: Callable[[int, int], int] | None = None
+    scheduler: Scheduler,
+    overlapped: bool,
+    choose_token: Callable[[int, int], int] | None = None,
+    store: list[list[int | None]] | None = None,
 ) -> StepLoop:
+    """`store`: the simulated KV store arena (one list of slots per host, shared by its workers)."""
     kv = scheduler.kv
     worker = SimulatedWorker(
         kv.num_blocks,
         BS,
         kv.num_host_blocks,
         choose_token=choose_token or (lambda seq_id, position: 1 + (seq_id * 7 + position) % 50),
+        store=store,
     )
     return StepLoop(scheduler, worker, overlapped=overlapped)
 
@@ -84,3 +99,10 @@ def finishes(outputs: list[RequestOutput]) -> dict[tuple[str, int], str]:
         for delta in output.deltas
         if delta.finish_reason
     }
+
+
+def host_store(num_slots: int, policy: str = "lru") -> tuple[KVStoreIndex, list[list[int | None]]]:
+    """A host KV store: the gateway's index of it and the simulated arena its workers share."""
+    index = KVStoreIndexes(policy).for_store("host-store", num_slots, page_bytes=1024, context_cost=0.1)  # type: ignore[arg-type]
+    assert index is not None
+    return index, [[None] * BS for _ in range(num_slots)]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,14 +31,6 @@ def random_cache(seed: int = 0) -> KVCache:
     cache = KVCache(ARCH, NUM_BLOCKS, BLOCK_SIZE, torch.float32, torch.device("cpu"))
     cache.device_pool.copy_(torch.randn(cache.device_pool.shape, generator=torch.Generator().manual_seed(seed)))
     return cache
-
-
-@pytest.fixture
-def store_name() -> Iterator[str]:
-    """A fresh store name; whatever store was made under it is unlinked after the test."""
-    name = f"paged-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    (SHM_DIR / name).unlink(missing_ok=True)
 
 
 def open_store(name: str, cache: KVCache, num_slots: int = NUM_SLOTS) -> KVStoreArena:

@@ -73,3 +73,17 @@ def test_rejections_name_the_file(override: dict, message: str) -> None:
     config = {key: value for key, value in {**BASE, **override}.items() if value is not REMOVE}
     with pytest.raises(ModelConfigError, match=rf"^/m/config\.json: {message}"):
         ModelArch.from_dict(config, source="/m/config.json")
+
+
+def test_block_context_cost_weighs_attention_against_the_weights() -> None:
+    # Llama-3-8B's shape: a block of 16 tokens of context adds about 0.06% to computing a token.
+    llama8b = ModelArch.from_dict({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    })  # fmt: skip
+    weights = 32 * (4096 * (2 * 4096 + 2 * 1024) + 3 * 4096 * 14336) + 128256 * 4096
+    assert llama8b.block_context_cost(16) == pytest.approx(4 * 32 * 4096 * 16 / (2 * weights))
+    assert 0.0005 < llama8b.block_context_cost(16) < 0.0007
+    tiny = ModelArch.from_dict(BASE)  # a tiny model spends far more of a token's work on attention
+    assert tiny.block_context_cost(16) > 100 * llama8b.block_context_cost(16)
+    assert tiny.block_context_cost(32) == pytest.approx(2 * tiny.block_context_cost(16))

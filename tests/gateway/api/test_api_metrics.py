@@ -52,6 +52,20 @@ async def test_metrics_names_and_values(client: httpx.AsyncClient, engine: FakeE
     assert samples["paged_e2e_request_latency_seconds_count"][0][1] == 2
 
 
+async def test_kv_store_metrics_per_store(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    samples = await scrape(client)
+    one = {name: value for name, pairs in samples.items() for labels, value in pairs if labels == {"store": "host"}}
+    assert one["paged_kv_store_slots_total"] == 100 and one["paged_kv_store_capacity_bytes"] == 100 * 1024
+    assert one["paged_kv_store_bytes"] == 40 * 1024  # slots not free
+    assert (one["paged_kv_store_saves_total"], one["paged_kv_store_loads_total"], one["paged_kv_store_evictions_total"]) == (50, 12, 3)
+    slots = {labels["state"]: value for labels, value in samples["paged_kv_store_slots"]}
+    assert slots == {"free": 60, "saving": 2, "ready": 38, "pinned": 1, "quarantined": 0}
+    load = {labels["le"]: value for labels, value in samples["paged_kv_store_load_seconds_bucket"]}
+    assert load["0.0001"] == 0 and load["0.0003"] == 1 and load["+Inf"] == 1
+    assert samples["paged_kv_store_load_seconds_count"][0][1] == 1
+    assert samples["paged_kv_store_hits_tokens_total"][0][0] == {"worker": "0"}
+
+
 async def test_models(client: httpx.AsyncClient, engine: FakeEngine) -> None:
     body = (await client.get("/v1/models")).json()
     assert body["object"] == "list"
