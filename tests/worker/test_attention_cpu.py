@@ -2,8 +2,9 @@
 reference it replaces, and against attention over the dense, never-paged K/V.
 
 Every batch scatters its sequences over a shuffled pool of physical blocks. The kernel has two score
-paths (dot products for decode tiles, a transposed key tile for prefill tiles), vector and scalar
-head_dim paths, 64-key tiles and 64-row query tiles: the cases below cross each of those boundaries.
+paths (dot products for decode tiles, a transposed key tile for prefill tiles), rows read in place or
+copied and padded (head_dim not a multiple of 16, bf16/fp16), unrolled kernels up to head_dim 256 and
+loops past it, 64-key tiles and 64-row query tiles: the cases below cross each of those boundaries.
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ def test_low_precision_matches_reference(dtype: torch.dtype) -> None:
         out = run_native(batch)
         assert out.dtype == dtype
         assert_close_to_reference(batch, out)
+
+
+def test_head_dim_beyond_the_unrolled_kernels() -> None:
+    """head_dim 272 pads to 17 vectors, past the unrolled kernels (16): the run-time loop versions."""
+    batch = make_batch(*MIXED, num_q_heads=2, num_kv_heads=1, head_dim=272, seed=3)
+    assert_matches_torch_path(batch)
 
 
 def test_sequence_with_no_new_tokens_is_left_alone() -> None:

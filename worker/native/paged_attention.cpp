@@ -39,7 +39,7 @@ constexpr int KEY_TILE = LANES * KEY_VECTORS; // key positions per tile
 constexpr int MAX_GROUP_ROWS = 64;            // rows (positions x query heads) per KV head in a work item
 constexpr int DOT_ROWS = 8;                   // at most this many rows per KV head: the dot-product path
 constexpr int ROW_BLOCK = 4;                  // rows whose scores the transposed path computes together
-constexpr int MAX_VECTORS = 16;               // head_dim / 16 that the vector paths handle (up to 256)
+constexpr int MAX_VECTORS = 16;               // padded head_dim / 16 with unrolled kernels (up to 256)
 
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
@@ -140,17 +140,23 @@ struct TileScores {
     f32x16 v[KEY_VECTORS];
 };
 
-// Decode path: the scores of a few rows, each a dot product over head_dim = 16 * NV taken straight from
-// the key rows. Sixteen accumulators (one per key) keep the multiply-adds pipelined.
+// Rows of head_dim floats are padded with zeros to a whole number of vectors, `nv` of them. The
+// templates below take NV = nv as a constant for nv <= MAX_VECTORS (loops fully unrolled, accumulators in
+// registers) and NV = 0 for larger head dims, where `nv` is read at run time.
+
+// Decode path: the scores of a few rows against the first `num_vectors_used` sixteens of the tile, each
+// a dot product taken straight from the key rows. Sixteen accumulators (one per key) keep the
+// multiply-adds pipelined; one transposing reduction turns them into a score vector.
 template <int NV>
-void dot_scores(const float* q, int rows, const float* const* key_rows, TileScores* scores) {
-    constexpr int64_t D = LANES * NV;
+void dot_scores(const float* q, int rows, const float* const* key_rows, int num_vectors_used, TileScores* scores, int nv) {
+    if constexpr (NV > 0) nv = NV;
+    const int64_t width = int64_t(LANES) * nv;
     for (int r = 0; r < rows; ++r) {
-        for (int kv = 0; kv < KEY_VECTORS; ++kv) {
+        for (int kv = 0; kv < num_vectors_used; ++kv) {
             const float* const* keys = key_rows + kv * LANES;
             f32x16 partial[LANES] = {};
-            for (int c = 0; c < NV; ++c) {
-                const f32x16 qc = load16(q + r * D + LANES * c);
+            for (int c = 0; c < nv; ++c) {
+                const f32x16 qc = load16(q + r * width + LANES * c);
                 for (int j = 0; j < LANES; ++j) partial[j] += qc * load16(keys[j] + LANES * c);
             }
             scores[r].v[kv] = sum_each(partial);
@@ -158,37 +164,34 @@ void dot_scores(const float* q, int rows, const float* const* key_rows, TileScor
     }
 }
 
-// acc = acc * rescale + sum_j probs[j] * value_rows[j] over head_dim = 16 * NV, the NV accumulators in registers.
+// acc = acc * rescale + sum_j probs[j] * value_rows[j], the row's nv accumulators in registers.
 template <int NV>
-void accumulate_values(float* acc, float rescale, const float* probs, const float* const* value_rows, int num_keys) {
-    f32x16 a[NV];
-    for (int c = 0; c < NV; ++c) a[c] = load16(acc + LANES * c) * rescale;
-    for (int j = 0; j < num_keys; ++j) {
-        const float p = probs[j];
-        for (int c = 0; c < NV; ++c) a[c] += p * load16(value_rows[j] + LANES * c);
-    }
-    for (int c = 0; c < NV; ++c) store16(acc + LANES * c, a[c]);
-}
-
-// Any head_dim: the scalar form of accumulate_values, left to the compiler to vectorize.
-void accumulate_values_any(float* acc, int64_t head_dim, float rescale, const float* probs,
-                           const float* const* value_rows, int num_keys) {
-    for (int64_t d = 0; d < head_dim; ++d) acc[d] *= rescale;
-    for (int j = 0; j < num_keys; ++j) {
-        const float p = probs[j];
-        const float* v = value_rows[j];
-        for (int64_t d = 0; d < head_dim; ++d) acc[d] += p * v[d];
+void accumulate_values(float* acc, float rescale, const float* probs, const float* const* value_rows, int num_keys, int nv) {
+    if constexpr (NV > 0) {
+        f32x16 a[NV];
+        for (int c = 0; c < NV; ++c) a[c] = load16(acc + LANES * c) * rescale;
+        for (int j = 0; j < num_keys; ++j) {
+            const float p = probs[j];
+            for (int c = 0; c < NV; ++c) a[c] += p * load16(value_rows[j] + LANES * c);
+        }
+        for (int c = 0; c < NV; ++c) store16(acc + LANES * c, a[c]);
+    } else {
+        for (int c = 0; c < nv; ++c) {
+            f32x16 a = load16(acc + LANES * c) * rescale;
+            for (int j = 0; j < num_keys; ++j) a += probs[j] * load16(value_rows[j] + LANES * c);
+            store16(acc + LANES * c, a);
+        }
     }
 }
 
-using DotScores = void (*)(const float*, int, const float* const*, TileScores*);
-using Accumulate = void (*)(float*, float, const float*, const float* const*, int);
+using DotScores = void (*)(const float*, int, const float* const*, int, TileScores*, int);
+using Accumulate = void (*)(float*, float, const float*, const float* const*, int, int);
 
-// Function tables indexed by head_dim / 16 (entry 0: no vector path for this head_dim).
+// Function tables indexed by nv (entry 0: the run-time nv versions, for head dims above 16 * MAX_VECTORS).
 template <int... NV>
 struct VectorKernels {
-    static constexpr DotScores dot[] = {nullptr, dot_scores<NV>...};
-    static constexpr Accumulate accumulate[] = {nullptr, accumulate_values<NV>...};
+    static constexpr DotScores dot[] = {dot_scores<0>, dot_scores<NV>...};
+    static constexpr Accumulate accumulate[] = {accumulate_values<0>, accumulate_values<NV>...};
 };
 using Kernels = VectorKernels<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
 
@@ -221,45 +224,45 @@ struct WorkItem {
     int32_t kv_head_end;
 };
 
-// Per-thread scratch, sized for the largest work item.
+// Per-thread scratch, sized for the largest work item. Row widths are the padded head_dim.
 struct Scratch {
-    std::vector<float> query;         // [rows][D], pre-scaled
-    std::vector<float> acc;           // [rows][D]
-    std::vector<float> row_max;       // [rows]
-    std::vector<float> row_sum;       // [rows]
-    std::vector<TileScores> scores;   // [MAX_GROUP_ROWS]: one KV head's rows against the current key tile
-    std::vector<float> keys_t;        // [D][KEY_TILE], the transposed path only
-    std::vector<float> keys;          // [KEY_TILE + 1][D]: keys converted from bf16/fp16, then a row of zeros
-    std::vector<float> values;        // [KEY_TILE][D], values converted from bf16/fp16
-    int64_t head_dim;
-    Scratch(int64_t max_rows, int64_t head_dim)
-        : query(max_rows * head_dim),
-          acc(max_rows * head_dim),
+    std::vector<float> query;        // [rows][width], pre-scaled
+    std::vector<float> acc;          // [rows][width]
+    std::vector<float> row_max;      // [rows]
+    std::vector<float> row_sum;      // [rows]
+    std::vector<TileScores> scores;  // [MAX_GROUP_ROWS]: one KV head's rows against the current key tile
+    std::vector<float> keys_t;       // [width][KEY_TILE], the transposed path only
+    std::vector<float> keys;         // [KEY_TILE + 1][width]: keys copied/converted when they must be, then zeros
+    std::vector<float> values;       // [KEY_TILE][width]
+    int64_t width;
+    Scratch(int64_t max_rows, int64_t width)
+        : query(max_rows * width, 0.0f),
+          acc(max_rows * width),
           row_max(max_rows),
           row_sum(max_rows),
           scores(MAX_GROUP_ROWS),
-          keys_t(head_dim * KEY_TILE),
-          keys((KEY_TILE + 1) * head_dim, 0.0f),
-          values(KEY_TILE * head_dim),
-          head_dim(head_dim) {}
-    const float* zero_row() const { return keys.data() + KEY_TILE * head_dim; }
+          keys_t(width * KEY_TILE),
+          keys((KEY_TILE + 1) * width, 0.0f),
+          values(KEY_TILE * width, 0.0f),
+          width(width) {}
+    const float* zero_row() const { return keys.data() + KEY_TILE * width; }
 };
 
-// Prefill path: transpose the key tile once, then every row's KEY_TILE scores are head_dim vector
+// Prefill path: transpose the key tile once, then every row's KEY_TILE scores are `width` vector
 // multiply-adds, ROW_BLOCK rows at a time so that each loaded key vector serves several rows.
-void transposed_scores(const float* q, int rows, int64_t head_dim, const float* const* key_rows, Scratch& scratch) {
+void transposed_scores(const float* q, int rows, int64_t width, const float* const* key_rows, Scratch& scratch) {
     float* keys_t = scratch.keys_t.data();
     for (int j = 0; j < KEY_TILE; ++j)
-        for (int64_t d = 0; d < head_dim; ++d) keys_t[d * KEY_TILE + j] = key_rows[j][d];
+        for (int64_t d = 0; d < width; ++d) keys_t[d * KEY_TILE + j] = key_rows[j][d];
     const int last = rows - 1;
     for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
         TileScores block[ROW_BLOCK] = {};
-        for (int64_t d = 0; d < head_dim; ++d) {
+        for (int64_t d = 0; d < width; ++d) {
             f32x16 k[KEY_VECTORS];
             for (int kv = 0; kv < KEY_VECTORS; ++kv) k[kv] = load16(keys_t + d * KEY_TILE + kv * LANES);
             for (int b = 0; b < ROW_BLOCK; ++b) {
                 // Past the last row, recompute the last one rather than branch in the inner loop.
-                const float qd = q[std::min(r0 + b, last) * head_dim + d];
+                const float qd = q[std::min(r0 + b, last) * width + d];
                 for (int kv = 0; kv < KEY_VECTORS; ++kv) block[b].v[kv] += qd * k[kv];
             }
         }
@@ -269,13 +272,14 @@ void transposed_scores(const float* q, int rows, int64_t head_dim, const float* 
 
 // Fold one row's scores for the tile (its first `visible` keys count) into its running softmax state.
 inline void update_row(const TileScores& scores, int visible, float& row_max, float& row_sum, float* acc,
-                       int64_t head_dim, Accumulate accumulate, const float* const* value_rows) {
-    f32x16 s[KEY_VECTORS];
+                       Accumulate accumulate, const float* const* value_rows, int nv) {
+    const int used = (visible + LANES - 1) / LANES;  // score vectors holding visible keys
     const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const f32x16 zero = {};
     const f32x16 minus_infinity = zero - INFINITY;
+    f32x16 s[KEY_VECTORS];
     f32x16 tile_max = minus_infinity;
-    for (int kv = 0; kv < KEY_VECTORS; ++kv) {
+    for (int kv = 0; kv < used; ++kv) {
         const i32x16 masked = lane + kv * LANES >= visible;
         s[kv] = masked ? minus_infinity : scores.v[kv];
         tile_max = s[kv] > tile_max ? s[kv] : tile_max;
@@ -284,7 +288,7 @@ inline void update_row(const TileScores& scores, int visible, float& row_max, fl
     const float rescale = row_max == new_max ? 1.0f : std::exp(row_max - new_max);  // exp(-inf) = 0 at first
     alignas(64) float probs[KEY_TILE];
     f32x16 total = zero;
-    for (int kv = 0; kv < KEY_VECTORS; ++kv) {
+    for (int kv = 0; kv < used; ++kv) {
         const i32x16 masked = lane + kv * LANES >= visible;
         const f32x16 p = exp_nonpositive(s[kv] - new_max);
         const f32x16 kept = masked ? zero : p;
@@ -293,15 +297,14 @@ inline void update_row(const TileScores& scores, int visible, float& row_max, fl
     }
     row_sum = row_sum * rescale + reduce_sum(total);
     row_max = new_max;
-    if (accumulate != nullptr)
-        accumulate(acc, rescale, probs, value_rows, visible);
-    else
-        accumulate_values_any(acc, head_dim, rescale, probs, value_rows, visible);
+    accumulate(acc, rescale, probs, value_rows, visible, nv);
 }
 
 template <typename T>
 void attend(const Problem& pb, const WorkItem& item, Scratch& scratch) {
     const int64_t D = pb.head_dim;
+    const int64_t width = scratch.width;
+    const int nv = int(width / LANES);
     const int64_t group = pb.num_q_heads / pb.num_kv_heads;
     const int64_t token0 = pb.query_start_loc[item.seq];
     const int64_t query_len = pb.query_start_loc[item.seq + 1] - token0;
@@ -313,9 +316,11 @@ void attend(const Problem& pb, const WorkItem& item, Scratch& scratch) {
     const T* v_cache = static_cast<const T*>(pb.v_cache);
     const int64_t slot_stride = pb.num_kv_heads * D;
     const int64_t block_stride = pb.block_size * slot_stride;
-    const int64_t num_vectors = D % LANES == 0 && D / LANES <= MAX_VECTORS ? D / LANES : 0;
-    const Accumulate accumulate = Kernels::accumulate[num_vectors];
-    const DotScores dot = DOT_ROWS >= item.num_queries * group ? Kernels::dot[num_vectors] : nullptr;
+    // fp32 rows whose head_dim fills whole vectors are read in the pages; others are copied, widened and padded.
+    const bool in_place = sizeof(T) == sizeof(float) && D == width;
+    const int table_index = nv <= MAX_VECTORS ? nv : 0;
+    const Accumulate accumulate = Kernels::accumulate[table_index];
+    const DotScores dot = DOT_ROWS >= item.num_queries * group ? Kernels::dot[table_index] : nullptr;
 
     // Each KV head has `rows` rows, position-major (row = i * group + g); head h's start at (h - begin) * rows.
     const int rows = int(item.num_queries * group);
@@ -330,8 +335,8 @@ void attend(const Problem& pb, const WorkItem& item, Scratch& scratch) {
             const int64_t i = item.first_query + r / group;
             const int64_t head = (item.kv_head_begin + h) * group + r % group;
             const T* src = query + (token0 + i) * pb.query_stride_token + head * pb.query_stride_head;
-            for (int64_t d = 0; d < D; ++d) q[row * D + d] = to_float(src[d]) * pb.scale;
-            std::fill(acc + row * D, acc + (row + 1) * D, 0.0f);
+            for (int64_t d = 0; d < D; ++d) q[row * width + d] = to_float(src[d]) * pb.scale;  // padding stays 0
+            std::fill(acc + row * width, acc + (row + 1) * width, 0.0f);
             row_max[row] = -INFINITY;
             row_sum[row] = 0.0f;
         }
@@ -353,29 +358,29 @@ void attend(const Problem& pb, const WorkItem& item, Scratch& scratch) {
             const int64_t head_offset = (item.kv_head_begin + h) * D;
             for (int j = 0; j < num_keys; ++j) {
                 const int64_t offset = slot_offsets[j] + head_offset;
-                if constexpr (sizeof(T) == sizeof(float)) {
+                if (in_place) {
                     key_rows[j] = reinterpret_cast<const float*>(k_cache + offset);
                     value_rows[j] = reinterpret_cast<const float*>(v_cache + offset);
                 } else {
-                    float* k = scratch.keys.data() + j * D;
-                    float* v = scratch.values.data() + j * D;
+                    float* k = scratch.keys.data() + j * width;
+                    float* v = scratch.values.data() + j * width;
                     for (int64_t d = 0; d < D; ++d) k[d] = to_float(k_cache[offset + d]);
                     for (int64_t d = 0; d < D; ++d) v[d] = to_float(v_cache[offset + d]);
                     key_rows[j] = k;
                     value_rows[j] = v;
                 }
             }
-            const float* head_q = q + int64_t(h) * rows * D;
+            const float* head_q = q + int64_t(h) * rows * width;
             if (dot != nullptr)
-                dot(head_q, rows, key_rows, scratch.scores.data());
+                dot(head_q, rows, key_rows, (num_keys + LANES - 1) / LANES, scratch.scores.data(), nv);
             else
-                transposed_scores(head_q, rows, D, key_rows, scratch);
+                transposed_scores(head_q, rows, width, key_rows, scratch);
             for (int r = 0; r < rows; ++r) {
                 const int64_t visible = std::min<int64_t>(num_keys, context + item.first_query + r / group + 1 - key0);
                 if (visible <= 0) continue;  // the tile lies past this row's position (later rows may see it)
                 const int64_t row = int64_t(h) * rows + r;
-                update_row(scratch.scores[r], int(visible), row_max[row], row_sum[row], acc + row * D, D, accumulate,
-                           value_rows);
+                update_row(scratch.scores[r], int(visible), row_max[row], row_sum[row], acc + row * width, accumulate,
+                           value_rows, nv);
             }
         }
     }
@@ -387,7 +392,7 @@ void attend(const Problem& pb, const WorkItem& item, Scratch& scratch) {
             const int64_t head = (item.kv_head_begin + h) * group + r % group;
             T* dst = out + (token0 + i) * pb.out_stride_token + head * pb.out_stride_head;
             const float inv = 1.0f / row_sum[row];  // every row sees at least its own key
-            for (int64_t d = 0; d < D; ++d) store(acc[row * D + d] * inv, dst + d);
+            for (int64_t d = 0; d < D; ++d) store(acc[row * width + d] * inv, dst + d);
         }
     }
 }
@@ -425,9 +430,10 @@ void run(const Problem& pb, int num_threads) {
     const std::vector<WorkItem> items = work_items(pb, num_threads);
     const int64_t num_items = int64_t(items.size());
     const int64_t max_rows = pb.num_kv_heads * MAX_GROUP_ROWS;
+    const int64_t width = (pb.head_dim + LANES - 1) / LANES * LANES;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_items > 1)
     {
-        Scratch scratch(max_rows, pb.head_dim);
+        Scratch scratch(max_rows, width);
         // Prefill tiles late in a long chunk cost more than early ones: hand items out dynamically.
 #pragma omp for schedule(dynamic, 1)
         for (int64_t n = 0; n < num_items; ++n) attend<T>(pb, items[n], scratch);
