@@ -1,9 +1,10 @@
-"""Paged attention on the CPU through the native kernel (worker/native/paged_attention.cpp), which reads
-K/V pages in place through the block tables instead of gathering every sequence's context each layer.
+"""The native CPU backend: paged attention through worker/native/paged_attention.cpp, which reads K/V
+pages in place through the block tables instead of gathering every sequence's context each layer, and
+the fused element-wise layers that come with it (worker/layers/fused_cpu.py).
 
-The library is built at first use (worker/native/compiler.py). `load()` reports whether it is usable;
-backend.get_attention_ops falls back to the torch path when it is not. Decode rows and prefill chunks,
-GQA, any block size and float32/bfloat16/float16 are all served by the one kernel.
+Both libraries are built at first use (worker/native/compiler.py) by `load()`, which raises if they
+cannot be; backend.get_attention_ops then falls back to the torch path. Decode rows and prefill chunks,
+GQA, any block size and float32/bfloat16/float16 are all served by the one attention kernel.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from paged.worker.attention import torch_ops
 from paged.worker.attention.metadata import AttentionMetadata
+from paged.worker.layers.fused_cpu import FusedOps
 from paged.worker.native.compiler import load_library
 
 SOURCE = Path(__file__).resolve().parent.parent / "native" / "paged_attention.cpp"
@@ -27,13 +29,21 @@ write_kv = torch_ops.write_kv
 
 @functools.cache
 def load() -> ctypes.CDLL:
-    """The kernel library, built on the first call (raises NativeBuildError if it cannot be)."""
+    """The attention library, built on the first call with the fused layers' (raises NativeBuildError if
+    either cannot be built)."""
+    fused_ops()
     library = load_library(SOURCE)
     function = library.paged_attention
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [pointer] * 7 + [i64] * 10 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     function.restype = ctypes.c_int
     return library
+
+
+@functools.cache
+def fused_ops() -> FusedOps:
+    """The fused element-wise layers the model loader gives a model running on this backend."""
+    return FusedOps.build()
 
 
 def paged_attention(
@@ -44,8 +54,8 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of the new tokens ([T, Hq, D]) over their sequences' cached K/V; returns [T, Hq, D]."""
-    if query.dtype != k_cache.dtype or k_cache.dtype not in DTYPE_CODES:
-        raise TypeError(f"query {query.dtype} and cache {k_cache.dtype} must share a float32/bfloat16/float16 dtype")
+    if query.dtype != k_cache.dtype or k_cache.dtype not in DTYPE_CODES or query.device.type != "cpu":
+        raise TypeError(f"query {query.dtype} and cache {k_cache.dtype} must be CPU tensors of one float32/bfloat16/float16 dtype")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and query.stride(-1) == 1):
         raise ValueError("the caches must be contiguous and the query's head_dim dense")
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape

@@ -7,9 +7,9 @@ ctypes, so no torch headers and no ninja are involved and a build takes about a 
 
 - Cache directory: $PAGED_KERNEL_CACHE_DIR, else $XDG_CACHE_HOME/paged/kernels, else ~/.cache/paged/kernels
   (the systemd units point it into the service's CacheDirectory, as they do for Triton's cache).
-- The file name carries a hash of everything the binary depends on (source, compiler and its version,
-  flags, the CPU that -march=native targets), so a later start loads it without compiling, and an edited
-  source, a new compiler or another CPU model gets a build of its own.
+- The file name carries a hash of everything the binary depends on (source, the headers beside it,
+  compiler and its version, flags, the CPU that -march=native targets), so a later start loads it without
+  compiling, and an edited source, a new compiler or another CPU model gets a build of its own.
 - Several workers may start at once: each compiles to a private temporary file and renames it into place
   (atomic on POSIX); they all produce the same library, so whichever rename lands last is as good.
 """
@@ -108,7 +108,8 @@ def load_library(source: Path) -> ctypes.CDLL:
     if compiler is None:
         raise NativeBuildError("no C++ compiler found (set $CXX, or install g++ or clang++)")
     identity = hashlib.sha256()
-    for part in (source.read_bytes(), compiler.encode(), _compiler_version(compiler).encode(),
+    headers = [header.read_bytes() for header in sorted(source.parent.glob("*.h"))]
+    for part in (source.read_bytes(), *headers, compiler.encode(), _compiler_version(compiler).encode(),
                  " ".join(FLAGS + OPENMP_FLAGS).encode(), _cpu_identity().encode()):
         identity.update(part)
         identity.update(b"\0")
