@@ -223,6 +223,7 @@ class Worker:
                     [state.output_token_ids for state in states],
                     self.arch.vocab_size,
                     self.device,
+                    [state.history for state in states],
                 )
                 sampled = self.sampler(logits, batch)
                 results = self._results(row_seq_ids, states, sampled)
