@@ -124,14 +124,46 @@ void accumulate_values(float* acc, float rescale, const float* probs, const floa
     }
 }
 
+// The same for two rows over the same keys (two query heads of a GQA group at one position): each value
+// vector loaded once serves both. (Scores stay one row at a time: pairing them, eight keys per round,
+// was 13% faster on keys already in cache but 6% slower on keys streamed from memory.)
+template <int NV>
+void accumulate_values_pair(float* acc0, float* acc1, float rescale0, float rescale1, const float* probs0,
+                            const float* probs1, const float* const* value_rows, int num_keys, int nv) {
+    if constexpr (NV > 0) {
+        f32x16 a0[NV], a1[NV];
+        for (int c = 0; c < NV; ++c) {
+            a0[c] = load16(acc0 + LANES * c) * rescale0;
+            a1[c] = load16(acc1 + LANES * c) * rescale1;
+        }
+        for (int j = 0; j < num_keys; ++j) {
+            const float p0 = probs0[j], p1 = probs1[j];
+            for (int c = 0; c < NV; ++c) {
+                const f32x16 v = load16(value_rows[j] + LANES * c);
+                a0[c] += p0 * v;
+                a1[c] += p1 * v;
+            }
+        }
+        for (int c = 0; c < NV; ++c) {
+            store16(acc0 + LANES * c, a0[c]);
+            store16(acc1 + LANES * c, a1[c]);
+        }
+    } else {
+        accumulate_values<0>(acc0, rescale0, probs0, value_rows, num_keys, nv);
+        accumulate_values<0>(acc1, rescale1, probs1, value_rows, num_keys, nv);
+    }
+}
+
 using DotScores = void (*)(const float*, int, const float* const*, int, TileScores*, int);
 using Accumulate = void (*)(float*, float, const float*, const float* const*, int, int);
+using AccumulatePair = void (*)(float*, float*, float, float, const float*, const float*, const float* const*, int, int);
 
 // Function tables indexed by nv (entry 0: the run-time nv versions, for head dims above 16 * MAX_VECTORS).
 template <int... NV>
 struct VectorKernels {
     static constexpr DotScores dot[] = {dot_scores<0>, dot_scores<NV>...};
     static constexpr Accumulate accumulate[] = {accumulate_values<0>, accumulate_values<NV>...};
+    static constexpr AccumulatePair accumulate_pair[] = {accumulate_values_pair<0>, accumulate_values_pair<NV>...};
 };
 using Kernels = VectorKernels<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
 
@@ -210,9 +242,9 @@ void transposed_scores(const float* q, int rows, int64_t width, const float* con
     }
 }
 
-// Fold one row's scores for the tile (its first `visible` keys count) into its running softmax state.
-inline void update_row(const TileScores& scores, int visible, float& row_max, float& row_sum, float* acc,
-                       Accumulate accumulate, const float* const* value_rows, int nv) {
+// Fold one row's scores for the tile (its first `visible` keys count) into its running max and sum;
+// returns the factor its accumulator must be rescaled by, and the tile's weights in `probs`.
+inline float online_softmax(const TileScores& scores, int visible, float& row_max, float& row_sum, float* probs) {
     const int used = (visible + LANES - 1) / LANES;  // score vectors holding visible keys
     const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const f32x16 zero = {};
@@ -226,7 +258,6 @@ inline void update_row(const TileScores& scores, int visible, float& row_max, fl
     }
     const float new_max = std::max(row_max, reduce_max(tile_max));
     const float rescale = row_max == new_max ? 1.0f : std::exp(row_max - new_max);  // exp(-inf) = 0 at first
-    alignas(64) float probs[KEY_TILE];
     f32x16 total = zero;
     for (int kv = 0; kv < used; ++kv) {
         const i32x16 masked = lane + kv * LANES >= visible;
@@ -237,7 +268,7 @@ inline void update_row(const TileScores& scores, int visible, float& row_max, fl
     }
     row_sum = row_sum * rescale + reduce_sum(total);
     row_max = new_max;
-    accumulate(acc, rescale, probs, value_rows, visible, nv);
+    return rescale;
 }
 
 template <typename T>
@@ -260,6 +291,7 @@ void attend(const Problem& pb, const WorkItem& item, Scratch& scratch) {
     const bool in_place = sizeof(T) == sizeof(float) && D == width;
     const int table_index = nv <= MAX_VECTORS ? nv : 0;
     const Accumulate accumulate = Kernels::accumulate[table_index];
+    const AccumulatePair accumulate_pair = Kernels::accumulate_pair[table_index];
     const DotScores dot = DOT_ROWS >= item.num_queries * group ? Kernels::dot[table_index] : nullptr;
 
     // Each KV head has `rows` rows, position-major (row = i * group + g); head h's start at (h - begin) * rows.
@@ -315,12 +347,25 @@ void attend(const Problem& pb, const WorkItem& item, Scratch& scratch) {
                 dot(head_q, rows, key_rows, (num_keys + LANES - 1) / LANES, scratch.scores.data(), nv);
             else
                 transposed_scores(head_q, rows, width, key_rows, scratch);
-            for (int r = 0; r < rows; ++r) {
+            alignas(64) float probs[2][KEY_TILE];
+            for (int r = 0; r < rows;) {
                 const int64_t visible = std::min<int64_t>(num_keys, context + item.first_query + r / group + 1 - key0);
-                if (visible <= 0) continue;  // the tile lies past this row's position (later rows may see it)
                 const int64_t row = int64_t(h) * rows + r;
-                update_row(scratch.scores[r], int(visible), row_max[row], row_sum[row], acc + row * width, accumulate,
-                           value_rows, nv);
+                const bool pair = r + 1 < rows && (r + 1) / group == r / group;  // the next row: same position
+                if (visible <= 0) {  // the tile lies past this row's position (later rows may see it)
+                    r += 1;
+                    continue;
+                }
+                const float rescale0 = online_softmax(scratch.scores[r], int(visible), row_max[row], row_sum[row], probs[0]);
+                if (pair) {
+                    const float rescale1 = online_softmax(scratch.scores[r + 1], int(visible), row_max[row + 1], row_sum[row + 1], probs[1]);
+                    accumulate_pair(acc + row * width, acc + (row + 1) * width, rescale0, rescale1, probs[0], probs[1], value_rows,
+                                    int(visible), nv);
+                    r += 2;
+                } else {
+                    accumulate(acc + row * width, rescale0, probs[0], value_rows, int(visible), nv);
+                    r += 1;
+                }
             }
         }
     }
