@@ -129,8 +129,13 @@ def test_rejects_bad_metadata_before_reading_pages() -> None:
     outside_pool[0, 0] = batch.k_cache.shape[0]
     too_long = meta.seq_lens.clone()
     too_long[1] = meta.block_tables.shape[1] * 16 + 1
-    for block_tables, seq_lens in ((outside_pool, meta.seq_lens), (meta.block_tables, too_long)):
-        bad = AttentionMetadata(meta.slot_mapping, meta.query_start_loc, seq_lens, block_tables, 1, int(seq_lens.max()))
+    past_the_queries = meta.query_start_loc + 1  # rows 1..2 of a 2-row query
+    for block_tables, seq_lens, query_start_loc in (
+        (outside_pool, meta.seq_lens, meta.query_start_loc),
+        (meta.block_tables, too_long, meta.query_start_loc),
+        (meta.block_tables, meta.seq_lens, past_the_queries),
+    ):
+        bad = AttentionMetadata(meta.slot_mapping, query_start_loc, seq_lens, block_tables, 1, int(seq_lens.max()))
         with pytest.raises(ValueError, match="outside"):
             cpu_ops.paged_attention(batch.query, batch.k_cache, batch.v_cache, bad, batch.scale)
 

@@ -56,10 +56,10 @@ def paged_attention(
     """Causal attention of the new tokens ([T, Hq, D]) over their sequences' cached K/V; returns [T, Hq, D]."""
     if query.dtype != k_cache.dtype or k_cache.dtype not in DTYPE_CODES or query.device.type != "cpu":
         raise TypeError(f"query {query.dtype} and cache {k_cache.dtype} must be CPU tensors of one float32/bfloat16/float16 dtype")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and query.stride(-1) == 1):
-        raise ValueError("the caches must be contiguous and the query's head_dim dense")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and query.stride(-1) == 1 and k_cache.shape == v_cache.shape):
+        raise ValueError("the caches must be contiguous and of one shape, and the query's head_dim dense")
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    block_tables, query_start_loc, seq_lens = _checked_tables(meta, num_blocks, block_size)
+    block_tables, query_start_loc, seq_lens = _checked_tables(meta, num_blocks, block_size, query.shape[0])
     out = torch.empty_like(query)
     status = load().paged_attention(
         query.data_ptr(),
@@ -88,7 +88,7 @@ def paged_attention(
     return out
 
 
-def _checked_tables(meta: AttentionMetadata, num_blocks: int, block_size: int) -> tuple[torch.Tensor, ...]:
+def _checked_tables(meta: AttentionMetadata, num_blocks: int, block_size: int, num_tokens: int) -> tuple[torch.Tensor, ...]:
     """The int32 tables the kernel reads, checked once per forward pass (the first layer) so that bad
     metadata raises here instead of making native code read outside the pool."""
     tables = meta.derived.get("cpu")
@@ -100,7 +100,9 @@ def _checked_tables(meta: AttentionMetadata, num_blocks: int, block_size: int) -
         if len(query_start_loc) != len(seq_lens) + 1 or len(block_tables) != len(seq_lens):
             raise ValueError("block_tables, query_start_loc and seq_lens disagree on the number of sequences")
         if len(seq_lens) and (
-            bool((query_lens < 0).any())
+            int(query_start_loc[0]) < 0
+            or int(query_start_loc[-1]) > num_tokens
+            or bool((query_lens < 0).any())
             or bool((seq_lens < query_lens).any())
             or int(seq_lens.max()) > block_tables.shape[1] * block_size
             or (block_tables.numel() and not 0 <= int(block_tables.min()) <= int(block_tables.max()) < num_blocks)
