@@ -17,6 +17,7 @@ import torch
 from paged.shared.sampling_params import SamplingParams
 from paged.worker.sampler import Sampler
 from paged.worker.sampling_batch import SamplingBatch
+from paged.worker.token_history import TokenHistory
 
 
 def _best_us(fn: Callable[[], object], repeats: int) -> float:
@@ -40,6 +41,8 @@ def main(batch: int, vocab: int, prompt_len: int, output_len: int, repeats: int)
     logits = torch.randn(batch, vocab, generator=gen)
     prompts = torch.randint(vocab, (batch, prompt_len), generator=gen).tolist()
     outputs = torch.randint(vocab, (batch, output_len), generator=gen).tolist()
+    # The worker keeps each penalized sequence's history between steps: built once here, not per step.
+    histories = [TokenHistory(prompt, output) for prompt, output in zip(prompts, outputs)]
     mixes = {
         "greedy": SamplingParams(temperature=0.0),
         "temperature": SamplingParams(temperature=0.8),
@@ -61,7 +64,7 @@ def main(batch: int, vocab: int, prompt_len: int, output_len: int, repeats: int)
         rows = [params] * batch
 
         def build(rows: list[SamplingParams] = rows) -> SamplingBatch:
-            return SamplingBatch.build(rows, prompts, outputs, vocab, "cpu")
+            return SamplingBatch.build(rows, prompts, outputs, vocab, "cpu", histories)
 
         sampling_batch = build()
         build_us = _best_us(build, repeats)

@@ -3,8 +3,9 @@ attention against plain SDPA over a dense cache. Prints numbers; asserts nothing
 
 Throughput: B sequences of --prompt-len random tokens are prefilled in one step (best of --repeats),
 then decoded greedily for --decode-steps steps. Attention: one decode token per sequence over
-`context` cached tokens read through shuffled block tables (torch path; Triton too on CUDA) versus
-SDPA over [B, Hkv, context, D] tensors; the figure is the median time and paged / dense.
+`context` cached tokens read through shuffled block tables (on the CPU the native kernel and the torch
+reference path; Triton on CUDA) versus SDPA over [B, Hkv, context, D] tensors; the figure is the median
+time and paged / dense.
 
     python -m paged.ops.microbench [--model DIR] [--batch-sizes 1,8,64] [--contexts 512,2048]
 """
@@ -29,6 +30,10 @@ from paged.shared.logging import configure_logging
 from paged.shared.protocol import NewSequence, ScheduledSeq, StepInput
 from paged.shared.sampling_params import SamplingParams
 from paged.worker.attention import torch_ops
+from paged.worker.attention.backend import AttentionOps, get_attention_ops
+from paged.worker.builtin_model import BUILTIN_ARCH
+from paged.worker.kv_cache import bytes_per_block
+from paged.worker.model_config import load_model_arch
 from paged.worker.worker import Worker
 
 DEFAULT_MODEL = Path("/work/shared/models/stories260K")
@@ -124,11 +129,13 @@ def attention_rows(
     """(backend, context, paged ms, dense ms) per backend and context."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    backends = {"torch": torch_ops}
+    backends: dict[str, AttentionOps] = {"torch": torch_ops}
     if device.type == "cuda":
         from paged.worker.attention import triton_ops  # CUDA only: CPU installs need no Triton here
 
         backends["triton"] = triton_ops
+    elif (native := get_attention_ops("cpu")) is not torch_ops:  # torch_ops: the kernel could not be built
+        backends = {"cpu": native, **backends}
     num_q_heads, num_kv_heads = heads
     scale = head_dim**-0.5
     rows = []
@@ -187,10 +194,12 @@ def main(
     batches = [int(b) for b in batch_sizes.split(",")]
     console = Console()
 
-    # The default KV budget (256 MiB) holds hundreds of thousands of tokens of a tiny model: plenty.
+    # A pool just large enough for the largest batch's prompts and decode steps (each run frees its blocks).
+    arch = load_model_arch(model) if model else BUILTIN_ARCH
+    blocks = max(batches) * -(-(prompt_len + decode_steps) // block_size) + 1
     worker = Worker(
         ModelConfig(model=str(model) if model else None),
-        CacheConfig(block_size=block_size, swap_space=0),
+        CacheConfig(block_size=block_size, kv_cache_memory=blocks * bytes_per_block(arch, block_size, torch.float32), swap_space=0),
         max_num_batched_tokens=max(batches) * prompt_len,
     )
 

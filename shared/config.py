@@ -23,7 +23,9 @@ class ModelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str | None = None  # Hugging Face checkpoint directory; None: the built-in tiny Llama
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the checkpoint's on GPU, float32 on CPU
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"  # auto: triton on CUDA, torch on CPU
+    # auto: triton on CUDA, cpu on CPU (the native C++ kernel, built at first use; torch if no compiler).
+    # torch: the reference path, which gathers every page each layer (several times slower).
+    attention_backend: Literal["auto", "cpu", "torch", "triton"] = "auto"
     max_model_len: int | None = None  # None: the model's context window
     seed: int = 0  # seeds the built-in model's weights and unseeded sampling
     cpu_threads: int | None = None  # torch threads of a CPU worker; default: the cores less one for the gateway, shared by the workers

@@ -17,7 +17,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from paged.shared.logging import get_logger
-from paged.worker.attention.backend import AttentionBackendName, get_attention_ops
+from paged.worker.attention import cpu_ops
+from paged.worker.attention.backend import AttentionBackendName, AttentionOps, get_attention_ops
 from paged.worker.builtin_model import BUILTIN_ARCH, build_builtin_model
 from paged.worker.model_config import ModelArch, ModelConfigError, load_model_arch
 from paged.worker.models.llama import LlamaForCausalLM
@@ -88,6 +89,7 @@ def load_model(
     if model_dir is None:
         torch_dtype = resolve_dtype(dtype, BUILTIN_ARCH.torch_dtype, torch_device)
         model = build_builtin_model(ops, seed).to(device=torch_device, dtype=torch_dtype)
+        _use_native_layers(model, ops, torch_device)
         log.info("model_loaded", progress=f"model loaded ({str(torch_dtype).removeprefix('torch.')})", model="builtin", seed=seed, dtype=str(torch_dtype), device=str(torch_device))
         return LoadedModel(model.requires_grad_(False).eval(), BUILTIN_ARCH, torch_dtype, torch_device, None)
 
@@ -105,11 +107,18 @@ def load_model(
     tensors = read_checkpoint(root, expected, torch_dtype, torch_device)
     model.load_state_dict(tensors, strict=True, assign=True)
     model = model.to(torch_device)  # moves the rotary tables, which are built on the CPU
+    _use_native_layers(model, ops, torch_device)
     log.info(
         "model_loaded", progress=f"model loaded ({arch.architecture}, {str(torch_dtype).removeprefix('torch.')})",
         model=str(root), architecture=arch.architecture, dtype=str(torch_dtype), device=str(torch_device),
     )  # fmt: skip
     return LoadedModel(model.requires_grad_(False).eval(), arch, torch_dtype, torch_device, root)
+
+
+def _use_native_layers(model: LlamaForCausalLM, ops: AttentionOps, device: torch.device) -> None:
+    """The native CPU backend brings fused element-wise layers with its attention kernel."""
+    if ops is cpu_ops and device.type == "cpu":
+        model.use_fused_ops(cpu_ops.fused_ops())
 
 
 def shard_files(root: Path) -> dict[Path, list[str] | None]:

@@ -1,15 +1,15 @@
 """Per-step sampling tensors: one row per sequence that samples this step.
 
-Built once per step from the Python-side parameters and token lists, so that the sampler itself
-runs as a handful of batched tensor ops with no per-row Python. Every optional field is None when no
+Built once per step from the Python-side parameters and (for penalties) each sequence's TokenHistory,
+so that the sampler itself runs as a handful of batched tensor ops with no per-row Python. Every optional field is None when no
 row in the batch needs it, which lets the common batch (plain greedy/temperature, no penalties, no
 logprobs) skip the sort, the penalty tensors and the hashing entirely.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 
 from paged.shared.sampling_params import SamplingParams
 from paged.worker.seeded_noise import as_int64
+from paged.worker.token_history import TokenHistory, has_penalties
 
 
 def check_sampling(params: SamplingParams, vocab_size: int) -> None:
@@ -38,15 +39,16 @@ def check_sampling(params: SamplingParams, vocab_size: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Penalties:
-    """What presence/frequency/repetition penalties need. Rows without a penalty carry neutral values
-    (0, 0, 1), which leave their logits unchanged."""
+    """What the penalties change, as flat indices row * vocab_size + token into the [S, V] logits: only
+    the logits of tokens a penalized row has seen are touched, so rows without penalties (and every
+    other token) come out bit-identical."""
 
-    presence: torch.Tensor  # float32 [S]
-    frequency: torch.Tensor  # float32 [S]
-    repetition: torch.Tensor  # float32 [S]
-    output_counts: torch.Tensor  # float32 [S, V]: occurrences of each vocab id among the row's output tokens
-    # bool [S, V]: vocab id occurs in the row's prompt or output; None when no row has a repetition penalty.
-    seen: torch.Tensor | None
+    # Repetition (HF/vLLM): every distinct prompt or output token of a row with a repetition penalty.
+    seen_index: torch.Tensor | None  # int64 [N]
+    seen_repetition: torch.Tensor | None  # float32 [N]: the row's repetition penalty
+    # Presence/frequency (OpenAI): every distinct output token of a row with either penalty.
+    output_index: torch.Tensor | None  # int64 [M]
+    output_subtract: torch.Tensor | None  # float32 [M]: frequency * count + presence
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +81,13 @@ class SamplingBatch:
         output_token_ids: list[list[int]],
         vocab_size: int,
         device: torch.device | str,
+        histories: Sequence[TokenHistory | None] | None = None,
     ) -> SamplingBatch:
         """Gather the batch's parameters into tensors on `device`.
 
-        prompt_token_ids / output_token_ids are only read when some row has a penalty; the worker can
-        pass its per-sequence token lists as they are, without copying.
+        output_token_ids give the seeded rows their generation index. The penalties read `histories` (the
+        worker keeps one per penalized sequence); without them they are built from the token lists, which
+        are otherwise left unread.
         """
         num_rows = len(params)
 
@@ -117,8 +121,13 @@ class SamplingBatch:
             )
 
         penalties = None
-        if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0 for p in params):
-            penalties = _build_penalties(params, prompt_token_ids, output_token_ids, num_rows, vocab_size, device)
+        if any(has_penalties(p) for p in params):
+            if histories is None:
+                histories = [
+                    TokenHistory(prompt, output) if has_penalties(p) else None
+                    for p, prompt, output in zip(params, prompt_token_ids, output_token_ids)
+                ]
+            penalties = _build_penalties(params, histories, vocab_size, device)
 
         requested = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
@@ -141,39 +150,42 @@ def _row_tensor(
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def _flat_indices(token_lists: list[list[int]], vocab_size: int, device: torch.device | str) -> torch.Tensor:
-    """Positions row * vocab_size + token in a flattened [S, V] tensor, for every token of every row."""
-    lengths = [len(tokens) for tokens in token_lists]
-    # np.fromiter reads the ints straight out of the lists, about 10x faster than torch.tensor(list)
-    # on the tens of thousands of prompt tokens a repetition-penalty batch carries.
-    tokens = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=sum(lengths))
-    row_starts = np.repeat(np.arange(len(token_lists), dtype=np.int64) * vocab_size, lengths)
-    return torch.from_numpy(tokens + row_starts).to(device)
+def _history(histories: Sequence[TokenHistory | None], row: int) -> TokenHistory:
+    history = histories[row]
+    if history is None:
+        raise ValueError(f"row {row} has penalties but no token history")
+    return history
+
+
+def _flat_index(rows: list[int], ids: list[np.ndarray], vocab_size: int) -> np.ndarray:
+    """row * vocab_size + token for every token of every listed row."""
+    offsets = np.asarray(rows, dtype=np.int64) * vocab_size
+    return np.concatenate(ids) + np.repeat(offsets, [len(row_ids) for row_ids in ids])
+
+
+def _per_entry(values: list[float], ids: list[np.ndarray]) -> np.ndarray:
+    """Each row's value, repeated once per token of the row."""
+    return np.repeat(np.asarray(values, dtype=np.float32), [len(row_ids) for row_ids in ids])
 
 
 def _build_penalties(
-    params: list[SamplingParams],
-    prompt_token_ids: list[list[int]],
-    output_token_ids: list[list[int]],
-    num_rows: int,
-    vocab_size: int,
-    device: torch.device | str,
+    params: list[SamplingParams], histories: Sequence[TokenHistory | None], vocab_size: int, device: torch.device | str
 ) -> Penalties:
-    # Only the flat index lists cross to the device; the [S, V] tensors are filled there. index_add_ and
-    # index_fill_ on the flattened view avoid the sort that index_put_ does for 2-D or accumulating puts.
-    output_positions = _flat_indices(output_token_ids, vocab_size, device)
-    output_counts = torch.zeros(num_rows, vocab_size, dtype=torch.float32, device=device)
-    output_counts.view(-1).index_add_(0, output_positions, torch.ones(len(output_positions), device=device))
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(device)
 
-    seen = None
-    if any(p.repetition_penalty != 1.0 for p in params):
-        seen = output_counts > 0
-        seen.view(-1).index_fill_(0, _flat_indices(prompt_token_ids, vocab_size, device), True)
-
-    return Penalties(
-        presence=_row_tensor([p.presence_penalty for p in params], torch.float32, device),
-        frequency=_row_tensor([p.frequency_penalty for p in params], torch.float32, device),
-        repetition=_row_tensor([p.repetition_penalty for p in params], torch.float32, device),
-        output_counts=output_counts,
-        seen=seen,
-    )
+    seen_index = seen_repetition = output_index = output_subtract = None
+    repeating = [row for row, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if repeating:
+        ids = [_history(histories, row).seen_ids for row in repeating]
+        seen_index = tensor(_flat_index(repeating, ids, vocab_size))
+        seen_repetition = tensor(_per_entry([params[row].repetition_penalty for row in repeating], ids))
+    counting = [row for row, p in enumerate(params) if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0]
+    if counting:
+        ids = [_history(histories, row).output_ids for row in counting]
+        counts = np.concatenate([_history(histories, row).output_counts for row in counting])
+        frequency = _per_entry([params[row].frequency_penalty for row in counting], ids)
+        presence = _per_entry([params[row].presence_penalty for row in counting], ids)
+        output_index = tensor(_flat_index(counting, ids, vocab_size))
+        output_subtract = tensor(frequency * counts + presence)
+    return Penalties(seen_index, seen_repetition, output_index, output_subtract)

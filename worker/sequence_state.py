@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import msgspec
 
 from paged.shared.sampling_params import SamplingParams
+from paged.worker.token_history import TokenHistory, has_penalties
 
 
 @dataclass
@@ -21,6 +22,7 @@ class SequenceState:
     output_token_ids: list[int]  # every generated token, including those from before a recompute preemption
     block_table: list[int]
     sampling: SamplingParams
+    history: TokenHistory | None = None  # kept only for a sequence whose sampling has penalties
 
     @classmethod
     def from_tokens(
@@ -28,7 +30,9 @@ class SequenceState:
     ) -> SequenceState:
         """Split a NewSequence's token list: the last `num_output_tokens` are generated ones."""
         split = len(token_ids) - num_output_tokens
-        return cls(list(token_ids[:split]), list(token_ids[split:]), list(block_table), sampling)
+        prompt, output = list(token_ids[:split]), list(token_ids[split:])
+        history = TokenHistory(prompt, output) if has_penalties(sampling) else None
+        return cls(prompt, output, list(block_table), sampling, history)
 
     @property
     def num_tokens(self) -> int:
@@ -50,6 +54,8 @@ class SequenceState:
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
+        if self.history is not None:
+            self.history.append(token_id)
 
     def fork(self, child_number: int) -> SequenceState:
         """Child `child_number` (1-based) of an n > 1 request: the same tokens and blocks so far.
@@ -60,4 +66,5 @@ class SequenceState:
         sampling = self.sampling
         if sampling.seed is not None:
             sampling = msgspec.structs.replace(sampling, seed=sampling.seed + child_number)
-        return SequenceState(list(self.prompt_token_ids), list(self.output_token_ids), list(self.block_table), sampling)
+        history = None if self.history is None else self.history.copy()
+        return SequenceState(list(self.prompt_token_ids), list(self.output_token_ids), list(self.block_table), sampling, history)

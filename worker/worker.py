@@ -68,7 +68,7 @@ class Worker:
             torch.set_num_threads(model_config.cpu_threads or default_cpu_threads(1))
         backend = model_config.attention_backend
         if backend == "auto":
-            backend = "triton" if device.type == "cuda" else "torch"
+            backend = "triton" if device.type == "cuda" else "cpu"
         loaded = load_model(model_config.model, model_config.dtype, str(device), backend, model_config.seed)
         self.model = loaded.model
         self.arch = loaded.arch
@@ -328,6 +328,7 @@ class Worker:
                     [state.output_token_ids for state in states],
                     self.arch.vocab_size,
                     self.device,
+                    [state.history for state in states],
                 )
                 sampled = self.sampler(logits, batch)
                 results = self._results(row_seq_ids, states, sampled)

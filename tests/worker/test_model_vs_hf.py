@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from support.batch_metadata import batch_metadata
+from paged.worker.attention.backend import AttentionBackendName
 from paged.worker.attention.metadata import AttentionMetadata
 from paged.worker.model_loader import LoadedModel, load_model
 
@@ -53,9 +54,15 @@ def hf_logits(model_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids[None]).logits[0].float()
 
 
+@pytest.fixture(scope="module", params=["cpu", "torch"])
+def attention_backend(request: pytest.FixtureRequest) -> AttentionBackendName:
+    """Every comparison runs on the native CPU kernel (what a CPU worker uses) and on the torch reference path."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def stories_model(stories_dir: Path) -> LoadedModel:
-    return load_model(stories_dir, dtype="float32")
+def stories_model(stories_dir: Path, attention_backend: AttentionBackendName) -> LoadedModel:
+    return load_model(stories_dir, dtype="float32", attention_backend=attention_backend)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +131,7 @@ TINY_CONFIGS: dict[str, tuple[type, dict]] = {
 
 
 @pytest.mark.parametrize("name", TINY_CONFIGS)
-def test_tiny_random_config_matches_transformers(name: str, tmp_path: Path) -> None:
+def test_tiny_random_config_matches_transformers(name: str, tmp_path: Path, attention_backend: AttentionBackendName) -> None:
     config_class, overrides = TINY_CONFIGS[name]
     config = config_class(**COMMON, **overrides)
     torch.manual_seed(1234)
@@ -136,7 +143,7 @@ def test_tiny_random_config_matches_transformers(name: str, tmp_path: Path) -> N
     hf_model.save_pretrained(tmp_path)
     input_ids = torch.randint(0, COMMON["vocab_size"], (70,), generator=torch.Generator().manual_seed(7))
 
-    loaded = load_model(tmp_path, dtype="float32")
+    loaded = load_model(tmp_path, dtype="float32", attention_backend=attention_backend)
     ours = paged_logits(loaded, input_ids)
     reference = hf_logits(tmp_path, input_ids)
     assert loaded.arch.architecture == config_class.__name__.replace("Config", "ForCausalLM")
@@ -200,7 +207,7 @@ def test_chunked_batched_shuffled_prefill_matches_transformers(
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_low_precision_error_no_worse_than_transformers(
-    stories_dir: Path, stories_hf_logits: Callable, dtype: str
+    stories_dir: Path, stories_hf_logits: Callable, dtype: str, attention_backend: AttentionBackendName
 ) -> None:
     """In bf16/fp16 exact agreement is not expected; our distance from float32 logits must stay within
     1.5x of transformers' own distance in the same dtype (observed: bf16 0.21 vs 0.23, fp16 0.027 vs 0.035)."""
@@ -209,6 +216,6 @@ def test_low_precision_error_no_worse_than_transformers(
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(stories_dir, dtype=getattr(torch, dtype), attn_implementation="eager")
     with torch.inference_mode():
         hf_error = (hf_model(torch.tensor([prompt])).logits[0].float() - exact).abs().max().item()
-    ours = paged_logits(load_model(stories_dir, dtype=dtype), torch.tensor(prompt))
+    ours = paged_logits(load_model(stories_dir, dtype=dtype, attention_backend=attention_backend), torch.tensor(prompt))
     assert ours.dtype == torch.float32
     assert (ours - exact).abs().max().item() <= 1.5 * hf_error

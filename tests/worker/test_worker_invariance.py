@@ -13,7 +13,9 @@ n > 1 greedy forks continue exactly as their parent does.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -32,12 +34,25 @@ STORIES_PROMPT = [1, 403, 407, 261, 378]  # BOS + "Once upon a time"
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def make_worker(model: Path | None, block_size: int) -> Worker:
-    return Worker(
-        ModelConfig(model=str(model) if model else None, device="cpu", attention_backend="torch"),
-        CacheConfig(block_size=block_size, kv_cache_memory=8 * MiB, swap_space=64 * 1024),
-        max_num_batched_tokens=512,
-    )
+WorkerFactory = Callable[[Path | None, int], Worker]
+
+
+@pytest.fixture(scope="module", params=["cpu", "torch"])
+def attention_backend(request: pytest.FixtureRequest) -> Literal["cpu", "torch"]:
+    """Every test runs on the native CPU kernel (what a CPU worker uses) and on the torch reference path."""
+    return request.param
+
+
+@pytest.fixture
+def make_worker(attention_backend: Literal["cpu", "torch"]) -> WorkerFactory:
+    def make(model: Path | None, block_size: int) -> Worker:
+        return Worker(
+            ModelConfig(model=str(model) if model else None, device="cpu", attention_backend=attention_backend),
+            CacheConfig(block_size=block_size, kv_cache_memory=8 * MiB, swap_space=64 * 1024),
+            max_num_batched_tokens=512,
+        )
+
+    return make
 
 
 @pytest.fixture(scope="module", params=["stories260K", "builtin"])
@@ -59,7 +74,7 @@ def assert_same_logits(actual: list[torch.Tensor], expected: list[torch.Tensor])
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 32])
-def test_logits_independent_of_chunking_batching_and_blocks(model_dir: Path | None, block_size: int) -> None:
+def test_logits_independent_of_chunking_batching_and_blocks(make_worker: WorkerFactory, model_dir: Path | None, block_size: int) -> None:
     worker = make_worker(model_dir, block_size)
     vocab_size = worker.arch.vocab_size
     prompt = prompt_of(45, vocab_size, seed=0)
@@ -92,7 +107,7 @@ def test_logits_independent_of_chunking_batching_and_blocks(model_dir: Path | No
         assert_same_logits(batched[plan.seq_id].logits, alone_run.logits)
 
 
-def test_logits_same_across_block_sizes(model_dir: Path | None) -> None:
+def test_logits_same_across_block_sizes(make_worker: WorkerFactory, model_dir: Path | None) -> None:
     runs = []
     for block_size in (1, 16, 32):
         worker = make_worker(model_dir, block_size)
@@ -103,7 +118,7 @@ def test_logits_same_across_block_sizes(model_dir: Path | None) -> None:
         assert_same_logits(run.logits, runs[0].logits)
 
 
-def test_greedy_generation_matches_transformers(stories_dir: Path) -> None:
+def test_greedy_generation_matches_transformers(make_worker: WorkerFactory, stories_dir: Path) -> None:
     transformers = pytest.importorskip("transformers")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(stories_dir, torch_dtype=torch.float32).eval()
     with torch.no_grad():
@@ -121,7 +136,7 @@ def test_greedy_generation_matches_transformers(stories_dir: Path) -> None:
     assert run.tokens == hf_output
 
 
-def test_greedy_forks_continue_like_parent(model_dir: Path | None) -> None:
+def test_greedy_forks_continue_like_parent(make_worker: WorkerFactory, model_dir: Path | None) -> None:
     worker = make_worker(model_dir, 16)
     prompt = prompt_of(21, worker.arch.vocab_size, seed=9)  # the fork point falls inside a block
     alone = run_plans(worker, [SeqPlan(0, prompt, num_decode=20)], BlockAllocator(worker.num_blocks))[0]
@@ -131,7 +146,7 @@ def test_greedy_forks_continue_like_parent(model_dir: Path | None) -> None:
         assert_same_logits(runs[seq_id].logits, alone.logits)
 
 
-def test_bad_sequence_fails_alone_and_worker_keeps_serving(stories_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_sequence_fails_alone_and_worker_keeps_serving(make_worker: WorkerFactory, stories_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     worker = make_worker(stories_dir, 16)
     greedy = NewSequence(1, STORIES_PROMPT, GREEDY)
     bad_token = NewSequence(2, [1, worker.arch.vocab_size], GREEDY)
@@ -185,7 +200,7 @@ def test_bad_sequence_fails_alone_and_worker_keeps_serving(stories_dir: Path, mo
     ],
     ids=["logprobs-beyond-vocab", "logprobs-negative", "nan-temperature", "top-p-0", "min-p-2", "repetition-0", "nan-penalty"],
 )
-def test_sampling_values_the_worker_cannot_honour_fail_that_sequence_alone(bad: SamplingParams) -> None:
+def test_sampling_values_the_worker_cannot_honour_fail_that_sequence_alone(make_worker: WorkerFactory, bad: SamplingParams) -> None:
     """Below the API's validation: such a sequence must not fail the batch's sampling for everyone."""
     worker = make_worker(None, 16)  # the built-in model: a byte vocabulary
     prompt = [1, 72, 105, 33]
@@ -198,7 +213,7 @@ def test_sampling_values_the_worker_cannot_honour_fail_that_sequence_alone(bad: 
     assert [r.seq_id for r in output.results] == [1] and [e.seq_id for e in output.errors] == [2]
 
 
-def test_logprobs_reported_only_when_asked(stories_dir: Path) -> None:
+def test_logprobs_reported_only_when_asked(make_worker: WorkerFactory, stories_dir: Path) -> None:
     worker = make_worker(stories_dir, 16)
     plain = NewSequence(1, STORIES_PROMPT, GREEDY)
     with_logprobs = NewSequence(2, STORIES_PROMPT, SamplingParams(temperature=0.0, logprobs=3))
@@ -216,7 +231,7 @@ def test_logprobs_reported_only_when_asked(stories_dir: Path) -> None:
     assert [t.token_id for t in by_id[2].top_logprobs or []] == expected.topk(3).indices.tolist()
 
 
-def test_swapped_out_and_back_sequence_continues_identically(stories_dir: Path) -> None:
+def test_swapped_out_and_back_sequence_continues_identically(make_worker: WorkerFactory, stories_dir: Path) -> None:
     """Swap a prefilled sequence's pages out, let another sequence overwrite them, swap them back into
     different blocks: its decode logits are those of an undisturbed run."""
     worker = make_worker(stories_dir, 16)
@@ -244,7 +259,7 @@ def test_swapped_out_and_back_sequence_continues_identically(stories_dir: Path) 
     assert_same_logits([logits[1]], undisturbed.logits[1:])
 
 
-def test_pool_sizing(stories_dir: Path) -> None:
+def test_pool_sizing(make_worker: WorkerFactory, stories_dir: Path) -> None:
     worker = make_worker(stories_dir, 16)
     per_block = bytes_per_block(worker.arch, 16, torch.float32)
     assert worker.num_blocks == 8 * MiB // per_block
@@ -255,7 +270,7 @@ def test_pool_sizing(stories_dir: Path) -> None:
         Worker(ModelConfig(model=str(stories_dir)), CacheConfig(kv_cache_memory=per_block * 31))
 
 
-def test_recomputed_sequence_resumes_where_it_left_off(stories_dir: Path) -> None:
+def test_recomputed_sequence_resumes_where_it_left_off(make_worker: WorkerFactory, stories_dir: Path) -> None:
     """Recompute preemption: the sequence comes back as prompt + generated tokens (num_output_tokens
     marks the split) and is prefilled in chunks straddling that split; its next logits are unchanged."""
     worker = make_worker(stories_dir, 16)
@@ -273,7 +288,7 @@ def test_recomputed_sequence_resumes_where_it_left_off(stories_dir: Path) -> Non
     assert worker.sequences[1].output_token_ids == reference.tokens[:5]
 
 
-def test_seeded_forks_are_reproducible_and_distinct(stories_dir: Path) -> None:
+def test_seeded_forks_are_reproducible_and_distinct(make_worker: WorkerFactory, stories_dir: Path) -> None:
     seeded = SamplingParams(temperature=1.0, seed=42)
 
     def sample_family() -> dict[int, list[int]]:

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from paged.worker.layers.fused_cpu import FusedOps
 from paged.worker.model_config import RopeScaling
 
 
@@ -36,6 +37,8 @@ def llama3_scaled(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """cos/sin of position * inv_freq for every position up to max_positions, looked up per token."""
 
+    fused: FusedOps | None = None  # set by LlamaForCausalLM.use_fused_ops on the native CPU backend
+
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None) -> None:
         super().__init__()
         # Computed on the CPU in float32 whatever device and default dtype the model is built under: the
@@ -48,7 +51,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate query [T, Hq, D] and key [T, Hkv, D] by their tokens' positions [T]."""
+        """Rotate query [T, Hq, D] and key [T, Hkv, D] by their tokens' positions [T] (in place when fused)."""
+        if self.fused is not None:
+            return self.fused.rotary(positions, query, key, self.cos, self.sin)
         cos = self.cos[positions][:, None, :].to(query.dtype)
         sin = self.sin[positions][:, None, :].to(query.dtype)
         return rotate(query, cos, sin), rotate(key, cos, sin)

@@ -12,6 +12,7 @@ from torch import nn
 from paged.worker.attention.backend import AttentionOps
 from paged.worker.attention.metadata import AttentionMetadata
 from paged.worker.layers.attention import PagedSelfAttention
+from paged.worker.layers.fused_cpu import FusedOps
 from paged.worker.layers.mlp import GatedMLP
 from paged.worker.layers.rms_norm import RMSNorm
 from paged.worker.layers.rotary import RotaryEmbedding
@@ -28,9 +29,23 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.mlp_bias)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(
+        self,
+        positions: torch.Tensor,
+        residual: torch.Tensor,
+        delta: torch.Tensor | None,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is `residual + delta` (delta None for the first layer); returns this layer's
+        (delta, residual) in the same form, so that each residual add happens inside the next norm."""
+        if delta is None:
+            normed = self.input_layernorm(residual)
+        else:
+            normed, residual = self.input_layernorm.add_and_norm(residual, delta)
+        attended = self.self_attn(positions, normed, kv_cache, meta)
+        normed, residual = self.post_attention_layernorm.add_and_norm(residual, attended)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -44,10 +59,10 @@ class LlamaModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        residual, delta = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, meta)
-        return self.norm(hidden)
+            delta, residual = layer(positions, residual, delta, kv_cache, meta)
+        return self.norm(residual) if delta is None else self.norm.add_and_norm(residual, delta)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -63,6 +78,12 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, hidden_size] of a flattened batch; writes its K/V into `kv_caches` on the way."""
         return self.model(input_ids, positions, kv_caches, meta)
+
+    def use_fused_ops(self, fused: FusedOps) -> None:
+        """Run the norms, rotary embedding and SiLU-mul through one native pass each (CPU)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, RotaryEmbedding, GatedMLP)):
+                module.fused = fused
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for the rows the caller samples from."""

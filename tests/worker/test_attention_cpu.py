@@ -1,0 +1,170 @@
+"""The native CPU paged-attention kernel (worker/native/paged_attention.cpp) against the torch path, the
+reference it replaces, and against attention over the dense, never-paged K/V.
+
+Every batch scatters its sequences over a shuffled pool of physical blocks. The kernel has two score
+paths (dot products for decode tiles, a transposed key tile for prefill tiles), rows read in place or
+copied and padded (head_dim not a multiple of 16, bf16/fp16), unrolled kernels up to head_dim 256 and
+loops past it, 64-key tiles and 64-row query tiles: the cases below cross each of those boundaries.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paged.worker.attention import cpu_ops, torch_ops
+from paged.worker.attention.metadata import AttentionMetadata
+from paged.worker.native.compiler import NativeBuildError
+from support.paged_batch import PagedBatch, assert_close_to_reference, chunk_of, make_batch
+
+try:
+    cpu_ops.load()
+except NativeBuildError as exc:  # pragma: no cover - machines with a compiler run these tests
+    pytest.skip(f"the native kernel cannot be built here: {exc}", allow_module_level=True)
+
+
+def run_native(batch: PagedBatch) -> torch.Tensor:
+    return cpu_ops.paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
+
+
+def run_torch(batch: PagedBatch) -> torch.Tensor:
+    return torch_ops.paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
+
+
+def assert_matches_torch_path(batch: PagedBatch) -> None:
+    torch.testing.assert_close(run_native(batch), run_torch(batch), atol=2e-5, rtol=2e-5)
+
+
+# Ragged decode rows: a first token, one ending on a block boundary, several spanning 64-key tiles.
+DECODE_CONTEXTS = [0, 15, 31, 63, 64, 100, 300]
+# Mixed batches: fresh prompts, chunks continuing a cached prefix (chunked prefill), decode rows, and a
+# chunk longer than one query tile so the causal diagonal falls inside and across tiles.
+MIXED = ([0, 21, 40, 0, 9, 130, 5], [13, 30, 1, 1, 70, 45, 1])
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(8, 4), (8, 1), (8, 8)])
+@pytest.mark.parametrize("head_dim", [8, 64])
+def test_decode_matches_torch_path(block_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    batch = make_batch(
+        DECODE_CONTEXTS, [1] * len(DECODE_CONTEXTS),
+        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
+    )
+    assert_matches_torch_path(batch)
+    assert_close_to_reference(batch, run_native(batch))
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(8, 4), (8, 1)])
+@pytest.mark.parametrize("head_dim", [8, 32, 80])
+def test_mixed_prefill_and_decode_match_torch_path(block_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    batch = make_batch(
+        *MIXED, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size, seed=block_size,
+    )
+    assert_matches_torch_path(batch)
+    assert_close_to_reference(batch, run_native(batch))
+
+
+def test_chunked_prefill_equals_whole_prefill() -> None:
+    """The same prompt attended in chunks of 37 (each over the cached chunks before it) gives the
+    outputs of one whole-prompt pass."""
+    whole = make_batch([0], [150], num_q_heads=8, num_kv_heads=4, head_dim=64, block_size=16, seed=8)
+    whole_out = run_native(whole)
+    for start in range(0, 150, 37):
+        end = min(start + 37, 150)
+        query, chunk_meta = chunk_of(whole, start, end)
+        out = cpu_ops.paged_attention(query, whole.k_cache, whole.v_cache, chunk_meta, whole.scale)
+        torch.testing.assert_close(out, whole_out[start:end], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_matches_reference(dtype: torch.dtype) -> None:
+    for head_dim in (8, 64):
+        batch = make_batch(*MIXED, head_dim=head_dim, dtype=dtype, seed=9)
+        out = run_native(batch)
+        assert out.dtype == dtype
+        assert_close_to_reference(batch, out)
+
+
+def test_head_dim_beyond_the_unrolled_kernels() -> None:
+    """head_dim 272 pads to 17 vectors, past the unrolled kernels (16): the run-time loop versions."""
+    batch = make_batch(*MIXED, num_q_heads=2, num_kv_heads=1, head_dim=272, seed=3)
+    assert_matches_torch_path(batch)
+
+
+def test_sequence_with_no_new_tokens_is_left_alone() -> None:
+    batch = make_batch([4, 6, 2], [3, 0, 2], seed=7)
+    assert_close_to_reference(batch, run_native(batch))
+
+
+def test_strided_query_rows() -> None:
+    """Q as a slice of a fused QKV projection: rows are strided, head_dim is dense."""
+    batch = make_batch(*MIXED, head_dim=32, seed=4)
+    fused = torch.cat([batch.query, torch.zeros_like(batch.query)], dim=1)
+    strided = fused[:, : batch.query.shape[1]]
+    assert not strided.is_contiguous()
+    out = cpu_ops.paged_attention(strided, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
+    torch.testing.assert_close(out, run_native(batch), atol=0, rtol=0)
+
+
+def test_threads_give_the_same_result() -> None:
+    batch = make_batch(*MIXED, num_q_heads=8, num_kv_heads=2, head_dim=64, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run_native(batch)
+        torch.set_num_threads(3)
+        several = run_native(batch)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(several, single, atol=0, rtol=0)
+
+
+def test_rejects_bad_metadata_before_reading_pages() -> None:
+    batch = make_batch([10, 3], [1, 1], block_size=16)
+    meta = batch.meta
+    outside_pool = meta.block_tables.clone()
+    outside_pool[0, 0] = batch.k_cache.shape[0]
+    too_long = meta.seq_lens.clone()
+    too_long[1] = meta.block_tables.shape[1] * 16 + 1
+    past_the_queries = meta.query_start_loc + 1  # rows 1..2 of a 2-row query
+    for block_tables, seq_lens, query_start_loc in (
+        (outside_pool, meta.seq_lens, meta.query_start_loc),
+        (meta.block_tables, too_long, meta.query_start_loc),
+        (meta.block_tables, meta.seq_lens, past_the_queries),
+    ):
+        bad = AttentionMetadata(meta.slot_mapping, query_start_loc, seq_lens, block_tables, 1, int(seq_lens.max()))
+        with pytest.raises(ValueError, match="outside"):
+            cpu_ops.paged_attention(batch.query, batch.k_cache, batch.v_cache, bad, batch.scale)
+
+
+def test_rejects_mismatched_heads() -> None:
+    batch = make_batch([0], [2], num_q_heads=8, num_kv_heads=4)
+    with pytest.raises(ValueError, match="query heads"):
+        cpu_ops.paged_attention(batch.query[:, :6], batch.k_cache, batch.v_cache, batch.meta, batch.scale)
+
+
+@st.composite
+def batch_layouts(draw: st.DrawFn) -> dict:
+    """Any mix of sequences: cached prefixes of 0..150 tokens and 1..80 new tokens each (or all decode)."""
+    num_seqs = draw(st.integers(1, 5))
+    all_decode = draw(st.booleans())
+    num_kv_heads = draw(st.sampled_from([1, 2, 4]))
+    return dict(
+        context_lens=[draw(st.integers(0, 150)) for _ in range(num_seqs)],
+        query_lens=[1 if all_decode else draw(st.integers(1, 80)) for _ in range(num_seqs)],
+        num_q_heads=num_kv_heads * draw(st.sampled_from([1, 2, 8])),
+        num_kv_heads=num_kv_heads,
+        head_dim=draw(st.sampled_from([8, 16, 24, 64])),
+        block_size=draw(st.sampled_from([1, 8, 16, 32])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch_layouts())
+def test_random_layouts_match_torch_path(layout: dict) -> None:
+    batch = make_batch(layout.pop("context_lens"), layout.pop("query_lens"), **layout)
+    assert_matches_torch_path(batch)

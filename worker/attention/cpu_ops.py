@@ -1,0 +1,112 @@
+"""The native CPU backend: paged attention through worker/native/paged_attention.cpp, which reads K/V
+pages in place through the block tables instead of gathering every sequence's context each layer, and
+the fused element-wise layers that come with it (worker/layers/fused_cpu.py).
+
+Both libraries are built at first use (worker/native/compiler.py) by `load()`, which raises if they
+cannot be; backend.get_attention_ops then falls back to the torch path. Decode rows and prefill chunks,
+GQA, any block size and float32/bfloat16/float16 are all served by the one attention kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from paged.worker.attention import torch_ops
+from paged.worker.attention.metadata import AttentionMetadata
+from paged.worker.layers.fused_cpu import FusedOps
+from paged.worker.native.compiler import load_library
+
+SOURCE = Path(__file__).resolve().parent.parent / "native" / "paged_attention.cpp"
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+# The pages are written in place by index_copy_ on the cache's [slots, H, D] view: nothing to gain natively.
+write_kv = torch_ops.write_kv
+
+
+@functools.cache
+def load() -> ctypes.CDLL:
+    """The attention library, built on the first call with the fused layers' (raises NativeBuildError if
+    either cannot be built)."""
+    fused_ops()
+    library = load_library(SOURCE)
+    function = library.paged_attention
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [pointer] * 7 + [i64] * 10 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return library
+
+
+@functools.cache
+def fused_ops() -> FusedOps:
+    """The fused element-wise layers the model loader gives a model running on this backend."""
+    return FusedOps.build()
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of the new tokens ([T, Hq, D]) over their sequences' cached K/V; returns [T, Hq, D]."""
+    if query.dtype != k_cache.dtype or k_cache.dtype not in DTYPE_CODES or query.device.type != "cpu":
+        raise TypeError(f"query {query.dtype} and cache {k_cache.dtype} must be CPU tensors of one float32/bfloat16/float16 dtype")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and query.stride(-1) == 1 and k_cache.shape == v_cache.shape):
+        raise ValueError("the caches must be contiguous and of one shape, and the query's head_dim dense")
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    block_tables, query_start_loc, seq_lens = _checked_tables(meta, num_blocks, block_size, query.shape[0])
+    out = torch.empty_like(query)
+    status = load().paged_attention(
+        query.data_ptr(),
+        out.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        block_tables.data_ptr(),
+        query_start_loc.data_ptr(),
+        seq_lens.data_ptr(),
+        seq_lens.shape[0],
+        query.shape[1],
+        num_kv_heads,
+        head_dim,
+        block_size,
+        block_tables.stride(0),
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        scale,
+        DTYPE_CODES[query.dtype],
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise ValueError(f"unsupported attention shape: {query.shape[1]} query heads over {num_kv_heads} KV heads")
+    return out
+
+
+def _checked_tables(meta: AttentionMetadata, num_blocks: int, block_size: int, num_tokens: int) -> tuple[torch.Tensor, ...]:
+    """The int32 tables the kernel reads, checked once per forward pass (the first layer) so that bad
+    metadata raises here instead of making native code read outside the pool."""
+    tables = meta.derived.get("cpu")
+    if tables is None:
+        block_tables, query_start_loc, seq_lens = (
+            tensor.to(torch.int32).contiguous() for tensor in (meta.block_tables, meta.query_start_loc, meta.seq_lens)
+        )
+        query_lens = query_start_loc[1:] - query_start_loc[:-1]
+        if len(query_start_loc) != len(seq_lens) + 1 or len(block_tables) != len(seq_lens):
+            raise ValueError("block_tables, query_start_loc and seq_lens disagree on the number of sequences")
+        if len(seq_lens) and (
+            int(query_start_loc[0]) < 0
+            or int(query_start_loc[-1]) > num_tokens
+            or bool((query_lens < 0).any())
+            or bool((seq_lens < query_lens).any())
+            or int(seq_lens.max()) > block_tables.shape[1] * block_size
+            or (block_tables.numel() and not 0 <= int(block_tables.min()) <= int(block_tables.max()) < num_blocks)
+        ):
+            raise ValueError("attention metadata points outside the block tables or the page pool")
+        tables = meta.derived["cpu"] = (block_tables, query_start_loc, seq_lens)
+    return tables
