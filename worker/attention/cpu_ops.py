@@ -37,6 +37,9 @@ def load() -> ctypes.CDLL:
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [pointer] * 7 + [i64] * 10 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     function.restype = ctypes.c_int
+    groups = library.paged_attention_shared_groups
+    groups.argtypes = [pointer] * 3 + [i64] * 5 + [pointer] * 2
+    groups.restype = ctypes.c_int
     return library
 
 
@@ -86,6 +89,22 @@ def paged_attention(
     if status != 0:
         raise ValueError(f"unsupported attention shape: {query.shape[1]} query heads over {num_kv_heads} KV heads")
     return out
+
+
+def shared_prefix_groups(meta: AttentionMetadata, num_q_heads: int, k_cache: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The groups the kernel's shared-prefix (cascade) pass forms for this batch: per sequence, the index
+    of its group or -1, and the number of leading keys the group attends together (0 outside a group)."""
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    block_tables, query_start_loc, seq_lens = _checked_tables(meta, num_blocks, block_size, int(meta.query_start_loc[-1]))
+    group_of = torch.empty(len(seq_lens), dtype=torch.int32)
+    shared_keys = torch.empty(len(seq_lens), dtype=torch.int64)
+    status = load().paged_attention_shared_groups(
+        block_tables.data_ptr(), query_start_loc.data_ptr(), seq_lens.data_ptr(), len(seq_lens), num_q_heads,
+        num_kv_heads, block_size, block_tables.stride(0), group_of.data_ptr(), shared_keys.data_ptr(),
+    )
+    if status != 0:
+        raise ValueError(f"unsupported attention shape: {num_q_heads} query heads over {num_kv_heads} KV heads")
+    return group_of.tolist(), shared_keys.tolist()
 
 
 def _checked_tables(meta: AttentionMetadata, num_blocks: int, block_size: int, num_tokens: int) -> tuple[torch.Tensor, ...]:
