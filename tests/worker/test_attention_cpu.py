@@ -20,6 +20,7 @@ from paged.worker.attention import cpu_ops, torch_ops
 from paged.worker.attention.metadata import AttentionMetadata
 from paged.worker.native.compiler import NativeBuildError
 from support.paged_batch import PagedBatch, assert_close_to_reference, chunk_of, make_batch
+from support.torch_threads import with_threads
 
 try:
     cpu_ops.load()
@@ -113,15 +114,8 @@ def test_strided_query_rows() -> None:
 
 def assert_threads_agree(batch: PagedBatch) -> None:
     """Work items split between threads (and their KV heads between items) give bit-identical results."""
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = run_native(batch)
-        torch.set_num_threads(3)
-        several = run_native(batch)
-    finally:
-        torch.set_num_threads(threads)
-    torch.testing.assert_close(several, single, atol=0, rtol=0)
+    single = with_threads(1, lambda: run_native(batch))
+    torch.testing.assert_close(with_threads(3, lambda: run_native(batch)), single, atol=0, rtol=0)
 
 
 def test_threads_give_the_same_result() -> None:

@@ -1,8 +1,9 @@
 """The native CPU backend: paged attention through worker/native/paged_attention.cpp, which reads K/V
 pages in place through the block tables instead of gathering every sequence's context each layer, and
-the fused element-wise layers that come with it (worker/layers/fused_cpu.py).
+the layers that come with it: fused element-wise layers (worker/layers/fused_cpu.py) and linear layers
+over packed weights (worker/layers/linear_cpu.py).
 
-Both libraries are built at first use (worker/native/compiler.py) by `load()`, which raises if they
+The libraries are built at first use (worker/native/compiler.py) by `load()`, which raises if they
 cannot be; backend.get_attention_ops then falls back to the torch path. Decode rows and prefill chunks,
 GQA, any block size and float32/bfloat16/float16 are all served by the one attention kernel.
 """
@@ -18,6 +19,7 @@ import torch
 from paged.worker.attention import torch_ops
 from paged.worker.attention.metadata import AttentionMetadata
 from paged.worker.layers.fused_cpu import FusedOps
+from paged.worker.layers.linear_cpu import NativeLinear
 from paged.worker.native.compiler import load_library
 
 SOURCE = Path(__file__).resolve().parent.parent / "native" / "paged_attention.cpp"
@@ -29,9 +31,10 @@ write_kv = torch_ops.write_kv
 
 @functools.cache
 def load() -> ctypes.CDLL:
-    """The attention library, built on the first call with the fused layers' (raises NativeBuildError if
-    either cannot be built)."""
+    """The attention library, built on the first call with the fused and linear layers' (raises
+    NativeBuildError if any cannot be built)."""
     fused_ops()
+    native_linear()
     library = load_library(SOURCE)
     function = library.paged_attention
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -47,6 +50,12 @@ def load() -> ctypes.CDLL:
 def fused_ops() -> FusedOps:
     """The fused element-wise layers the model loader gives a model running on this backend."""
     return FusedOps.build()
+
+
+@functools.cache
+def native_linear() -> NativeLinear:
+    """The packed-weight linear layers the model loader gives a float32 model running on this backend."""
+    return NativeLinear.build()
 
 
 def paged_attention(
