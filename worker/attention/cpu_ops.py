@@ -35,14 +35,21 @@ def load() -> ctypes.CDLL:
     NativeBuildError if any cannot be built)."""
     fused_ops()
     native_linear()
-    library = load_library(SOURCE)
+    library = load_kernel(SOURCE)
+    groups = library.paged_attention_shared_groups
+    groups.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2
+    groups.restype = ctypes.c_int
+    return library
+
+
+def load_kernel(source: Path) -> ctypes.CDLL:
+    """A build of an attention kernel source with its entry point bound: this package's, or another
+    version of it that a benchmark compares (the C ABI of `paged_attention` is the contract)."""
+    library = load_library(source)
     function = library.paged_attention
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [pointer] * 7 + [i64] * 10 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
     function.restype = ctypes.c_int
-    groups = library.paged_attention_shared_groups
-    groups.argtypes = [pointer] * 3 + [i64] * 5 + [pointer] * 2
-    groups.restype = ctypes.c_int
     return library
 
 
@@ -64,8 +71,11 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    *,
+    library: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the new tokens ([T, Hq, D]) over their sequences' cached K/V; returns [T, Hq, D]."""
+    """Causal attention of the new tokens ([T, Hq, D]) over their sequences' cached K/V; returns [T, Hq, D].
+    `library`: another build of the kernel (load_kernel) instead of this package's."""
     if query.dtype != k_cache.dtype or k_cache.dtype not in DTYPE_CODES or query.device.type != "cpu":
         raise TypeError(f"query {query.dtype} and cache {k_cache.dtype} must be CPU tensors of one float32/bfloat16/float16 dtype")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and query.stride(-1) == 1 and k_cache.shape == v_cache.shape):
@@ -73,7 +83,7 @@ def paged_attention(
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     block_tables, query_start_loc, seq_lens = _checked_tables(meta, num_blocks, block_size, query.shape[0])
     out = torch.empty_like(query)
-    status = load().paged_attention(
+    status = (library or load()).paged_attention(
         query.data_ptr(),
         out.data_ptr(),
         k_cache.data_ptr(),

@@ -30,7 +30,7 @@ constexpr int64_t LINE = 64;                // bytes per cache line
 
 // Rows [0, ROWS) of x against one panel: ROWS x PANEL accumulators over k, then stored (the first
 // `columns` of them when the panel runs past N). While it runs, `prefetch_lines` cache lines of the
-// next panel are requested, one per k.
+// next panel are requested, spread evenly over the k steps.
 template <int ROWS>
 void panel_rows(const float* x, int64_t x_stride, const float* panel, const float* bias, int64_t K, float* out,
                 int64_t out_stride, int columns, const char* prefetch, int64_t prefetch_lines) {
@@ -39,8 +39,9 @@ void panel_rows(const float* x, int64_t x_stride, const float* panel, const floa
         const f32x16 b = bias != nullptr ? load16(bias + LANES * c) : f32x16{};
         for (int r = 0; r < ROWS; ++r) acc[r][c] = b;
     }
+    int64_t line = 0;
     for (int64_t k = 0; k < K; ++k) {
-        if (k < prefetch_lines) __builtin_prefetch(prefetch + k * LINE, 0, 2);
+        for (const int64_t stop = (k + 1) * prefetch_lines / K; line < stop; ++line) __builtin_prefetch(prefetch + line * LINE, 0, 2);
         f32x16 w[PANEL_VECTORS];
         for (int c = 0; c < PANEL_VECTORS; ++c) w[c] = load16(panel + k * PANEL + LANES * c);
         for (int r = 0; r < ROWS; ++r) {
