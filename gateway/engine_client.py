@@ -10,7 +10,7 @@ from typing import Protocol
 from paged.gateway.admission import AdmissionError, Refusal
 from paged.gateway.outputs import RequestOutput
 from paged.gateway.scheduler import Scheduler
-from paged.gateway.stats import WorkerStats
+from paged.gateway.stats import TransferStats, WorkerStats
 from paged.shared.config import CacheConfig, SchedulerConfig
 from paged.shared.sampling_params import SamplingParams
 
@@ -48,6 +48,10 @@ class EngineClient(Protocol):
 
     def worker_stats(self) -> list[WorkerStats]:
         """One snapshot per worker, read at every /metrics scrape."""
+        ...
+
+    def transfer_stats(self) -> TransferStats:
+        """The KV hand-offs between prefill and decode workers (zeros without them)."""
         ...
 
 

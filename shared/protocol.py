@@ -185,6 +185,7 @@ class WorkerRegistration(msgspec.Struct, array_like=True):
     transfer_endpoint: str = ""  # where other workers send it KV blocks ("": it takes no transfers)
     kv_store_id: str = ""  # the host KV store it attached ("": none); workers with equal ids share one store
     num_store_slots: int = 0
+    page_bytes: int = 0  # bytes of one KV page (every layer's K and V of one block): what a transfer moves per block
 
 
 class RegistrationAck(msgspec.Struct, array_like=True):

@@ -76,6 +76,7 @@ class StepRunner(Protocol):
     transfer_endpoint: str
     kv_store_id: str
     num_store_slots: int
+    page_bytes: int
 
     def execute_step(self, step: StepInput) -> StepOutput: ...
 
@@ -266,6 +267,7 @@ class WorkerServer:
             transfer_endpoint=runner.transfer_endpoint,
             kv_store_id=runner.kv_store_id,
             num_store_slots=runner.num_store_slots,
+            page_bytes=runner.page_bytes,
         )
         self.io = _SessionIO(
             self.context, endpoint, registration, self.commands, pipe_address,
