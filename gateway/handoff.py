@@ -166,7 +166,7 @@ class HandoffCoordinator:
         for transfer in list(self._transfers.values()):
             if transfer.source_scheduler is scheduler:
                 self._end(transfer, source_alive=False)
-                self._count_failure("prefill_lost")
+                self._record_failure(transfer, "prefill_lost", f"prefill worker {transfer.source.name} was lost")
             elif transfer.dest_scheduler is scheduler:
                 self._give_up(transfer, "decode_lost", f"decode worker {transfer.dest.name} was lost", dest_alive=False)
 
@@ -289,9 +289,7 @@ class HandoffCoordinator:
         request = transfer.request
         request.kv_transfer_failed = True
         transfer.source_scheduler.resume_transferring(request)
-        self._count_failure(kind)
-        log.warning("kv_transfer_failed", transfer_id=transfer.transfer_id, request_id=request.request_id,
-                    source=transfer.source.name, dest=transfer.dest.name, reason=reason)  # fmt: skip
+        self._record_failure(transfer, kind, reason)
 
     def _end(self, transfer: Transfer, source_alive: bool = True, dest_alive: bool = True) -> None:
         """Cancel on the ends still there and give the decode side's blocks and both sides' seats back."""
@@ -313,6 +311,8 @@ class HandoffCoordinator:
         transfer.source_scheduler.transfers.settle(transfer.transfer_id)
         transfer.dest_scheduler.transfers.settle(transfer.transfer_id)
 
-    def _count_failure(self, kind: str) -> None:
+    def _record_failure(self, transfer: Transfer, kind: str, reason: str) -> None:
         failures = self.stats.failures
         failures[kind] = failures.get(kind, 0) + 1
+        log.warning("kv_transfer_failed", transfer_id=transfer.transfer_id, request_id=transfer.request.request_id,
+                    source=transfer.source.name, dest=transfer.dest.name, reason=reason)  # fmt: skip
