@@ -60,7 +60,7 @@ async def stream_completion(client: httpx.AsyncClient, url: str, model: str, spe
                             cache_salt: str) -> RequestResult:
     """Send one streaming request; every outcome, including errors, comes back as a RequestResult."""
     start = time.perf_counter()
-    result = RequestResult(outcome="failed", prompt_tokens=len(spec.prompt), sent_at=start - t0)
+    result = RequestResult(outcome="failed", prompt_tokens=len(spec.prompt), sent_at=start - t0, kind=spec.kind)
     token_times: dict[int, list[float]] = defaultdict(list)
     usage_tokens: int | None = None
     try:

@@ -1,6 +1,7 @@
 """Samples the server's Prometheus /metrics during a run: KV utilization over time and peak running
-sequences from the gauges, prefix-cache hit rate and preemptions from counter deltas over this run
-(the counters are cumulative since the server started, so only differences describe the run)."""
+sequences from the gauges, prefix-cache hit rate, preemptions and KV hand-offs between prefill and
+decode workers from counter deltas over this run (the counters are cumulative since the server
+started, so only differences describe the run)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 # Counters read at the start and the end of a run.
-COUNTERS = ("paged_prefix_cache_queries_tokens_total", "paged_prefix_cache_hits_tokens_total", "paged_preemptions_total")
+COUNTERS = (
+    "paged_prefix_cache_queries_tokens_total", "paged_prefix_cache_hits_tokens_total", "paged_preemptions_total",
+    "paged_kv_transfers_completed_total", "paged_kv_transfer_seconds_sum",
+)  # fmt: skip
 
 
 @dataclass
@@ -24,6 +28,8 @@ class ServerStats:
     peak_running: int | None = None
     prefix_hit_rate: float | None = None
     preemptions: int | None = None
+    kv_transfers: int | None = None  # hand-offs from prefill to decode workers completed
+    kv_transfer_mean_ms: float | None = None  # their mean latency (None without any)
     # [seconds from start, KV utilization, fraction of blocks used, running, waiting] per sample
     timeline: list[list[float]] = field(default_factory=list)
 
@@ -91,6 +97,7 @@ class MetricsSampler:
         self._record(last)
         delta = {name: _total(last, name) - _total(self._first, name) for name in COUNTERS}
         queries = delta["paged_prefix_cache_queries_tokens_total"]
+        transfers = delta["paged_kv_transfers_completed_total"]
         # Mean while serving: idle samples (nothing running) would only measure the gaps between arrivals.
         busy = [sample for sample in self._timeline if sample[3] > 0] or self._timeline
         utilization = [sample[1] for sample in busy]
@@ -101,5 +108,7 @@ class MetricsSampler:
             peak_running=int(max(sample[3] for sample in self._timeline)),
             prefix_hit_rate=delta["paged_prefix_cache_hits_tokens_total"] / queries if queries else 0.0,
             preemptions=int(delta["paged_preemptions_total"]),
+            kv_transfers=int(transfers),
+            kv_transfer_mean_ms=delta["paged_kv_transfer_seconds_sum"] / transfers * 1e3 if transfers else None,
             timeline=self._timeline,
         )
