@@ -6,13 +6,16 @@ The coordinator owns the transfer table and plays its part in every scheduler's 
 - plan: a prefill worker's step samples a request's first token (its prompt's last chunk): pick a
   decode worker (most of the prompt's blocks already cached there, then least loaded, among those
   with seats and free blocks above the watermark), hold the table there (prefix hits first, which
-  are not sent, then blocks for the rest), and order the pair of step items: a KVReceive in the
-  decode worker's next step, a KVSend in this very step (it starts after the forward pass, so it
-  carries the pages the step computes). The request stops being scheduled on the prefill worker.
-- after_update: a worker's output brings transfer outcomes, and the prefill worker's output of the
-  step above brings the first token. Once both the first token and a done are in, the prefill
-  worker lets go of the request (its blocks stay cached there) and the decode worker adopts it:
-  the held table becomes its block table and it decodes on from the first token.
+  are not sent, then blocks for the rest), and put a KVSend in this very step (it starts after the
+  forward pass, so it carries the pages the step computes). The request stops being scheduled on
+  the prefill worker.
+- after_update: the prefill worker's output of that step brings the first token, which means the
+  send has started: now the decode worker gets the KVReceive, in its next step (the sender's Offer
+  waits there for it). Ordered any earlier, the receive would wait out the prefill worker's queue
+  of steps, and a busy prefill worker would make it time out on the receiving side. Outputs bring
+  the transfer outcomes; once the first token and a done are in, the prefill worker lets go of the
+  request (its blocks stay cached there) and the decode worker adopts it: the held table becomes
+  its block table and it decodes on from the first token.
 - failure (an end reports failed, the decode worker is lost): cancel on both ends, release the
   decode worker's blocks, and the request goes on decoding on the prefill worker, which still
   holds its blocks and state (it is not handed off again). A lost prefill worker's requests move
@@ -96,12 +99,16 @@ class Transfer:
     dest_scheduler: Scheduler
     dest_kv: KVCacheManager
     step_id: int  # the source's step that carries the KVSend: its output brings the first token
+    receive: KVReceive  # for the decode worker, once that output is in
     seats: int  # held on both sides until the transfer ends
-    num_blocks: int  # blocks sent (the decode side's prefix hits are not)
     num_skipped: int
-    started: float
+    first_token_at: float | None = None  # monotonic time the first token (and so the send) was seen
     done: bool = False
-    first_token: bool = False
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks sent (the decode side's prefix hits are not)."""
+        return len(self.receive.blocks)
 
 
 class HandoffCoordinator:
@@ -144,8 +151,10 @@ class HandoffCoordinator:
                 self._give_up(transfer, "failed", failure.reason)
         for transfer in list(self._transfers.values()):
             if transfer.source_scheduler is scheduler and transfer.step_id == step.step_id:
-                transfer.first_token = True
-            if transfer.done and transfer.first_token:
+                transfer.first_token_at = time.monotonic()
+                transfer.dest_scheduler.transfers.receive(transfer.receive)
+                transfer.dest.wake()
+            if transfer.done and transfer.first_token_at is not None:
                 self._complete(transfer)
 
     def request_ended(self, scheduler: Scheduler, request: Request) -> None:
@@ -223,15 +232,11 @@ class HandoffCoordinator:
         scheduler.groups.transfer_seats += seats
         dest_scheduler.groups.transfer_seats += seats
         scheduler.transfers.send(KVSend(transfer_id, seq.seq_id, dest.transfer_endpoint, table[hold.num_hits :]))
-        dest_scheduler.transfers.receive(KVReceive(transfer_id, hold.receive_blocks))
-        transfer = Transfer(
-            transfer_id, request, source, scheduler, dest, dest_scheduler, dest_kv, step_id, seats,
-            len(hold.receive_blocks), hold.num_hits, time.monotonic(),
-        )  # fmt: skip
+        receive = KVReceive(transfer_id, hold.receive_blocks)
+        transfer = Transfer(transfer_id, request, source, scheduler, dest, dest_scheduler, dest_kv, step_id, receive, seats, hold.num_hits)
         self._transfers[transfer_id] = transfer
         self._by_request[request] = transfer
         self.stats.started += 1
-        dest.wake()
         log.debug("kv_transfer_started", transfer_id=transfer_id, request_id=request.request_id, source=source.name,
                   dest=dest.name, blocks=transfer.num_blocks, skipped=transfer.num_skipped)  # fmt: skip
 
@@ -274,7 +279,7 @@ class HandoffCoordinator:
         transfer.source.wake()
         transfer.dest.wake()
         self.moved(request, transfer.dest)
-        elapsed = time.monotonic() - transfer.started
+        elapsed = time.monotonic() - transfer.first_token_at  # type: ignore[operator]  # set before any completion
         stats = self.stats
         stats.completed += 1
         stats.blocks += transfer.num_blocks
@@ -293,7 +298,6 @@ class HandoffCoordinator:
 
     def _end(self, transfer: Transfer, source_alive: bool = True, dest_alive: bool = True) -> None:
         """Cancel on the ends still there and give the decode side's blocks and both sides' seats back."""
-        self._forget(transfer)
         transfer_id = transfer.transfer_id
         if source_alive:
             transfer.source_scheduler.transfers.cancel(transfer_id)
@@ -304,6 +308,7 @@ class HandoffCoordinator:
             transfer.dest_kv.release_transfer(transfer_id)
             transfer.dest_scheduler.groups.transfer_seats -= transfer.seats
             transfer.dest.wake()
+        self._forget(transfer)
 
     def _forget(self, transfer: Transfer) -> None:
         del self._transfers[transfer.transfer_id]

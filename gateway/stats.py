@@ -72,8 +72,9 @@ class WorkerStats(SchedulerStats, kw_only=True):
         return self.state == "ready"
 
 
-# Seconds from the step that carries a KVSend to the first done: milliseconds for small pages on one
-# host, up to seconds for large models' pages across hosts.
+# Seconds a hand-off takes after the first token (the prefill worker's output of the step that
+# started the send) until a done: milliseconds for small pages on one host, up to seconds for large
+# models' pages across hosts.
 TRANSFER_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -88,7 +89,7 @@ class TransferStats(msgspec.Struct, kw_only=True):
     blocks: int = 0  # blocks sent by completed transfers
     bytes: int = 0  # their bytes (the workers' page size)
     blocks_skipped: int = 0  # prompt blocks the decode worker had cached, not sent
-    latency_sum_s: float = 0.0  # completed transfers: from the step carrying the KVSend to the done
+    latency_sum_s: float = 0.0  # completed transfers: from the first token (the send started) to the done
     latency_counts: list[int] = []  # per bucket of TRANSFER_LATENCY_BUCKETS, then one beyond the last
 
     def __post_init__(self) -> None:

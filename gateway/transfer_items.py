@@ -37,7 +37,10 @@ class TransferItems:
 
     def cancel(self, transfer_id: int) -> None:
         """Drop a transfer on this worker: an item not sent yet is simply withdrawn (a cancel in the
-        same step would run before it, leaving it registered), otherwise the next step cancels it."""
+        same step would run before it, leaving it registered), one sent is cancelled by the next
+        step, and one this worker never got needs nothing."""
+        if transfer_id not in self.open:
+            return
         self.open.discard(transfer_id)
         unsent = len(self.sends) + len(self.receives)
         self.sends = [item for item in self.sends if item.transfer_id != transfer_id]

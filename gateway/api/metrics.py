@@ -103,7 +103,7 @@ def _transfer_families(stats: TransferStats) -> Iterator[Metric]:
         cumulative += count
         buckets.append((bound, cumulative))
     yield HistogramMetricFamily(
-        "paged_kv_transfer_seconds", "KV hand-off latency: from the step carrying the send to the first done",
+        "paged_kv_transfer_seconds", "KV hand-off latency: from the first token (the send has started) to the first done",
         buckets=buckets, sum_value=stats.latency_sum_s,
     )  # fmt: skip
 
