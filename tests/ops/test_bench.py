@@ -214,3 +214,16 @@ def test_workers_layouts_side_by_side(tmp_path: Path, stories_dir: Path) -> None
     assert document["kv_transfers"] == 0 and one_p_one_d["kv_transfers"] == 8
     assert "TPOT p99 (ms) [decode]" in (tmp_path / "report" / "results.md").read_text()
     assert {path.name for path in (tmp_path / "report" / "logs").iterdir()} == {"server-paged-2.log", "server-paged-1p1d.log"}
+
+
+async def test_event_stream_lines_split_only_at_line_feeds() -> None:
+    """A chunk's text may hold U+0085 or U+2028 unescaped (valid JSON), which str.splitlines and
+    httpx's aiter_lines would cut the chunk at."""
+    import httpx
+
+    from paged.ops.bench.loadgen import sse_lines
+
+    body = 'data: {"text": "a\u2028b\x85c"}\r\n\ndata: [DONE]\n\n'.encode()
+    response = httpx.Response(200, content=body)
+    lines = [line async for line in sse_lines(response)]
+    assert lines == ['data: {"text": "a\u2028b\x85c"}', "", "data: [DONE]", ""]
