@@ -9,14 +9,13 @@ The coordinator owns the transfer table and plays its part in every scheduler's 
   are not sent, then blocks for the rest), and put a KVSend in this very step (it starts after the
   forward pass, so it carries the pages the step computes). The request stops being scheduled on
   the prefill worker.
-- after_update: once the prefill worker starts that step (its previous step's output is in, or
-  none was in flight), the decode worker gets the KVReceive in its next step: registered while the
-  prefill worker computes, it is ready when the pages come, and it does not wait out the prefill
-  worker's queue of steps (a busy prefill worker would time it out on the receiving side). The
-  prefill worker's output of the step brings the first token; outputs bring the transfer outcomes.
-  Once the first token and a done are in, the prefill worker lets go of the request (its blocks
-  stay cached there) and the decode worker adopts it: the held table becomes its block table and
-  it decodes on from the first token.
+- after_update: the prefill worker's output of that step brings the first token, which also
+  means the send has started: now the decode worker gets the KVReceive, in its next step (the
+  sender's Offer waits there for it). Ordered earlier, the receive would wait out the prefill
+  worker's forward pass (and its queue of steps), which on a loaded host outlasts the receiving
+  side's timeout. Outputs bring the transfer outcomes; once the first token and a done are in,
+  the prefill worker lets go of the request (its blocks stay cached there) and the decode worker
+  adopts it: the held table becomes its block table and it decodes on from the first token.
 - failure (an end reports failed, the decode worker is lost): cancel on both ends, release the
   decode worker's blocks, and the request goes on decoding on the prefill worker, which still
   holds its blocks and state (it is not handed off again). A lost prefill worker's requests move
@@ -100,7 +99,7 @@ class Transfer:
     dest_scheduler: Scheduler
     dest_kv: KVCacheManager
     step_id: int  # the source's step that carries the KVSend: its output brings the first token
-    receive: KVReceive  # for the decode worker, once the source starts that step
+    receive: KVReceive  # for the decode worker, once that step's output is in
     seats: int  # held on both sides until the transfer ends
     num_skipped: int
     first_token_at: float | None = None  # monotonic time the first token (and so the send) was seen
@@ -151,11 +150,10 @@ class HandoffCoordinator:
             if transfer is not None and not transfer.done:
                 self._give_up(transfer, "failed", failure.reason)
         for transfer in list(self._transfers.values()):
-            if transfer.source_scheduler is scheduler:
-                if transfer.step_id == step.step_id + 1:  # the source runs the sending step now
-                    self._order_receive(transfer)
-                elif transfer.step_id == step.step_id:
-                    transfer.first_token_at = time.monotonic()
+            if transfer.source_scheduler is scheduler and transfer.step_id == step.step_id:
+                transfer.first_token_at = time.monotonic()
+                transfer.dest_scheduler.transfers.receive(transfer.receive)
+                transfer.dest.wake()
             if transfer.done and transfer.first_token_at is not None:
                 self._complete(transfer)
 
@@ -239,15 +237,8 @@ class HandoffCoordinator:
         self._transfers[transfer_id] = transfer
         self._by_request[request] = transfer
         self.stats.started += 1
-        if scheduler.last_applied_step_id == step_id - 1:  # nothing before it in flight: it runs next
-            self._order_receive(transfer)
         log.debug("kv_transfer_started", transfer_id=transfer_id, request_id=request.request_id, source=source.name,
                   dest=dest.name, blocks=transfer.num_blocks, skipped=transfer.num_skipped)  # fmt: skip
-
-    @staticmethod
-    def _order_receive(transfer: Transfer) -> None:
-        transfer.dest_scheduler.transfers.receive(transfer.receive)
-        transfer.dest.wake()
 
     def _decode_candidates(
         self, source: HandoffNode, request: Request, hashes: list[int], seats: int

@@ -104,7 +104,6 @@ class Scheduler:
         self.planner = StepPlanner(self.kv, self.queues, self.groups, preemption, self.counters, watermark_blocks)
         self.processor = OutputProcessor(self._seqs, self._end_seq, self._finish_request)
         self.transfers = TransferItems()
-        self.last_applied_step_id = -1  # the last step whose results update() applied
 
     # Requests in and out ------------------------------------------------------------------------
 
@@ -242,7 +241,6 @@ class Scheduler:
     def update(self, step: StepInput, output: StepOutput) -> list[RequestOutput]:
         """Apply a step's results (in step order). Returns one RequestOutput per request with news."""
         outputs, running_finished = self.processor.process(step, output, self.kv)
-        self.last_applied_step_id = step.step_id
         if running_finished:
             self.queues.drop_finished_running()
         if self.handoff is not None:
