@@ -154,12 +154,18 @@ def test_a_failed_transfer_leaves_the_request_decoding_on_the_prefill_worker(ove
     assert cluster.all_free()
 
 
-@ORDERS
-def test_losing_the_decode_worker_mid_transfer_keeps_the_request_on_the_prefill_worker(overlapped: bool) -> None:
+def mid_transfer(overlapped: bool, prompt_len: int = 25) -> Cluster:
+    """A 1p1d cluster whose one request "r" (10 tokens to generate) is stuck in its KV transfer."""
     cluster = Cluster(["prefill", "decode"], overlapped=overlapped)
     cluster.link.hold = True
-    cluster.add(req("r", prompt(25), max_tokens=10, ignore_eos=True))
+    cluster.add(req("r", prompt(prompt_len), max_tokens=10, ignore_eos=True))
     until_in_flight(cluster)
+    return cluster
+
+
+@ORDERS
+def test_losing_the_decode_worker_mid_transfer_keeps_the_request_on_the_prefill_worker(overlapped: bool) -> None:
+    cluster = mid_transfer(overlapped)
     cluster.lose(cluster.nodes[1])
     cluster.link.release_held()  # the dead worker's side never completes
     cluster.run()
@@ -169,10 +175,7 @@ def test_losing_the_decode_worker_mid_transfer_keeps_the_request_on_the_prefill_
 
 @ORDERS
 def test_losing_the_prefill_worker_mid_transfer_recomputes_the_request_elsewhere(overlapped: bool) -> None:
-    cluster = Cluster(["prefill", "decode"], overlapped=overlapped)
-    cluster.link.hold = True
-    cluster.add(req("r", prompt(25), max_tokens=10, ignore_eos=True))
-    until_in_flight(cluster)
+    cluster = mid_transfer(overlapped)
     cluster.lose(cluster.nodes[0])
     assert cluster.placement["r"].name == "1"  # the only ready worker: decode workers can prefill
     cluster.link.release_held()
@@ -194,10 +197,7 @@ def test_no_decode_worker_with_room_keeps_the_request_where_it_is() -> None:
 
 
 def test_transferring_sequences_are_not_scheduled_on_the_prefill_worker() -> None:
-    cluster = Cluster(["prefill", "decode"], overlapped=True)
-    cluster.link.hold = True
-    cluster.add(req("r", prompt(12), max_tokens=10, ignore_eos=True))
-    until_in_flight(cluster)
+    cluster = mid_transfer(overlapped=True, prompt_len=12)
     prefill = cluster.nodes[0].scheduler
     assert prefill is not None
     (seq,) = prefill.requests["r"].live_seqs()
