@@ -6,16 +6,16 @@ The coordinator owns the transfer table and plays its part in every scheduler's 
 - plan: a prefill worker's step samples a request's first token (its prompt's last chunk): pick a
   decode worker (most of the prompt's blocks already cached there, then least loaded, among those
   with seats and free blocks above the watermark), hold the table there (prefix hits first, which
-  are not sent, then blocks for the rest), and put a KVSend in this very step (it starts after the
-  forward pass, so it carries the pages the step computes). The request stops being scheduled on
-  the prefill worker.
-- after_update: the prefill worker's output of that step brings the first token, which also
-  means the send has started: now the decode worker gets the KVReceive, in its next step (the
-  sender's Offer waits there for it). Ordered earlier, the receive would wait out the prefill
-  worker's forward pass (and its queue of steps), which on a loaded host outlasts the receiving
-  side's timeout. Outputs bring the transfer outcomes; once the first token and a done are in,
-  the prefill worker lets go of the request (its blocks stay cached there) and the decode worker
-  adopts it: the held table becomes its block table and it decodes on from the first token.
+  are not sent, then blocks for the rest), and order the pair of step items: a KVReceive in the
+  decode worker's next step, a KVSend in this very step (it starts after the forward pass, so it
+  carries the pages the step computes). The request stops being scheduled on the prefill worker.
+- after_update: a worker's output brings transfer outcomes, and the prefill worker's output of the
+  step above brings the first token. Once both the first token and a done are in, the prefill
+  worker lets go of the request (its blocks stay cached there) and the decode worker adopts it:
+  the held table becomes its block table and it decodes on from the first token. A receive the
+  decode worker gave up before the first token came (its wait for the sender outlasted
+  --kv-transfer-timeout while the prefill worker's steps queued: a loaded host) is ordered once
+  more with the first token, when the send has started and its Offer waits on the decode worker.
 - failure (an end reports failed, the decode worker is lost): cancel on both ends, release the
   decode worker's blocks, and the request goes on decoding on the prefill worker, which still
   holds its blocks and state (it is not handed off again). A lost prefill worker's requests move
@@ -99,11 +99,13 @@ class Transfer:
     dest_scheduler: Scheduler
     dest_kv: KVCacheManager
     step_id: int  # the source's step that carries the KVSend: its output brings the first token
-    receive: KVReceive  # for the decode worker, once that step's output is in
+    receive: KVReceive
     seats: int  # held on both sides until the transfer ends
     num_skipped: int
     first_token_at: float | None = None  # monotonic time the first token (and so the send) was seen
     done: bool = False
+    receive_dropped: bool = False  # the decode worker gave the receive up before the first token
+    receive_reordered: bool = False  # ...and was given it again (once)
 
     @property
     def num_blocks(self) -> int:
@@ -147,13 +149,18 @@ class HandoffCoordinator:
                 transfer.done = True
         for failure in output.transfers_failed:
             transfer = self._transfers.get(failure.transfer_id)
-            if transfer is not None and not transfer.done:
+            if transfer is None or transfer.done:
+                continue
+            if scheduler is transfer.dest_scheduler and transfer.first_token_at is None and not transfer.receive_reordered:
+                transfer.receive_dropped = True  # the send has not started: order the receive again with it
+            else:
                 self._give_up(transfer, "failed", failure.reason)
         for transfer in list(self._transfers.values()):
             if transfer.source_scheduler is scheduler and transfer.step_id == step.step_id:
                 transfer.first_token_at = time.monotonic()
-                transfer.dest_scheduler.transfers.receive(transfer.receive)
-                transfer.dest.wake()
+                if transfer.receive_dropped:
+                    transfer.receive_reordered = True
+                    self._order_receive(transfer)
             if transfer.done and transfer.first_token_at is not None:
                 self._complete(transfer)
 
@@ -237,8 +244,14 @@ class HandoffCoordinator:
         self._transfers[transfer_id] = transfer
         self._by_request[request] = transfer
         self.stats.started += 1
+        self._order_receive(transfer)
         log.debug("kv_transfer_started", transfer_id=transfer_id, request_id=request.request_id, source=source.name,
                   dest=dest.name, blocks=transfer.num_blocks, skipped=transfer.num_skipped)  # fmt: skip
+
+    @staticmethod
+    def _order_receive(transfer: Transfer) -> None:
+        transfer.dest_scheduler.transfers.receive(transfer.receive)
+        transfer.dest.wake()
 
     def _decode_candidates(
         self, source: HandoffNode, request: Request, hashes: list[int], seats: int

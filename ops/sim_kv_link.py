@@ -7,7 +7,8 @@ Then every page is copied, slot by slot, from the sender's blocks into the recei
 receiver's verification reads exactly what the sender computed (a wrong block mapping shows as a
 wrong token), and each end reports the transfer done in its next output, as real workers do. A
 cancel withdraws that end's item; nothing is reported for it afterwards. Tests can make transfers
-fail (`fail_next`) or stall (`hold`) to drive the failure paths.
+fail (`fail_next`), stall (`hold`), or time out the receives still waiting for their sender
+(`expire_receives`, as a receiving worker does after --kv-transfer-timeout) to drive the failure paths.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ class SimulatedKVLink:
                 del pending[transfer_id]
         self._done[id(worker)] = [t for t in self._done.get(id(worker), []) if t != transfer_id]
         self._failed[id(worker)] = [f for f in self._failed.get(id(worker), []) if f.transfer_id != transfer_id]
+
+    def expire_receives(self) -> None:
+        """Every receive still waiting (no send yet, or the pair held) fails on its worker, as if no
+        Offer had come in time; its send, if any, waits for a new receive of its id."""
+        for transfer_id in list(self._receives):
+            receiver, _ = self._receives.pop(transfer_id)
+            self._failed.setdefault(id(receiver), []).append(TransferFailure(transfer_id, "no sender offered it"))
 
     def drop_worker(self, worker: PageHolder) -> None:
         """The worker died: its items and reports go with it."""

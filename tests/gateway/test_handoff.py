@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from paged.gateway.request import SequenceStatus
+from paged.shared.protocol import StepInput, StepOutput
 from support.handoff_steps import PAGE_BYTES, Cluster, sim_token
 from support.scheduler_steps import BS, EOS, ORDERS, finishes, req, texts
 
@@ -163,6 +164,35 @@ def mid_transfer(overlapped: bool, prompt_len: int = 25) -> Cluster:
     return cluster
 
 
+def test_a_receive_that_timed_out_before_the_send_started_is_ordered_again() -> None:
+    """The decode worker gave up waiting for the sender while the prefill worker's steps queued:
+    the receive is ordered once more with the first token, and the hand-off completes."""
+    cluster = Cluster(["prefill", "decode"], overlapped=True)
+    cluster.link.hold = True
+    cluster.add(req("r", prompt(25), max_tokens=10, ignore_eos=True))
+    prefill, decode = cluster.nodes
+    receives: list[int] = []
+    execute = decode.loop.execute
+
+    def recording(step: StepInput) -> StepOutput:
+        receives.extend(item.transfer_id for item in step.kv_receives)
+        return execute(step)
+
+    decode.loop.execute = recording
+    prefill.loop.step()  # the last chunk and the KVSend; its output (the first token) stays in flight
+    decode.loop.step()  # registers the receive
+    cluster.link.expire_receives()
+    decode.loop.drain()
+    decode.loop.step()  # a polling step brings the report: failed, but the send has not started
+    decode.loop.drain()
+    assert cluster.handoff.num_in_flight == 1 and cluster.handoff.stats.failures == {} and len(receives) == 1
+    cluster.link.release_held()
+    cluster.run()
+    assert len(receives) == 2 and receives[0] == receives[1]  # ordered again with the first token
+    assert cluster.handed_over == {"r": "1"} and len(texts(cluster.outputs)["r"][0]) == 10
+    assert cluster.handoff.stats.completed == 1 and cluster.handoff.stats.failures == {} and cluster.all_free()
+
+
 @ORDERS
 def test_losing_the_decode_worker_mid_transfer_keeps_the_request_on_the_prefill_worker(overlapped: bool) -> None:
     cluster = mid_transfer(overlapped)
@@ -231,7 +261,7 @@ def test_random_traffic_with_failures_aborts_and_losses_leaks_nothing(
         cluster.add(req(request_id, prompt(length, index), max_tokens=max_tokens, n=n, ignore_eos=True))
         expected[request_id] = max_tokens
         for _ in range(draw(st.integers(0, 4))):
-            event = draw(st.sampled_from(["step", "step", "step", "fail", "hold", "release", "abort", "lose"]))
+            event = draw(st.sampled_from(["step", "step", "step", "fail", "hold", "release", "expire", "abort", "lose"]))
             if event == "step":
                 cluster.step_all()
             elif event == "fail":
@@ -240,6 +270,8 @@ def test_random_traffic_with_failures_aborts_and_losses_leaks_nothing(
                 cluster.link.hold = True
             elif event == "release":
                 cluster.link.release_held()
+            elif event == "expire":
+                cluster.link.expire_receives()
             elif event == "abort":
                 victim = draw(st.sampled_from(sorted(expected)))
                 if victim not in aborted and cluster.placement[victim].scheduler.requests.get(victim) is not None:  # type: ignore[union-attr]
