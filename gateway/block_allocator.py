@@ -49,6 +49,18 @@ class SeqBlocks:
     swapped: bool = False  # table holds host block ids
 
 
+@dataclass(slots=True)
+class TransferHold:
+    """Blocks a paged allocator holds for a KV transfer coming in (KVCacheManager.hold_for_transfer)."""
+
+    table: list[int]  # the sequence's table to be: prefix-cache hits first, then the blocks the pages land in
+    num_hits: int  # leading blocks already cached here, which the transfer skips
+
+    @property
+    def receive_blocks(self) -> list[int]:
+        return self.table[self.num_hits :]
+
+
 class BlockInfo(msgspec.Struct, omit_defaults=True):
     """One block as the memory map shows it. `holders` names one request per block table holding
     it, so len(holders) == ref. Fields at their default (0, empty, None) are left out of the JSON:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 
 from paged.gateway.block_accounting import AccountingReport, audit_pool
-from paged.gateway.block_allocator import BlockInfo, CacheHit, SeqBlocks, hash_prefix, holders_by_block
+from paged.gateway.block_allocator import BlockInfo, CacheHit, SeqBlocks, TransferHold, hash_prefix, holders_by_block
 from paged.gateway.block_hash import BlockHash, extend_block_hashes, hash_block
 from paged.gateway.block_pool import BlockPool
 from paged.gateway.eviction_policy import make_policy
@@ -51,6 +51,9 @@ class KVCacheManager:
         self.store = store
         if store is not None:
             self.pool.on_evict = self.store.save
+        # Blocks held for KV transfers coming in from another worker, by transfer id: the prefix-cache
+        # hits they skip first, then the blocks the pages land in (gateway/handoff.py).
+        self.transfer_holds: dict[int, TransferHold] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -328,6 +331,49 @@ class KVCacheManager:
             dst_pool.touch([block] * (count - 1))
         return [BlockCopy(src, dst) for src, dst in mapping.items()]
 
+    # Incoming KV transfers -----------------------------------------------------------------------
+
+    def hold_for_transfer(
+        self, transfer_id: int, block_hashes: list[BlockHash], num_blocks: int, reserve_blocks: int
+    ) -> TransferHold | None:
+        """Hold a table of `num_blocks` for a sequence whose KV another worker sends: the leading
+        blocks this pool already caches (`block_hashes`: the full ones' hashes; at least the last
+        block always travels), then fresh blocks for the rest, if that leaves `reserve_blocks` free.
+        Nothing is registered in the prefix cache until the pages are in (adopt_transfer)."""
+        lookup = self.pool.lookup
+        hits: list[int] = []
+        if self.enable_prefix_caching:
+            for block_hash in block_hashes[: num_blocks - 1]:
+                block = lookup(block_hash)
+                if block is None:
+                    break
+                hits.append(block)
+        num_new = num_blocks - len(hits)
+        num_revived = sum(1 for block in hits if self.pool.ref_counts[block] == 0)
+        if self.pool.num_free - num_new - num_revived < reserve_blocks:
+            return None
+        self.pool.touch(hits)
+        hold = TransferHold(hits + self.pool.allocate(num_new), len(hits))
+        self.transfer_holds[transfer_id] = hold
+        return hold
+
+    def release_transfer(self, transfer_id: int) -> None:
+        """Give a transfer's held blocks back (it failed or was cancelled), tail first."""
+        hold = self.transfer_holds.pop(transfer_id, None)
+        if hold is not None:
+            self.pool.free(reversed(hold.table))
+
+    def adopt_transfer(self, transfer_id: int, seqs: list[Sequence], num_slots: int) -> None:
+        """The pages are in: the held table becomes the block table of each of `seqs` (n > 1 share
+        it, copy-on-write as after a fork), holding `num_slots` computed tokens; the worker learns
+        the whole table with each sequence's first step. Its full blocks join the prefix cache."""
+        hold = self.transfer_holds.pop(transfer_id)
+        self.pool.touch(hold.table * (len(seqs) - 1))
+        for seq in seqs:
+            self.seqs[seq.seq_id] = SeqBlocks(list(hold.table), 0, num_registered=hold.num_hits)
+            self._fill(self.seqs[seq.seq_id], num_slots)
+        self.cache_computed(seqs[0], num_slots)
+
     # Views ------------------------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
@@ -350,6 +396,9 @@ class KVCacheManager:
     def describe(self, names: Mapping[int, str]) -> list[BlockInfo]:
         pool = self.pool
         holders = holders_by_block(self.seqs, names)
+        for transfer_id, hold in self.transfer_holds.items():
+            for block in hold.table:
+                holders.setdefault(block, []).append(f"transfer-{transfer_id}")
         lru = {block: rank for rank, block in enumerate(pool.free_queue()) if pool.block_hashes[block] is not None}
         now = time.monotonic()
         blocks = []
@@ -367,6 +416,7 @@ class KVCacheManager:
     def audit(self) -> AccountingReport:
         report = AccountingReport()
         device = [record.table for record in self.seqs.values() if not record.swapped]
+        device += [hold.table for hold in self.transfer_holds.values()]
         host = [record.table for record in self.seqs.values() if record.swapped]
         audit_pool(self.pool, device, report, "device")
         host_report = AccountingReport()

@@ -10,7 +10,9 @@ It owns the requests and composes the parts, one job each:
 - step_builder.py: the StepInput deltas, the mirror of what the worker holds, placeholders and
   result fencing;
 - output_processor.py: results applied in step order, the stop check, prefix-cache registration;
-- stats.py: the snapshot read by metrics, the admin API and the simulator.
+- stats.py: the snapshot read by metrics, the admin API and the simulator;
+- transfer_items.py: the KV transfer items of its next step; a `HandoffHooks` (gateway/handoff.py)
+  moves requests between prefill and decode workers through the methods at the end of this class.
 The block allocator (block_allocator.py: paged or contiguous) holds the block tables; with a host
 KV store (docs/kv-store.md), a KVStoreSession (kv_store_session.py) orders the step's saves to and
 loads from it, over the store's index that every worker of the host shares (kv_store_index.py).
@@ -26,6 +28,8 @@ whole pool and finish: admitted work finishes, it is never stuck waiting or pree
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from paged.gateway.admission import check_arrival
 from paged.gateway.block_accounting import AccountingReport
 from paged.gateway.block_allocator import BlockAllocator
@@ -40,13 +44,31 @@ from paged.gateway.preemption import Preemption
 from paged.gateway.request import Request, Sequence, SequenceStatus
 from paged.gateway.sequence_groups import SequenceGroups, fork_again_if_nothing_sampled, reset_for_recompute
 from paged.gateway.stats import SchedulerCounters, SchedulerStats, extend
-from paged.gateway.step_builder import WorkerMirror, is_empty
+from paged.gateway.step_builder import StepBuilder, WorkerMirror, is_empty
 from paged.gateway.step_planner import StepPlanner
+from paged.gateway.transfer_items import TransferItems
 from paged.shared.config import CacheConfig, SchedulerConfig
 from paged.shared.protocol import StepInput, StepOutput
 
 RUNNING = SequenceStatus.RUNNING
 FINISHED = SequenceStatus.FINISHED
+TRANSFERRING = SequenceStatus.TRANSFERRING
+
+
+class HandoffHooks(Protocol):
+    """What moves requests from prefill to decode workers (gateway/handoff.py) hears of a scheduler."""
+
+    def plan(self, scheduler: Scheduler, step: StepBuilder) -> None:
+        """A step is being built: hand off the requests whose first token it samples."""
+        ...
+
+    def after_update(self, scheduler: Scheduler, step: StepInput, output: StepOutput) -> None:
+        """A step's results were applied (its transfer outcomes are in `output`)."""
+        ...
+
+    def request_ended(self, scheduler: Scheduler, request: Request) -> None:
+        """A request left this scheduler finished (stop, abort, error)."""
+        ...
 
 
 def uses_kv_store(cache_config: CacheConfig) -> bool:
@@ -94,6 +116,7 @@ class Scheduler:
         self._store_index = store_index if uses_kv_store(cache_config) else None
         self._worker_name = worker_name
         self._context_cost = context_cost
+        self.handoff: HandoffHooks | None = None
         self._start_empty()
 
     def _start_empty(self) -> None:
@@ -110,6 +133,7 @@ class Scheduler:
         watermark_blocks = int(self.config.kv_watermark * self._num_blocks)
         self.planner = StepPlanner(self.kv, self.queues, self.groups, preemption, self.counters, watermark_blocks)
         self.processor = OutputProcessor(self._seqs, self._end_seq, self._finish_request)
+        self.transfers = TransferItems()
 
     # Requests in and out ------------------------------------------------------------------------
 
@@ -179,6 +203,8 @@ class Scheduler:
         """Drop a request that has ended; `was` is the state of its sequences before the end."""
         self.requests.pop(request.request_id, None)
         self.queues.remove(request, was)
+        if self.handoff is not None:
+            self.handoff.request_ended(self, request)
 
     def reconfigure(self, scheduler_config: SchedulerConfig) -> None:
         """Apply a reloaded configuration (SIGHUP) to a running scheduler: the admission caps and the
@@ -209,8 +235,9 @@ class Scheduler:
         return bool(self.requests)
 
     def needs_step(self) -> bool:
-        """Unfinished requests, or frees the worker has not been told about yet."""
-        return bool(self.requests) or self.mirror.has_news
+        """Unfinished requests, frees the worker has not been told about yet, or KV transfer items
+        to send or to poll for."""
+        return bool(self.requests) or self.mirror.has_news or self.transfers.has_news
 
     @property
     def running(self) -> list[Sequence]:
@@ -247,9 +274,12 @@ class Scheduler:
             self.mirror.fork_copies += copies
             for child in children:
                 self._seqs[child.seq_id] = child
+        if self.handoff is not None:
+            self.handoff.plan(self, step)
         step_input = self.mirror.finish_step(step)
         if self.store is not None:
             step_input.store_saves, step_input.store_loads = self.store.take(step_input.step_id)
+        self.transfers.fill(step_input)
         return step_input
 
     def update(self, step: StepInput, output: StepOutput) -> list[RequestOutput]:
@@ -262,7 +292,61 @@ class Scheduler:
         outputs, running_finished = self.processor.process(step, output, self.kv)
         if running_finished:
             self.queues.drop_finished_running()
+        if self.handoff is not None:
+            self.handoff.after_update(self, step, output)
         return outputs
+
+    # KV hand-off between workers (gateway/handoff.py) -------------------------------------------
+
+    def start_transfer(self, request: Request) -> None:
+        """The request's KV leaves for a decode worker: its sequences (children included) keep their
+        blocks but leave the running batch, so no step schedules them here any more."""
+        for seq in request.live_seqs():
+            seq.status = TRANSFERRING
+        self.queues.drop_finished_running()  # keeps only RUNNING sequences
+
+    def release_transferred(self, request: Request) -> None:
+        """The decode worker holds the request's KV: it leaves this scheduler without finishing. Its
+        blocks return to the pool (full ones stay cached for later hits), the worker drops it."""
+        for seq in request.live_seqs():
+            self.kv.free(seq)
+            self._seqs.pop(seq.seq_id, None)
+            self.mirror.drop(seq)
+        self.requests.pop(request.request_id, None)
+
+    def resume_transferring(self, request: Request) -> None:
+        """A hand-off was given up: the request goes on here. Its blocks and the worker's state of it
+        were kept all along, so it rejoins the running batch where it left it (a first token still
+        in flight is decoded next, as after any sampling step)."""
+        for seq in request.live_seqs():
+            self.queues.add_running(seq)
+
+    def first_token_requests(self, step: StepBuilder) -> list[Request]:
+        """Requests whose first output token this step samples: it computes their prompt's last chunk
+        (not a later step that decodes the first token's placeholder, overlapped)."""
+        seqs = self._seqs
+        found = []
+        for seq_id, scheduled in step.scheduled.items():
+            if scheduled.sample:
+                seq = seqs[seq_id]
+                num_prompt_tokens = seq.request.num_prompt_tokens
+                if seq.index == 0 and scheduled.start + scheduled.num_tokens == num_prompt_tokens == len(seq.token_ids):
+                    found.append(seq.request)
+        return found
+
+    def adopt_transferred(self, request: Request) -> None:
+        """A request whose KV came in by transfer (its block tables are in the allocator already,
+        KVCacheManager.adopt_transfer) and whose first token is known joins the running batch: its
+        sequences decode from the token after the prompt, each a NewSequence to this worker."""
+        self.queues.stamp_arrival(request)
+        self.requests[request.request_id] = request
+        seqs = request.live_seqs()
+        for seq in seqs:
+            seq.on_worker = False
+            seq.ignore_results_until = -1  # step ids of the worker it came from mean nothing here
+            seq.num_computed = request.num_prompt_tokens
+            self._seqs[seq.seq_id] = seq
+            self.queues.add_running(seq)
 
     # Statistics and audit -----------------------------------------------------------------------
 
@@ -285,6 +369,7 @@ class Scheduler:
             preemptions=counters.preemptions,
             swaps_out=counters.swaps_out,
             swaps_in=counters.swaps_in,
+            kv_transfers_in_flight=len(self.transfers.open),
         )
 
     def audit(self) -> AccountingReport:
@@ -296,6 +381,7 @@ class Scheduler:
         queues = self.queues
         holding = {seq.seq_id for seq in queues.running}
         holding |= {seq.seq_id for request in queues.swapped for seq in request.live_seqs()}
+        holding |= {seq.seq_id for seq in self._seqs.values() if seq.status is TRANSFERRING}
         tables = self.kv.seqs
         if set(tables) != holding:
             report.problems.append(f"block tables for {sorted(tables)} but running/swapped are {sorted(holding)}")

@@ -9,6 +9,7 @@ The encoded form is flat, so a JSON reader sees every figure at the top level.
 
 from __future__ import annotations
 
+import bisect
 from typing import Any, TypeVar
 
 import msgspec
@@ -50,6 +51,7 @@ class SchedulerStats(PoolStats, kw_only=True):
     preemptions: int = 0
     swaps_out: int = 0  # blocks copied device -> host
     swaps_in: int = 0  # blocks copied host -> device
+    kv_transfers_in_flight: int = 0  # KV hand-offs this worker sends or receives now (docs/disaggregation.md)
     prefix_hit_rate: float = 0.0  # prefix_hits_tokens / prefix_queries_tokens; derived
 
     def __post_init__(self) -> None:
@@ -64,11 +66,41 @@ class WorkerStats(SchedulerStats, kw_only=True):
     name: str
     state: str  # "ready", "disconnected" (link down, not yet declared lost) or "registering"
     endpoint: str
+    role: str = "mixed"  # prefill, decode or mixed (docs/disaggregation.md)
     steps: int = 0  # steps completed since it (re)registered
 
     @property
     def ready(self) -> bool:
         return self.state == "ready"
+
+
+# Seconds a hand-off takes after the first token (the prefill worker's output of the step that
+# started the send) until a done: milliseconds for small pages on one host, up to seconds for large
+# models' pages across hosts.
+TRANSFER_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class TransferStats(msgspec.Struct, kw_only=True):
+    """KV hand-offs from prefill to decode workers (gateway/handoff.py), over the gateway's life."""
+
+    in_flight: int = 0
+    started: int = 0  # counters from here on
+    completed: int = 0  # the decode worker took the request over
+    cancelled: int = 0  # its request ended first (stop at the first token, abort, error)
+    failures: dict[str, int] = {}  # by kind: failed (an end reported it), prefill_lost, decode_lost
+    blocks: int = 0  # blocks sent by completed transfers
+    bytes: int = 0  # their bytes (the workers' page size)
+    blocks_skipped: int = 0  # prompt blocks the decode worker had cached, not sent
+    latency_sum_s: float = 0.0  # completed transfers: from the first token (the send started) to the done
+    latency_counts: list[int] = []  # per bucket of TRANSFER_LATENCY_BUCKETS, then one beyond the last
+
+    def __post_init__(self) -> None:
+        if not self.latency_counts:
+            self.latency_counts = [0] * (len(TRANSFER_LATENCY_BUCKETS) + 1)
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency_sum_s += seconds
+        self.latency_counts[bisect.bisect_left(TRANSFER_LATENCY_BUCKETS, seconds)] += 1
 
 
 def extend(base: PoolStats, cls: type[S], **more: Any) -> S:

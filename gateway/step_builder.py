@@ -38,6 +38,7 @@ def is_empty(step: StepInput) -> bool:
     return not (
         step.scheduled or step.new_seqs or step.freed_seq_ids or step.swap_out or step.swap_in or step.copies
         or step.store_saves or step.store_loads
+        or step.kv_sends or step.kv_receives or step.kv_cancels or step.transfer_wait_s
     )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from paged.ops.admin_client import AdminClient, admin_command
 from paged.ops.admin_output import Output, Part
-from paged.ops.admin_tables import pct, requests_table, workers_table
+from paged.ops.admin_tables import pct, requests_table, transfers_line, workers_table
 
 TOP_REQUESTS = 20
 
@@ -49,6 +49,9 @@ def _view(status: dict[str, Any], requests: list[dict[str, Any]], rate: float | 
     )
     shown = requests[:TOP_REQUESTS]
     parts: list[Part] = [header, workers_table(workers)]
+    transfers = transfers_line(status.get("transfers"))
+    if transfers:
+        parts.append(transfers)
     parts.append(requests_table(shown) if shown else "no unfinished requests")
     if len(requests) > len(shown):
         parts.append(Text(f"{len(requests) - len(shown)} more requests", style="dim"))

@@ -44,6 +44,7 @@ class NullWorker:
         self.block_size = cache_config.block_size
         self.num_blocks = cache_config.kv_cache_memory // (NULL_BYTES_PER_TOKEN * self.block_size)
         self.num_host_blocks = cache_config.swap_space // (NULL_BYTES_PER_TOKEN * self.block_size)
+        self.page_bytes = NULL_BYTES_PER_TOKEN * self.block_size
         self.max_model_len = model_config.max_model_len or NULL_MAX_MODEL_LEN
         self.device = "cpu"
         self.dtype = "float32"

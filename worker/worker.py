@@ -131,6 +131,10 @@ class Worker:
         return self.kv_cache.num_host_blocks
 
     @property
+    def page_bytes(self) -> int:
+        return self.kv_cache.page_nbytes
+
+    @property
     def transfer_endpoint(self) -> str:
         return self.transport.endpoint
 

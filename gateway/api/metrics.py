@@ -1,6 +1,6 @@
-"""Prometheus metrics: per-worker scheduler and page-pool state and per-store KV store state read
-from the engine at each scrape, plus per-request counters and latency histograms recorded by the
-HTTP layer.
+"""Prometheus metrics: per-worker scheduler and page-pool state read from the engine at each
+scrape (and summed per worker role), the KV hand-offs between prefill and decode workers, per-store
+KV store state, plus per-request counters and latency histograms recorded by the HTTP layer.
 
 Every app gets its own registry, so several apps (tests) never share or clash over metrics.
 """
@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from paged.gateway.engine_client import EngineClient
+from paged.gateway.stats import TRANSFER_LATENCY_BUCKETS, KVStoreStats, TransferStats, WorkerStats
 from paged.gateway.stats import Histogram as HistogramCounts
-from paged.gateway.stats import KVStoreStats, WorkerStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -66,6 +66,24 @@ STORE_HISTOGRAMS = (
 )
 
 
+# Per role (prefill, decode, mixed): the load the router and the hand-off balance. (name, help, field)
+ROLE_GAUGES = (
+    ("paged_role_requests_running", "Requests with sequences in the running batch, summed over the workers of a role", "running_requests"),
+    ("paged_role_requests_waiting", "Requests waiting to be scheduled, summed over the workers of a role", "waiting_requests"),
+    ("paged_role_kv_blocks_used", "KV cache blocks held, summed over the workers of a role", "used_blocks"),
+    ("paged_role_kv_blocks_total", "KV cache blocks, summed over the workers of a role", "num_blocks"),
+)
+# (name, help, TransferStats field)
+TRANSFER_COUNTERS = (
+    ("paged_kv_transfers_started", "KV hand-offs from a prefill to a decode worker started", "started"),
+    ("paged_kv_transfers_completed", "KV hand-offs completed: the decode worker took the request over", "completed"),
+    ("paged_kv_transfers_cancelled", "KV hand-offs cancelled because their request ended first", "cancelled"),
+    ("paged_kv_transfer_blocks", "KV blocks sent by completed hand-offs", "blocks"),
+    ("paged_kv_transfer_bytes", "Bytes of KV sent by completed hand-offs", "bytes"),
+    ("paged_kv_transfer_blocks_skipped", "Prompt blocks not sent because the decode worker had them cached", "blocks_skipped"),
+)
+
+
 class WorkerCollector(Collector):
     """Reads engine.worker_stats() at scrape time: the engine stays the only source of truth."""
 
@@ -78,7 +96,38 @@ class WorkerCollector(Collector):
             yield _family(GaugeMetricFamily(name, help_text, labels=["worker"]), workers, field)
         for name, help_text, field in WORKER_COUNTERS:
             yield _family(CounterMetricFamily(name, help_text, labels=["worker"]), workers, field)
+        roles = sorted({worker.role for worker in workers})
+        workers_per_role = GaugeMetricFamily("paged_role_workers", "Ready workers per role", labels=["role"])
+        for role in roles:
+            workers_per_role.add_metric([role], float(sum(w.ready for w in workers if w.role == role)))
+        yield workers_per_role
+        for name, help_text, field in ROLE_GAUGES:
+            family = GaugeMetricFamily(name, help_text, labels=["role"])
+            for role in roles:
+                family.add_metric([role], float(sum(getattr(w, field) for w in workers if w.role == role)))
+            yield family
+        yield from _transfer_families(self._engine.transfer_stats())
         yield from _store_families(self._engine.store_stats())
+
+
+def _transfer_families(stats: TransferStats) -> Iterator[Metric]:
+    yield GaugeMetricFamily("paged_kv_transfers_in_flight", "KV hand-offs in flight", value=stats.in_flight)
+    for name, help_text, field in TRANSFER_COUNTERS:
+        yield CounterMetricFamily(name, help_text, value=getattr(stats, field))
+    failures = CounterMetricFamily(
+        "paged_kv_transfer_failures", "KV hand-offs given up, by reason: failed (a worker reported it), prefill_lost, decode_lost", labels=["reason"]
+    )
+    for reason, count in sorted(stats.failures.items()):
+        failures.add_metric([reason], count)
+    yield failures
+    cumulative, buckets = 0, []
+    for bound, count in zip((*map(str, TRANSFER_LATENCY_BUCKETS), "+Inf"), stats.latency_counts, strict=True):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    yield HistogramMetricFamily(
+        "paged_kv_transfer_seconds", "KV hand-off latency: from the first token (the send has started) to the first done",
+        buckets=buckets, sum_value=stats.latency_sum_s,
+    )  # fmt: skip
 
 
 def _store_families(stores: list[KVStoreStats]) -> Iterator[Metric]:

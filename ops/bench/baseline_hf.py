@@ -81,7 +81,7 @@ def run_hf_static(model_dir: Path, specs: list[RequestSpec], shape: LoadShape, b
                 results.append(RequestResult(
                     outcome="completed", prompt_tokens=len(spec.prompt), output_tokens=spec.max_tokens * spec.n,
                     sent_at=arrivals[i], ttft=clock - arrivals[i], latency=clock - arrivals[i], tpot=step,
-                    itls=[step] * ((spec.max_tokens - 1) * spec.n),
+                    itls=[step] * ((spec.max_tokens - 1) * spec.n), kind=spec.kind,
                 ))
             utilization.append((seconds, _kv_utilization(batch_specs)))
             peak_sequences = max(peak_sequences, len(batch) * batch_specs[0].n)

@@ -24,6 +24,7 @@ class RequestResult:
     latency: float | None = None  # seconds to the end of the last choice
     tpot: float | None = None  # mean seconds per output token after the first, per choice
     itls: list[float] = field(default_factory=list)  # gaps between consecutive tokens of each choice
+    kind: str = ""  # the workload's class of this request (RequestSpec.kind)
 
 
 def latency_stats(seconds: list[float]) -> dict[str, float | None]:
@@ -39,12 +40,26 @@ def _rounded_ms(seconds: list[float]) -> list[float]:
     return [round(s * 1000.0, 3) for s in seconds]
 
 
+def _latencies(done: list[RequestResult]) -> tuple[list[float], list[float], list[float]]:
+    """TTFTs, TPOTs and inter-token gaps of completed requests, in seconds."""
+    ttfts = [r.ttft for r in done if r.ttft is not None]
+    tpots = [r.tpot for r in done if r.tpot is not None]
+    return ttfts, tpots, [gap for r in done for gap in r.itls]
+
+
+def by_kind(done: list[RequestResult]) -> dict[str, dict[str, Any]]:
+    """Per class of request (workloads that have them): how many completed, and their latencies."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for kind in sorted({r.kind for r in done if r.kind}):
+        ttfts, tpots, itls = _latencies([r for r in done if r.kind == kind])
+        kinds[kind] = {"completed": len(ttfts), "ttft_ms": latency_stats(ttfts), "tpot_ms": latency_stats(tpots), "itl_ms": latency_stats(itls)}
+    return kinds
+
+
 def summarize(results: list[RequestResult], duration_s: float, server: ServerStats | None) -> dict[str, Any]:
     """The run's figures. Every request sent is accounted for: sent = completed + rejected + failed."""
     done = [r for r in results if r.outcome == "completed"]
-    ttfts = [r.ttft for r in done if r.ttft is not None]
-    tpots = [r.tpot for r in done if r.tpot is not None]
-    itls = [gap for r in done for gap in r.itls]
+    ttfts, tpots, itls = _latencies(done)
     latencies = [r.latency for r in done if r.latency is not None]
     duration_s = max(duration_s, 1e-9)
     server = server or ServerStats()
@@ -70,6 +85,9 @@ def summarize(results: list[RequestResult], duration_s: float, server: ServerSta
         "prefix_hit_rate": server.prefix_hit_rate,
         "store_hit_rate": server.store_hit_rate,
         "preemptions": server.preemptions,
+        "kv_transfers": server.kv_transfers,
+        "kv_transfer_mean_ms": server.kv_transfer_mean_ms,
         "kv_timeline": server.timeline,
+        "by_kind": by_kind(done),
         "samples_ms": {"ttft": _rounded_ms(ttfts), "tpot": _rounded_ms(tpots), "itl": _rounded_ms(itls)},
     }

@@ -1,6 +1,7 @@
 """Samples the server's Prometheus /metrics during a run: KV utilization over time and peak running
-sequences from the gauges, prefix-cache hit rate and preemptions from counter deltas over this run
-(the counters are cumulative since the server started, so only differences describe the run)."""
+sequences from the gauges, prefix-cache hit rate, preemptions and KV hand-offs between prefill and
+decode workers from counter deltas over this run (the counters are cumulative since the server
+started, so only differences describe the run)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 COUNTERS = (
     "paged_prefix_cache_queries_tokens_total", "paged_prefix_cache_hits_tokens_total", "paged_preemptions_total",
     "paged_kv_store_hits_tokens_total",
+    "paged_kv_transfers_completed_total", "paged_kv_transfer_seconds_sum",
 )  # fmt: skip
 
 
@@ -28,6 +30,8 @@ class ServerStats:
     prefix_hit_rate: float | None = None  # prompt tokens served by either tier of the prefix cache
     store_hit_rate: float | None = None  # of which by the host KV store (its share of all prompt tokens)
     preemptions: int | None = None
+    kv_transfers: int | None = None  # hand-offs from prefill to decode workers completed
+    kv_transfer_mean_ms: float | None = None  # their mean latency (None without any)
     # [seconds from start, KV utilization, fraction of blocks used, running, waiting] per sample
     timeline: list[list[float]] = field(default_factory=list)
 
@@ -109,6 +113,7 @@ class MetricsSampler:
         self._record(last)
         delta = {name: _total(last, name) - _total(self._first, name) for name in COUNTERS}
         queries = delta["paged_prefix_cache_queries_tokens_total"]
+        transfers = delta["paged_kv_transfers_completed_total"]
         # Mean while serving: idle samples (nothing running) would only measure the gaps between arrivals.
         busy = [sample for sample in self._timeline if sample[3] > 0] or self._timeline
         utilization = [sample[1] for sample in busy]
@@ -120,5 +125,7 @@ class MetricsSampler:
             prefix_hit_rate=delta["paged_prefix_cache_hits_tokens_total"] / queries if queries else 0.0,
             store_hit_rate=delta["paged_kv_store_hits_tokens_total"] / queries if queries else 0.0,
             preemptions=int(delta["paged_preemptions_total"]),
+            kv_transfers=int(transfers),
+            kv_transfer_mean_ms=delta["paged_kv_transfer_seconds_sum"] / transfers * 1e3 if transfers else None,
             timeline=self._timeline,
         )

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from paged.gateway.engine_client import AdmissionError
-from paged.gateway.stats import KVStoreStats, WorkerStats
+from paged.gateway.stats import KVStoreStats, TransferStats, WorkerStats
 from paged.gateway.outputs import RequestOutput, SequenceDelta
 from paged.shared.protocol import TokenLogprob
 from paged.shared.sampling_params import SamplingParams
@@ -157,3 +157,6 @@ class FakeEngine:
                 preemptions=1, evictions=2,
             )
         ]
+
+    def transfer_stats(self) -> TransferStats:
+        return TransferStats()

@@ -91,3 +91,45 @@ async def test_generated_tokens_count_while_they_stream(client: httpx.AsyncClien
                 break
         counted = (await scrape(client))["paged_generation_tokens_total"][0][1]
     assert counted >= 5 and not engine.completed
+
+
+def test_role_and_kv_transfer_metrics() -> None:
+    """Per-role load sums the workers of each role; the transfer counters and the latency histogram
+    come from the engine's hand-off statistics."""
+    from prometheus_client import generate_latest
+
+    from paged.gateway.api.metrics import Metrics
+    from paged.gateway.stats import TransferStats, WorkerStats
+    from support.fake_engine import cycling_script
+
+    class TwoRoles(FakeEngine):
+        def worker_stats(self) -> list[WorkerStats]:
+            return [
+                WorkerStats(name="0", state="ready", endpoint="a", role="prefill", num_blocks=64, used_blocks=10, running_requests=1),
+                WorkerStats(name="1", state="ready", endpoint="b", role="decode", num_blocks=64, used_blocks=30, running_requests=7),
+                WorkerStats(name="2", state="registering", endpoint="c", role="decode", num_blocks=64, waiting_requests=2),
+            ]
+
+        def transfer_stats(self) -> TransferStats:
+            stats = TransferStats(in_flight=1, started=9, completed=7, cancelled=1, failures={"failed": 1}, blocks=70, bytes=70 * 4096)
+            for seconds in (0.002, 0.004, 0.3):
+                stats.observe_latency(seconds)
+            return stats
+
+    text = generate_latest(Metrics(TwoRoles(cycling_script([5]))).registry).decode()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("paged_role_workers", (("role", "decode"),))] == 1  # the registering one is not ready
+    assert samples[("paged_role_requests_running", (("role", "decode"),))] == 7
+    assert samples[("paged_role_requests_waiting", (("role", "decode"),))] == 2
+    assert samples[("paged_role_kv_blocks_used", (("role", "prefill"),))] == 10
+    assert samples[("paged_kv_transfers_in_flight", ())] == 1
+    assert samples[("paged_kv_transfers_completed_total", ())] == 7
+    assert samples[("paged_kv_transfer_bytes_total", ())] == 70 * 4096
+    assert samples[("paged_kv_transfer_failures_total", (("reason", "failed"),))] == 1
+    assert samples[("paged_kv_transfer_seconds_bucket", (("le", "0.005"),))] == 2
+    assert samples[("paged_kv_transfer_seconds_bucket", (("le", "+Inf"),))] == 3
+    assert abs(samples[("paged_kv_transfer_seconds_sum", ())] - 0.306) < 1e-9
