@@ -190,7 +190,7 @@ class HandoffCoordinator:
         """A copy of the counters, with the transfers in flight now."""
         snapshot = msgspec.structs.replace(self.stats, in_flight=len(self._transfers))
         snapshot.failures = dict(snapshot.failures)
-        snapshot.latency_counts = list(snapshot.latency_counts)
+        snapshot.latency = snapshot.latency.copy()
         return snapshot
 
     def audit(self) -> AccountingReport:
@@ -298,7 +298,7 @@ class HandoffCoordinator:
         stats.blocks += transfer.num_blocks
         stats.bytes += transfer.num_blocks * transfer.source.page_bytes
         stats.blocks_skipped += transfer.num_skipped
-        stats.observe_latency(elapsed)
+        stats.latency.observe(elapsed)
         log.debug("kv_transfer_done", transfer_id=transfer.transfer_id, request_id=request.request_id, seconds=round(elapsed, 4))
 
     def _give_up(self, transfer: Transfer, kind: str, reason: str, dest_alive: bool = True) -> None:

@@ -74,6 +74,28 @@ class WorkerStats(SchedulerStats, kw_only=True):
         return self.state == "ready"
 
 
+class Histogram(msgspec.Struct):
+    """Observations counted into buckets the Prometheus way, kept where prometheus-client may not be
+    imported (the scheduling core); /metrics exposes it as a histogram family."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = []  # per bucket (value <= bound), then one for values beyond the last bound
+    sum: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def copy(self) -> Histogram:
+        return Histogram(self.bounds, list(self.counts), self.sum, self.count)
+
+
 # Seconds a hand-off takes after the first token (the prefill worker's output of the step that
 # started the send) until a done: milliseconds for small pages on one host, up to seconds for large
 # models' pages across hosts.
@@ -91,16 +113,8 @@ class TransferStats(msgspec.Struct, kw_only=True):
     blocks: int = 0  # blocks sent by completed transfers
     bytes: int = 0  # their bytes (the workers' page size)
     blocks_skipped: int = 0  # prompt blocks the decode worker had cached, not sent
-    latency_sum_s: float = 0.0  # completed transfers: from the first token (the send started) to the done
-    latency_counts: list[int] = []  # per bucket of TRANSFER_LATENCY_BUCKETS, then one beyond the last
-
-    def __post_init__(self) -> None:
-        if not self.latency_counts:
-            self.latency_counts = [0] * (len(TRANSFER_LATENCY_BUCKETS) + 1)
-
-    def observe_latency(self, seconds: float) -> None:
-        self.latency_sum_s += seconds
-        self.latency_counts[bisect.bisect_left(TRANSFER_LATENCY_BUCKETS, seconds)] += 1
+    # Completed transfers: from the first token (the send started) to the done.
+    latency: Histogram = msgspec.field(default_factory=lambda: Histogram(TRANSFER_LATENCY_BUCKETS))
 
 
 def extend(base: PoolStats, cls: type[S], **more: Any) -> S:
@@ -126,26 +140,6 @@ class SchedulerCounters(msgspec.Struct):
 STORE_SECONDS_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
-class Histogram(msgspec.Struct):
-    """Observations counted into buckets the Prometheus way, kept where prometheus-client may not be
-    imported (the scheduling core); /metrics exposes it as a histogram family."""
-
-    bounds: tuple[float, ...] = STORE_SECONDS_BUCKETS
-    counts: list[int] = []  # per bucket (value <= bound), then one for values beyond the last bound
-    sum: float = 0.0
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * (len(self.bounds) + 1)
-
-    def observe(self, value: float) -> None:
-        index = next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))
-        self.counts[index] += 1
-        self.sum += value
-        self.count += 1
-
-
 class KVStoreStats(msgspec.Struct, kw_only=True):
     """One host KV store, as its gateway index sees it (shared by the workers that attached it)."""
 
@@ -162,8 +156,8 @@ class KVStoreStats(msgspec.Struct, kw_only=True):
     loads: int = 0
     evictions: int = 0  # ready entries dropped for a new save
     dropped_saves: int = 0  # evicted pool blocks not saved: every slot was saving or pinned
-    save_seconds: Histogram = msgspec.field(default_factory=Histogram)  # per step with saves
-    load_seconds: Histogram = msgspec.field(default_factory=Histogram)  # per step with loads
+    save_seconds: Histogram = msgspec.field(default_factory=lambda: Histogram(STORE_SECONDS_BUCKETS))  # per step with saves
+    load_seconds: Histogram = msgspec.field(default_factory=lambda: Histogram(STORE_SECONDS_BUCKETS))  # per step with loads
     bytes_used: int = 0  # derived: slots not free × page_bytes
 
     def __post_init__(self) -> None:

@@ -36,7 +36,7 @@ def transfers_line(transfers: dict[str, Any] | None) -> str | None:
     failed = sum(transfers["failures"].values())
     reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(transfers["failures"].items()))
     completed = transfers["completed"]
-    mean_ms = transfers["latency_sum_s"] / completed * 1e3 if completed else None
+    mean_ms = transfers["latency"]["sum"] / completed * 1e3 if completed else None
     return (
         f"KV transfers: {transfers['in_flight']} in flight · {completed} done · {transfers['cancelled']} cancelled"
         f" · {failed} failed{f' ({reasons})' if reasons else ''} · {transfers['blocks']} blocks"

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from paged.gateway.engine_client import EngineClient
-from paged.gateway.stats import TRANSFER_LATENCY_BUCKETS, KVStoreStats, TransferStats, WorkerStats
+from paged.gateway.stats import KVStoreStats, TransferStats, WorkerStats
 from paged.gateway.stats import Histogram as HistogramCounts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -120,13 +120,9 @@ def _transfer_families(stats: TransferStats) -> Iterator[Metric]:
     for reason, count in sorted(stats.failures.items()):
         failures.add_metric([reason], count)
     yield failures
-    cumulative, buckets = 0, []
-    for bound, count in zip((*map(str, TRANSFER_LATENCY_BUCKETS), "+Inf"), stats.latency_counts, strict=True):
-        cumulative += count
-        buckets.append((bound, cumulative))
     yield HistogramMetricFamily(
         "paged_kv_transfer_seconds", "KV hand-off latency: from the first token (the send has started) to the first done",
-        buckets=buckets, sum_value=stats.latency_sum_s,
+        buckets=_cumulative_buckets(stats.latency), sum_value=stats.latency.sum,
     )  # fmt: skip
 
 

@@ -50,7 +50,7 @@ def test_prompts_prefill_on_one_worker_and_decode_on_the_other(overlapped: bool)
     stats = cluster.handoff.stats
     assert (stats.started, stats.completed, stats.failures, stats.cancelled) == (6, 6, {}, 0)
     assert stats.blocks == sum(-(-length // BS) for length in lengths)
-    assert stats.bytes == stats.blocks * PAGE_BYTES and sum(stats.latency_counts) == 6
+    assert stats.bytes == stats.blocks * PAGE_BYTES and stats.latency.count == sum(stats.latency.counts) == 6
     assert cluster.all_free() and cluster.link.num_pending == 0
 
 

@@ -75,7 +75,8 @@ def test_a_pipe_gets_plain_aligned_columns() -> None:
 
 TRANSFERS = {
     "in_flight": 2, "started": 120, "completed": 115, "cancelled": 2, "failures": {"decode_lost": 1}, "blocks": 9000,
-    "bytes": 9000 * 16384, "blocks_skipped": 310, "latency_sum_s": 0.92, "latency_counts": [],
+    "bytes": 9000 * 16384, "blocks_skipped": 310,
+    "latency": {"bounds": [0.01, 0.1], "counts": [100, 15, 0], "sum": 0.92, "count": 115},
 }  # fmt: skip
 
 

@@ -113,7 +113,7 @@ def test_role_and_kv_transfer_metrics() -> None:
         def transfer_stats(self) -> TransferStats:
             stats = TransferStats(in_flight=1, started=9, completed=7, cancelled=1, failures={"failed": 1}, blocks=70, bytes=70 * 4096)
             for seconds in (0.002, 0.004, 0.3):
-                stats.observe_latency(seconds)
+                stats.latency.observe(seconds)
             return stats
 
     text = generate_latest(Metrics(TwoRoles(cycling_script([5]))).registry).decode()
