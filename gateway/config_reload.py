@@ -1,7 +1,8 @@
 """SIGHUP: re-read the --config file's reloadable subset and apply it to the running daemon.
 
 Reloadable without dropping a request: the log level, the admission caps (max_waiting_requests,
-max_waiting_tokens) and the scheduling policy. Everything else (model, pool sizes, ports) needs a
+max_waiting_tokens), the scheduling policy, the admission policy and its KV cap, and the thrash
+detector's window and thresholds. Everything else (model, pool sizes, ports) needs a
 restart and is ignored here. A setting given on the command line (or by environment variable) keeps
 that value: flags override the file, at start and on reload alike. A key the file no longer sets
 returns to its default.
@@ -23,7 +24,16 @@ from paged.shared.logging import get_logger, set_log_level
 
 log = get_logger("gateway.config_reload")
 
-RELOADABLE_SCHEDULER_FIELDS = ("max_waiting_requests", "max_waiting_tokens", "scheduling_policy")
+RELOADABLE_SCHEDULER_FIELDS = (
+    "max_waiting_requests",
+    "max_waiting_tokens",
+    "scheduling_policy",
+    "admission_policy",
+    "kv_admission_cap",
+    "thrash_window",
+    "thrash_recompute_share",
+    "thrash_eviction_rate",
+)
 _FROM_FLAGS = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 

@@ -21,6 +21,7 @@ from paged.shared.protocol import BlockCopy
 
 class KVCacheManager:
     kind = "paged"
+    grows_on_demand = True
 
     def __init__(
         self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_host_blocks: int = 0
@@ -57,6 +58,26 @@ class KVCacheManager:
         when it recomputes a preempted request, so this bound holds for its whole life."""
         shared = self.shared_prompt_blocks(prompt_len)
         return shared + n * (self._blocks_for(max_num_tokens) - shared)
+
+    def exclusive_blocks(self, seqs: list[Sequence]) -> list[int]:
+        pool = self.pool
+        records = self.seqs
+        tables = [record.table if (record := records.get(seq.seq_id)) is not None and not record.swapped else [] for seq in seqs]
+        if not pool.num_shared:  # nothing shared anywhere: every block is its table's own
+            return [len(table) for table in tables]
+        ref_counts = pool.ref_counts
+        exclusive = []
+        for table in tables:
+            # A sum of the reference counts equal to the length means no block of it is shared.
+            if sum(map(ref_counts.__getitem__, table)) == len(table):
+                exclusive.append(len(table))
+            else:
+                exclusive.append(sum(1 for block in table if ref_counts[block] == 1))
+        return exclusive
+
+    def num_held(self, blocks: list[int]) -> int:
+        ref_counts = self.pool.ref_counts
+        return sum(1 for block in blocks if ref_counts[block])
 
     # Prefix cache -----------------------------------------------------------------------------
 

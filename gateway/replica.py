@@ -69,6 +69,7 @@ class Replica:
         """A (re)registered worker: a fresh scheduler over its empty pool."""
         self.registration = registration
         self.scheduler = scheduler
+        scheduler.name = self.name  # its log events name the worker
         self.step_stats = StepLoopStats()
         self.wakeup.set()
 

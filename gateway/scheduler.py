@@ -2,7 +2,9 @@
 results back in as RequestOutputs.
 
 It owns the requests and composes the parts, one job each:
-- admission.py: whether a request may enter (refusal kinds) and may take running seats;
+- admission.py: whether a request may enter (refusal kinds), may take running seats, and (under
+  predictive admission) is expected to fit the pool for its whole run: demand_forecast.py over
+  the output lengths learned from finished sequences (output_lengths.py);
 - policy_queues.py: the waiting, swapped and running queues in the policy's order;
 - step_planner.py: each step's decisions: token budget, swap-in, admission, preemption
   (preemption.py chooses the victim and swaps or recomputes it);
@@ -10,7 +12,9 @@ It owns the requests and composes the parts, one job each:
 - step_builder.py: the StepInput deltas, the mirror of what the worker holds, placeholders and
   result fencing;
 - output_processor.py: results applied in step order, the stop check, prefix-cache registration;
-- stats.py: the snapshot read by metrics, the admin API and the simulator.
+- stats.py: the snapshot read by metrics, the admin API and the simulator;
+- thrash_detector.py: recompute share, preemption and eviction rates over a sliding window; while
+  the pool thrashes, admission tightens.
 The block allocator (block_allocator.py: paged or contiguous) holds the block tables.
 
 Overlapped scheduling: the caller may schedule() step N+1 before update() for step N (the step
@@ -24,11 +28,16 @@ whole pool and finish: admitted work finishes, it is never stuck waiting or pree
 
 from __future__ import annotations
 
-from paged.gateway.admission import check_arrival
+import time
+from collections.abc import Callable
+
+from paged.gateway.admission import AdmissionMargin, PredictiveAdmission, check_arrival
 from paged.gateway.block_accounting import AccountingReport
 from paged.gateway.block_allocator import BlockAllocator
 from paged.gateway.contiguous_allocator import ContiguousAllocator
+from paged.gateway.demand_forecast import DemandForecast
 from paged.gateway.kv_cache_manager import KVCacheManager
+from paged.gateway.output_lengths import OutputLengthModel
 from paged.gateway.output_processor import OutputProcessor
 from paged.gateway.outputs import RequestOutput
 from paged.gateway.policy_queues import PolicyQueues, request_order
@@ -38,8 +47,12 @@ from paged.gateway.sequence_groups import SequenceGroups, fork_again_if_nothing_
 from paged.gateway.stats import SchedulerCounters, SchedulerStats, extend
 from paged.gateway.step_builder import WorkerMirror
 from paged.gateway.step_planner import StepPlanner
+from paged.gateway.thrash_detector import ThrashDetector, WorkTotals
 from paged.shared.config import CacheConfig, SchedulerConfig
+from paged.shared.logging import get_logger
 from paged.shared.protocol import StepInput, StepOutput
+
+log = get_logger("gateway.scheduler")
 
 RUNNING = SequenceStatus.RUNNING
 FINISHED = SequenceStatus.FINISHED
@@ -59,13 +72,19 @@ class Scheduler:
         num_blocks: int,
         max_model_len: int,
         num_host_blocks: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = scheduler_config
         self.cache_config = cache_config
         self.max_model_len = max_model_len
+        self.name = "0"  # the worker's, for log events (the engine's replica sets it)
         self.counters = SchedulerCounters()
         self._num_blocks = num_blocks
         self._num_host_blocks = num_host_blocks
+        # What is learned outlives a lost worker: output lengths, the admission margin, the window.
+        self.lengths = OutputLengthModel()
+        self.margin = AdmissionMargin()
+        self.thrash = ThrashDetector(num_blocks, clock)
         self._start_empty()
 
     def _start_empty(self) -> None:
@@ -78,7 +97,10 @@ class Scheduler:
         self.mirror = WorkerMirror()
         preemption = Preemption(self.kv, self.queues, self.groups, self.mirror, self.counters)
         watermark_blocks = int(self.config.kv_watermark * self._num_blocks)
-        self.planner = StepPlanner(self.kv, self.queues, self.groups, preemption, self.counters, watermark_blocks)
+        self.predictive = PredictiveAdmission(self.kv, DemandForecast(self.lengths, self.kv.block_size), self.margin)
+        self.planner = StepPlanner(
+            self.kv, self.queues, self.groups, preemption, self.counters, watermark_blocks, self.predictive
+        )
         self.processor = OutputProcessor(self._seqs, self._end_seq, self._finish_request)
 
     # Requests in and out ------------------------------------------------------------------------
@@ -123,6 +145,8 @@ class Scheduler:
     def _end_seq(self, seq: Sequence, reason: str) -> SequenceStatus:
         """A sequence stopped (output processing); its request ends with its last sequence."""
         was = seq.status
+        prompt_len = seq.request.num_prompt_tokens
+        self.lengths.observe(seq.num_output_tokens, seq.max_num_tokens - prompt_len)
         self._finish_seq(seq, reason)
         if seq.request.finished:
             self._forget_request(seq.request, was)
@@ -141,8 +165,9 @@ class Scheduler:
         self.queues.remove(request, was)
 
     def reconfigure(self, scheduler_config: SchedulerConfig) -> None:
-        """Apply a reloaded configuration (SIGHUP) to a running scheduler: the admission caps and the
-        policy. Queued requests stay; a switch to or from the priority policy re-orders them."""
+        """Apply a reloaded configuration (SIGHUP) to a running scheduler: the admission caps and
+        policies, the thrash detector's settings. Queued requests stay; a switch to or from the
+        priority policy re-orders them."""
         self.config = scheduler_config
         self.queues.set_policy(scheduler_config.scheduling_policy == "priority")
 
@@ -196,7 +221,12 @@ class Scheduler:
 
     def schedule(self) -> StepInput:
         step = self.mirror.begin_step(self.config.max_num_batched_tokens)
+        self.predictive.tightened = self.thrash.thrashing
         self.planner.plan(step, self.config)
+        counters = self.counters
+        counters.computed_tokens += step.num_computed
+        counters.recomputed_tokens += step.num_recomputed
+        self._watch_thrashing()
         if self.groups.awaiting:
             self.groups.attach_awaiting()
         for parent in step.forks:
@@ -216,10 +246,48 @@ class Scheduler:
 
     # Statistics and audit -----------------------------------------------------------------------
 
+    def _work_totals(self) -> WorkTotals:
+        counters = self.counters
+        return WorkTotals(
+            computed_tokens=counters.computed_tokens,
+            recomputed_tokens=counters.recomputed_tokens,
+            preemptions=counters.preemptions,
+            evictions=counters.evictions_before + self.kv.stats().evictions,
+            prefix_queries_tokens=counters.prefix_queries_tokens,
+            prefix_hits_tokens=counters.prefix_hits_tokens,
+        )
+
+    def _watch_thrashing(self) -> None:
+        """Sample the work totals into the thrash detector (a clock read unless a sample is due)."""
+        thrash = self.thrash
+        if not thrash.sample_due():
+            return
+        change = thrash.observe(self._work_totals(), self.config)
+        if change is None:
+            return
+        figures = thrash.figures
+        event = "kv_thrashing" if change else "kv_thrashing_cleared"
+        (log.warning if change else log.info)(
+            event,
+            worker=self.name,
+            window_s=round(figures.seconds, 2),
+            recompute_share=round(figures.recompute_share, 4),
+            recomputed_tokens=figures.recomputed_tokens,
+            computed_tokens=figures.computed_tokens,
+            preemptions_per_s=round(figures.preemptions_per_s, 2),
+            evictions_per_s=round(figures.evictions_per_s, 2),
+            prefix_hit_rate=round(figures.prefix_hit_rate, 4),
+            running_seqs=len(self.queues.running),
+            waiting_requests=len(self.queues.waiting),
+        )
+
     def stats(self) -> SchedulerStats:
+        self._watch_thrashing()  # an idle scheduler's window slides on too
         pool = self.kv.stats()
         counters = self.counters
         queues = self.queues
+        figures = self.thrash.figures
+        share = self.lengths.mean_share()
         return extend(
             pool,
             SchedulerStats,
@@ -233,6 +301,16 @@ class Scheduler:
             preemptions=counters.preemptions,
             swaps_out=counters.swaps_out,
             swaps_in=counters.swaps_in,
+            computed_tokens=counters.computed_tokens,
+            recomputed_tokens=counters.recomputed_tokens,
+            window_s=figures.seconds,
+            goodput=figures.goodput,
+            preemptions_per_s=figures.preemptions_per_s,
+            evictions_per_s=figures.evictions_per_s,
+            window_prefix_hit_rate=figures.prefix_hit_rate,
+            kv_thrashing=self.thrash.thrashing,
+            admission_margin=self.margin.z,
+            expected_output_share=1.0 if share is None else share,
         )
 
     def audit(self) -> AccountingReport:

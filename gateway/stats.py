@@ -48,6 +48,18 @@ class SchedulerStats(PoolStats, kw_only=True):
     preemptions: int = 0
     swaps_out: int = 0  # blocks copied device -> host
     swaps_in: int = 0  # blocks copied host -> device
+    computed_tokens: int = 0  # tokens the worker was asked to compute (prefix-cache hits are not)
+    recomputed_tokens: int = 0  # of those, computed again after a recompute preemption
+    # Over the thrash detector's sliding window (gateway/thrash_detector.py), `window_s` long:
+    window_s: float = 0.0
+    goodput: float = 1.0  # share of computed tokens computed for the first time
+    preemptions_per_s: float = 0.0
+    evictions_per_s: float = 0.0  # cached blocks evicted for reuse
+    window_prefix_hit_rate: float = 0.0  # prefix-cache hits / queries, in tokens
+    kv_thrashing: bool = False  # the pool thrashes: admission is tightened until it clears
+    # Predictive admission (gateway/admission.py):
+    admission_margin: float = 0.0  # standard deviations of forecast error kept free
+    expected_output_share: float = 1.0  # learned mean share of max_tokens that sequences generate
     prefix_hit_rate: float = 0.0  # prefix_hits_tokens / prefix_queries_tokens; derived
 
     def __post_init__(self) -> None:
@@ -79,6 +91,8 @@ class SchedulerCounters(msgspec.Struct):
 
     prefix_queries_tokens: int = 0
     prefix_hits_tokens: int = 0
+    computed_tokens: int = 0  # tokens the worker was asked to compute (prefix-cache hits are not computed)
+    recomputed_tokens: int = 0  # of which computed again after a recompute preemption
     preemptions: int = 0
     swaps_out: int = 0
     swaps_in: int = 0
