@@ -38,6 +38,9 @@ FIGURES: list[tuple[str, Callable[[Summary], float | None], str]] = [
     ("peak concurrent sequences", _field("peak_concurrency"), "{:.0f}"),
     ("prefix-cache hit rate", _field("prefix_hit_rate"), "{:.1%}"),
     ("preemptions", _field("preemptions"), "{:.0f}"),
+    ("recomputed tokens", _field("recomputed_tokens"), "{:.0f}"),
+    ("recomputed / computed tokens", _field("recompute_share"), "{:.2%}"),
+    ("time thrashing", _field("thrashing_share"), "{:.0%}"),
 ]
 
 

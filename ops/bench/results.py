@@ -69,6 +69,9 @@ def summarize(results: list[RequestResult], duration_s: float, server: ServerSta
         "peak_concurrency": server.peak_running,
         "prefix_hit_rate": server.prefix_hit_rate,
         "preemptions": server.preemptions,
+        "recomputed_tokens": server.recomputed_tokens,
+        "recompute_share": server.recompute_share,
+        "thrashing_share": server.thrashing_share,
         "kv_timeline": server.timeline,
         "samples_ms": {"ttft": _rounded_ms(ttfts), "tpot": _rounded_ms(tpots), "itl": _rounded_ms(itls)},
     }

@@ -1,6 +1,8 @@
-"""Samples the server's Prometheus /metrics during a run: KV utilization over time and peak running
-sequences from the gauges, prefix-cache hit rate and preemptions from counter deltas over this run
-(the counters are cumulative since the server started, so only differences describe the run)."""
+"""Samples the server's Prometheus /metrics during a run: KV utilization over time, peak running
+sequences and the share of samples in which the pool thrashed from the gauges; prefix-cache hit
+rate, preemptions and recomputed tokens (and their share of computed tokens) from counter deltas
+over this run (the counters are cumulative since the server started, so only differences describe
+the run)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,13 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 # Counters read at the start and the end of a run.
-COUNTERS = ("paged_prefix_cache_queries_tokens_total", "paged_prefix_cache_hits_tokens_total", "paged_preemptions_total")
+COUNTERS = (
+    "paged_prefix_cache_queries_tokens_total",
+    "paged_prefix_cache_hits_tokens_total",
+    "paged_preemptions_total",
+    "paged_computed_tokens_total",
+    "paged_recomputed_tokens_total",
+)
 
 
 @dataclass
@@ -24,7 +32,10 @@ class ServerStats:
     peak_running: int | None = None
     prefix_hit_rate: float | None = None
     preemptions: int | None = None
-    # [seconds from start, KV utilization, fraction of blocks used, running, waiting] per sample
+    recomputed_tokens: int | None = None
+    recompute_share: float | None = None  # recomputed / computed tokens
+    thrashing_share: float | None = None  # share of samples with paged_kv_thrashing at 1 on some worker
+    # [seconds from start, KV utilization, fraction of blocks used, running, waiting, thrashing] per sample
     timeline: list[list[float]] = field(default_factory=list)
 
 
@@ -68,6 +79,7 @@ class MetricsSampler:
             _total(values, "paged_kv_blocks_used") / blocks_total if blocks_total else 0.0,
             _total(values, "paged_requests_running"),
             _total(values, "paged_requests_waiting"),
+            max(values.get("paged_kv_thrashing", [0.0]), default=0.0),
         ])
 
     async def _poll(self) -> None:
@@ -91,6 +103,8 @@ class MetricsSampler:
         self._record(last)
         delta = {name: _total(last, name) - _total(self._first, name) for name in COUNTERS}
         queries = delta["paged_prefix_cache_queries_tokens_total"]
+        computed = delta["paged_computed_tokens_total"]
+        recomputed = delta["paged_recomputed_tokens_total"]
         # Mean while serving: idle samples (nothing running) would only measure the gaps between arrivals.
         busy = [sample for sample in self._timeline if sample[3] > 0] or self._timeline
         utilization = [sample[1] for sample in busy]
@@ -101,5 +115,8 @@ class MetricsSampler:
             peak_running=int(max(sample[3] for sample in self._timeline)),
             prefix_hit_rate=delta["paged_prefix_cache_hits_tokens_total"] / queries if queries else 0.0,
             preemptions=int(delta["paged_preemptions_total"]),
+            recomputed_tokens=int(recomputed),
+            recompute_share=recomputed / computed if computed else 0.0,
+            thrashing_share=sum(sample[5] > 0 for sample in busy) / len(busy),
             timeline=self._timeline,
         )

@@ -25,6 +25,7 @@ SERVER_CONFIGS: dict[str, list[str]] = {
     "paged": [],
     "contiguous": ["--kv-allocator", "contiguous"],
     "no-prefix-caching": ["--no-prefix-caching"],
+    "greedy-admission": ["--admission-policy", "greedy"],  # paged as before predictive admission
 }
 STARTUP_TIMEOUT_S = 300.0
 PROGRESS_LINE_EVERY_S = 10.0  # without a terminal (a log file, CI), a line this often while a server starts
