@@ -10,6 +10,10 @@ Blocks without a hash go to the front (nothing is lost by reusing them), hashed 
 so cached content is evicted least-recently-freed first. Eviction is lazy: a cached block keeps its
 hash in the free queue and loses it only when it is popped for reuse. Callers free a table's blocks
 in reverse order so that the tail of a prefix chain is evicted before its head.
+
+The hashes of the last `num_blocks` blocks evicted for reuse are remembered, so that content asked
+for again soon after it was evicted (a refetch: the cache threw out what was about to be used) can
+be counted; that share of evictions is what the thrash detector watches (gateway/thrash_detector.py).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class BlockPool:
         self.num_cached_free = 0
         self.num_shared = 0  # blocks with ref_count > 1
         self.num_evictions = 0
+        self.num_refetched = 0  # evicted blocks whose content an admission needed again
+        self._evicted: OrderedDict[BlockHash, None] = OrderedDict()  # recently evicted, oldest first
         self.cached_since = [0.0] * num_blocks  # monotonic time a cached block became free (its age, for the admin)
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cache: dict[BlockHash, int] = {}
@@ -60,6 +66,7 @@ class BlockPool:
                     del self._cache[block_hash]
                 self.num_cached_free -= 1
                 self.num_evictions += 1
+                self._remember_eviction(block_hash)
             self.ref_counts[block] = 1
             self.fill[block] = 0
             blocks.append(block)
@@ -117,6 +124,22 @@ class BlockPool:
     def cached_blocks(self) -> dict[BlockHash, int]:
         """A copy of the hash -> block map (for audits and tests)."""
         return dict(self._cache)
+
+    def _remember_eviction(self, block_hash: BlockHash) -> None:
+        evicted = self._evicted
+        evicted[block_hash] = None
+        if len(evicted) > self.num_blocks:
+            evicted.popitem(last=False)
+
+    def count_refetches(self, block_hashes: list[BlockHash]) -> None:
+        """A sequence is about to compute these blocks (the ones after its prefix hit): count, once,
+        the leading ones whose content was evicted recently."""
+        evicted = self._evicted
+        for block_hash in block_hashes:
+            if block_hash not in evicted:
+                return
+            del evicted[block_hash]
+            self.num_refetched += 1
 
     def evict_cached_free(self) -> int:
         """Forget the content of every cached-free block (the admin's flush); held blocks keep theirs.

@@ -32,7 +32,7 @@ RELOADABLE_SCHEDULER_FIELDS = (
     "kv_admission_cap",
     "thrash_window",
     "thrash_recompute_share",
-    "thrash_eviction_rate",
+    "thrash_refetch_share",
 )
 _FROM_FLAGS = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 

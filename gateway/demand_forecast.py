@@ -122,7 +122,10 @@ class DemandForecast:
             # Past every length seen so far nothing is known: it may run to its limit.
             alive = np.where(survived[:, None], then / np.where(survived, now, 1.0)[:, None], runs_to_limit)
         size = self.block_size
-        needed = -(-(np.asarray(rows.tokens, dtype=np.int64)[:, None] + grid[None, :]) // size)
+        tokens = np.asarray(rows.tokens, dtype=np.int64)
+        # KV for every token but the last, which is sampled and never computed.
+        most = tokens - generated + max_output - 1
+        needed = -(-np.minimum(tokens[:, None] + grid[None, :], most[:, None]) // size)
         held = freed[:, None] + np.maximum(needed - np.asarray(rows.table_blocks, dtype=np.int64)[:, None], 0)
         mean = (alive * held).sum(axis=0) - freed.sum()
         var = (alive * (1.0 - alive) * held * held).sum(axis=0)

@@ -144,6 +144,8 @@ class KVCacheManager:
         num_revived = sum(1 for block in hit.blocks if ref_counts[block] == 0)
         if self.pool.num_free - num_new_blocks - num_revived < reserve_blocks:
             return False
+        if self.enable_prefix_caching:
+            self.pool.count_refetches(seq.block_hashes[len(hit.blocks) :])
         self.pool.touch(hit.blocks)
         table = hit.blocks + self.pool.allocate(num_new_blocks)
         record = SeqBlocks(table, hit.num_tokens, num_registered=len(hit.blocks))
@@ -296,6 +298,7 @@ class KVCacheManager:
             slots_reserved=used * self.block_size,
             slots_filled=pool.num_filled_slots,
             evictions=pool.num_evictions,
+            refetched_blocks=pool.num_refetched,
             host_blocks=self.host_pool.num_blocks,
             host_free_blocks=self.host_pool.num_free,
         )

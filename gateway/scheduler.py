@@ -84,7 +84,7 @@ class Scheduler:
         # What is learned outlives a lost worker: output lengths, the admission margin, the window.
         self.lengths = OutputLengthModel()
         self.margin = AdmissionMargin()
-        self.thrash = ThrashDetector(num_blocks, clock)
+        self.thrash = ThrashDetector(clock)
         self._start_empty()
 
     def _start_empty(self) -> None:
@@ -181,7 +181,9 @@ class Scheduler:
                 seq.ignore_results_until = -1
             fork_again_if_nothing_sampled(request)
         self.groups.forget_all()
-        self.counters.evictions_before += self.kv.stats().evictions
+        pool = self.kv.stats()
+        self.counters.evictions_before += pool.evictions
+        self.counters.refetched_before += pool.refetched_blocks
         self._start_empty()
         return requests
 
@@ -248,11 +250,13 @@ class Scheduler:
 
     def _work_totals(self) -> WorkTotals:
         counters = self.counters
+        pool = self.kv.stats()
         return WorkTotals(
             computed_tokens=counters.computed_tokens,
             recomputed_tokens=counters.recomputed_tokens,
             preemptions=counters.preemptions,
-            evictions=counters.evictions_before + self.kv.stats().evictions,
+            evictions=counters.evictions_before + pool.evictions,
+            refetched_blocks=counters.refetched_before + pool.refetched_blocks,
             prefix_queries_tokens=counters.prefix_queries_tokens,
             prefix_hits_tokens=counters.prefix_hits_tokens,
         )
@@ -276,6 +280,7 @@ class Scheduler:
             computed_tokens=figures.computed_tokens,
             preemptions_per_s=round(figures.preemptions_per_s, 2),
             evictions_per_s=round(figures.evictions_per_s, 2),
+            refetch_share=round(figures.refetch_share, 4),
             prefix_hit_rate=round(figures.prefix_hit_rate, 4),
             running_seqs=len(self.queues.running),
             waiting_requests=len(self.queues.waiting),
@@ -292,6 +297,7 @@ class Scheduler:
             pool,
             SchedulerStats,
             evictions=counters.evictions_before + pool.evictions,
+            refetched_blocks=counters.refetched_before + pool.refetched_blocks,
             running_seqs=len(queues.running),
             running_requests=queues.num_running_requests,
             waiting_requests=len(queues.waiting),
@@ -307,6 +313,7 @@ class Scheduler:
             goodput=figures.goodput,
             preemptions_per_s=figures.preemptions_per_s,
             evictions_per_s=figures.evictions_per_s,
+            refetch_share=figures.refetch_share,
             window_prefix_hit_rate=figures.prefix_hit_rate,
             kv_thrashing=self.thrash.thrashing,
             admission_margin=self.margin.z,

@@ -28,6 +28,7 @@ class PoolStats(msgspec.Struct, kw_only=True):
     slots_reserved: int = 0  # token slots in held blocks
     slots_filled: int = 0  # of those, slots holding tokens
     evictions: int = 0  # cached blocks whose content was dropped for reuse (counter)
+    refetched_blocks: int = 0  # of those, blocks whose content an admission needed again soon after (counter)
     host_blocks: int = 0  # the host pool for swapped-out blocks
     host_free_blocks: int = 0
     kv_utilization: float = 0.0  # slots_filled / slots_reserved (0 when nothing is reserved); derived
@@ -55,6 +56,7 @@ class SchedulerStats(PoolStats, kw_only=True):
     goodput: float = 1.0  # share of computed tokens computed for the first time
     preemptions_per_s: float = 0.0
     evictions_per_s: float = 0.0  # cached blocks evicted for reuse
+    refetch_share: float = 0.0  # evicted cached blocks whose content was needed again / evicted
     window_prefix_hit_rate: float = 0.0  # prefix-cache hits / queries, in tokens
     kv_thrashing: bool = False  # the pool thrashes: admission is tightened until it clears
     # Predictive admission (gateway/admission.py):
@@ -97,3 +99,4 @@ class SchedulerCounters(msgspec.Struct):
     swaps_out: int = 0
     swaps_in: int = 0
     evictions_before: int = 0  # evictions of allocators dropped when their worker was lost
+    refetched_before: int = 0  # and their refetched blocks

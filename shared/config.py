@@ -73,16 +73,16 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     kv_admission_cap: float = 0.99  # predictive admission: the share of the pool the expected peak may fill
     preemption_mode: PreemptionMode = "recompute"  # recompute, swap, auto: per victim, whichever costs less
     # The thrash detector (gateway/thrash_detector.py): over the last thrash_window seconds, the
-    # share of computed tokens that were computed again after a preemption, or cached blocks
-    # evicted per second per block of the pool; while either is at its threshold admission tightens.
+    # share of computed tokens that were computed again after a preemption, or of evicted cached
+    # blocks whose content was needed again soon after; while either is at its threshold admission tightens.
     thrash_window: float = 10.0  # seconds the thrash detector looks back
     thrash_recompute_share: float = 0.1  # recomputed / computed tokens at which the pool thrashes
-    thrash_eviction_rate: float = 4.0  # cached-block evictions per second per pool block at which the pool thrashes
+    thrash_refetch_share: float = 0.5  # evicted cached blocks needed again / evicted at which the pool thrashes
 
     def __post_init__(self) -> None:
         if not 0.0 < self.kv_admission_cap <= 1.0:
             raise ValueError(f"kv_admission_cap must be in (0, 1], got {self.kv_admission_cap}")
-        for name in ("thrash_window", "thrash_recompute_share", "thrash_eviction_rate"):
+        for name in ("thrash_window", "thrash_recompute_share", "thrash_refetch_share"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 

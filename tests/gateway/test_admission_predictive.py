@@ -198,7 +198,7 @@ def test_an_over_committed_pool_thrashes_and_predictive_admission_keeps_it_from_
     cleared = [log for log in greedy_logs if log["event"] == "kv_thrashing_cleared"]
     assert started and len(started) - len(cleared) in (0, 1)  # one event per episode
     assert started[0]["recompute_share"] >= 0.1 and started[0]["worker"] == "0"
-    assert {"recomputed_tokens", "computed_tokens", "preemptions_per_s", "evictions_per_s", "prefix_hit_rate"} <= set(started[0])
+    assert {"recomputed_tokens", "computed_tokens", "preemptions_per_s", "evictions_per_s", "refetch_share", "prefix_hit_rate"} <= set(started[0])
 
     calm, calm_preemptions, calm_logs = thrash_run("predictive")
     assert calm == 0.0 and calm_preemptions == 0

@@ -107,3 +107,18 @@ def test_block_hash_chain_depends_on_parent_tokens_and_salt() -> None:
     extend_block_hashes(hashes, list(range(10)), 10, 4, None)
     assert len(hashes) == 2  # only full blocks
     assert hashes[1] == hash_block(hashes[0], [4, 5, 6, 7], None)
+
+
+def test_content_asked_for_again_soon_after_its_eviction_counts_once_as_refetched() -> None:
+    pool = BlockPool(2)
+    first, second = pool.allocate(2)
+    pool.register(first, 101)
+    pool.register(second, 102)
+    pool.free([second, first])
+    pool.allocate(2)  # evicts both
+    assert pool.num_evictions == 2
+    pool.count_refetches([101, 102, 103])
+    pool.count_refetches([101])  # counted already
+    assert pool.num_refetched == 2
+    pool.count_refetches([999, 101])  # only a leading run of evicted content is about to be computed
+    assert pool.num_refetched == 2

@@ -20,14 +20,15 @@ BS = 4
 
 def test_a_sequence_that_runs_to_its_limit_grows_then_frees_everything() -> None:
     # Prompt 6, 2 tokens generated (8 tokens in 2 blocks), at most 6: it samples its last token
-    # 4 steps from now, and its blocks are freed RESULT_LAG_STEPS later.
+    # 4 steps from now (KV for 11 tokens: the last is never computed), and its blocks are freed
+    # RESULT_LAG_STEPS later.
     rows = DemandRows()
     rows.add(generated=2, max_output=6, tokens=8, table_blocks=2, freed=2)
     forecast = DemandForecast(OutputLengthModel(), BS)  # nothing learned: runs to its limit
     grid = np.arange(9)
     curve = forecast.curve(rows, grid)
     end = 4 + RESULT_LAG_STEPS
-    expected = [(-(-(8 + t) // BS) - 2) if t < end else -2 for t in grid]
+    expected = [(-(-min(8 + t, 11) // BS) - 2) if t < end else -2 for t in grid]
     assert curve.mean.tolist() == expected
     assert curve.var.tolist() == [0.0] * len(grid)
     assert curve.peak(3.0) == max(expected)
@@ -56,7 +57,8 @@ def test_the_curve_is_the_mean_and_variance_of_simulated_runs() -> None:
         for d, length in enumerate(ends):
             later = generated + np.maximum(grid - RESULT_LAG_STEPS, 0)
             alive = later < length
-            held[d] += np.where(alive, blocks + np.maximum(-(-(tokens + grid) // BS) - blocks, 0), 0)
+            most = tokens - generated + 100 - 1
+            held[d] += np.where(alive, blocks + np.maximum(-(-np.minimum(tokens + grid, most) // BS) - blocks, 0), 0)
     held -= sum(rows.freed)
     assert np.allclose(curve.mean, held.mean(axis=0), atol=0.15 * np.sqrt(held.var(axis=0).max()) + 0.05)
     assert np.allclose(np.sqrt(curve.var), held.std(axis=0), rtol=0.1, atol=0.1)

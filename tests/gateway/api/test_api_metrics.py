@@ -13,7 +13,7 @@ PER_WORKER = [
     "paged_kv_blocks_free", "paged_kv_blocks_cached", "paged_kv_utilization", "paged_prefix_cache_queries_tokens_total",
     "paged_prefix_cache_hits_tokens_total", "paged_preemptions_total", "paged_evictions_total", "paged_swaps_out_total",
     "paged_swaps_in_total", "paged_computed_tokens_total", "paged_recomputed_tokens_total", "paged_kv_thrashing",
-    "paged_goodput_ratio", "paged_preemptions_per_second", "paged_evictions_per_second", "paged_prefix_cache_hit_rate",
+    "paged_goodput_ratio", "paged_preemptions_per_second", "paged_evictions_per_second", "paged_refetch_ratio", "paged_refetched_blocks_total", "paged_prefix_cache_hit_rate",
     "paged_admission_margin", "paged_expected_output_share",
 ]
 REQUEST_METRICS = [
