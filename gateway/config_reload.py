@@ -72,6 +72,11 @@ class ConfigReloader:
             if name not in self.pinned and values.get(name, getattr(defaults, name)) != getattr(current, name)
         }
         if updates:
-            engine.reconfigure_scheduling(msgspec.structs.replace(current, **updates))
+            try:
+                reloaded = msgspec.structs.replace(current, **updates)
+            except ValueError as exc:  # e.g. a kv_admission_cap outside (0, 1]: keep what runs now
+                log.error("config_reload_failed", path=str(self.path), error=str(exc))
+                return
+            engine.reconfigure_scheduling(reloaded)
             changes.update(updates)
         log.info("config_reloaded", path=str(self.path), changes=changes)
