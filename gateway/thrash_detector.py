@@ -11,8 +11,9 @@ oldest and newest samples):
   pool's last num_blocks evictions) / evicted blocks;
 - the prefix-cache hit rate (hit / queried prompt tokens).
 
-The pool thrashes when the recompute share reaches `thrash_recompute_share`, or the refetch share
-reaches `thrash_refetch_share` (over at least MIN_EVICTIONS evictions); it clears when both are
+The pool thrashes when, over at least a quarter of the window, the recompute share reaches
+`thrash_recompute_share`, or the refetch share reaches `thrash_refetch_share` (over at least
+MIN_EVICTIONS evictions); it clears when both are
 below half their thresholds (so that one figure hovering at a threshold is one episode, not many).
 The scheduler tightens admission while it thrashes and logs one `kv_thrashing` event per episode,
 and one `kv_thrashing_cleared` when it ends.
@@ -38,6 +39,7 @@ from paged.shared.config import SchedulerConfig
 RESOLUTION_S = 0.25
 CLEAR_FRACTION = 0.5  # thrashing clears when every figure is below this share of its threshold
 MIN_EVICTIONS = 8  # fewer evictions in the window say nothing about the refetch share
+MIN_SPAN = 0.25  # nor does less than this share of the window (after a start): one preemption is no episode
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +112,7 @@ class ThrashDetector:
             samples.popleft()
         start, oldest = samples[0]
         self.figures = figures = window_figures(oldest, totals, now - start)
-        if not figures.seconds:
+        if figures.seconds < config.thrash_window * MIN_SPAN:
             return None
         recompute = figures.recompute_share / config.thrash_recompute_share
         refetch = figures.refetch_share / config.thrash_refetch_share if figures.evictions >= MIN_EVICTIONS else 0.0

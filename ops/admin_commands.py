@@ -38,8 +38,9 @@ def status(client: AdminClient, as_json: bool) -> None:
                       f" · {state} · up {payload['uptime_s']:.0f}s"),
         f"running {payload['running_seqs']} sequences · waiting {payload['waiting_requests']} · swapped {payload['swapped_requests']} requests",
         workers_table(payload["workers"]),
-        Text(f"KV thrashing on worker {', '.join(thrashing)}: admission is tightened until it clears", style="bold red")
-        if thrashing else "KV pool not thrashing",
+        Text(f"KV thrashing on worker {', '.join(thrashing)}" + (
+            ": predictive admission is tightened until it clears" if policy.get("admission_policy") == "predictive" else ""
+        ), style="bold red") if thrashing else "KV pool not thrashing",
         pressure_table(payload["workers"]),
         "policy: " + ", ".join(f"{key}={value}" for key, value in policy.items()),
     )  # fmt: skip

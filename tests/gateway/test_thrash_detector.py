@@ -88,8 +88,17 @@ def test_samples_are_taken_at_most_every_resolution() -> None:
 def test_an_idle_window_slides_on_and_clears() -> None:
     clock = Clock()
     detector = ThrashDetector(clock=clock)
-    run(detector, clock, [WorkTotals(computed_tokens=100 * k, recomputed_tokens=50 * k) for k in range(1, 4)])
+    run(detector, clock, [WorkTotals(computed_tokens=100 * k, recomputed_tokens=50 * k) for k in range(1, 5)])
     assert detector.thrashing
-    idle = WorkTotals(computed_tokens=300, recomputed_tokens=150)
+    idle = WorkTotals(computed_tokens=400, recomputed_tokens=200)
     changes = run(detector, clock, [idle] * 15)
     assert changes.count(False) == 1 and not detector.thrashing
+
+
+def test_less_than_a_quarter_of_the_window_is_not_judged() -> None:
+    clock = Clock()
+    detector = ThrashDetector(clock=clock)
+    # One preemption's recompute right after a start: 2 s of data in a 10 s window.
+    assert run(detector, clock, [WorkTotals(computed_tokens=100 * k, recomputed_tokens=90 * k) for k in range(1, 4)]) == [None] * 3
+    assert detector.figures.recompute_share == 0.9 and not detector.thrashing
+    assert run(detector, clock, [WorkTotals(computed_tokens=400, recomputed_tokens=360)]) == [True]
