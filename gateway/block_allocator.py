@@ -98,6 +98,9 @@ class BlockAllocator(Protocol):
     kind: str  # "paged" or "contiguous", as the admin API names it
     block_size: int
     enable_prefix_caching: bool
+    # Whether sequences take blocks as they grow, so that the pool can be promised to more than it
+    # holds (paged); the contiguous allocator reserves each sequence's whole length at admission.
+    grows_on_demand: bool
 
     @property
     def num_blocks(self) -> int: ...
@@ -122,6 +125,14 @@ class BlockAllocator(Protocol):
 
     def peak_blocks(self, prompt_len: int, max_num_tokens: int, n: int) -> int:
         """Blocks a request needs at its largest when it runs alone."""
+        ...
+
+    def exclusive_blocks(self, seqs: list[Sequence]) -> list[int]:
+        """Each sequence's device blocks that no other table holds: what it frees when it ends."""
+        ...
+
+    def num_held(self, blocks: list[int]) -> int:
+        """How many of these blocks are held by some table (the rest are free or cached-free)."""
         ...
 
     # Prefix cache

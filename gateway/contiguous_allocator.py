@@ -25,6 +25,7 @@ FORK_RESERVE = "(fork reserve)"  # the holder the memory map names for runs rese
 class ContiguousAllocator:
     kind = "contiguous"
     enable_prefix_caching = False
+    grows_on_demand = False
     num_host_blocks = 0
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
@@ -45,6 +46,18 @@ class ContiguousAllocator:
 
     def peak_blocks(self, prompt_len: int, max_num_tokens: int, n: int) -> int:
         return n * self._blocks_for(max_num_tokens)
+
+    def exclusive_blocks(self, seqs: list[Sequence]) -> list[int]:
+        """Nothing is shared: a sequence frees its run and the runs reserved for its children."""
+        exclusive = []
+        for seq in seqs:
+            record = self.seqs.get(seq.seq_id)
+            reserved = sum(len(run) for run in self._fork_runs.get(seq.seq_id, []))
+            exclusive.append(len(record.table) + reserved if record is not None else 0)
+        return exclusive
+
+    def num_held(self, blocks: list[int]) -> int:
+        return 0  # no prefix hits
 
     # Runs ---------------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from paged.shared.protocol import BlockCopy
 
 class KVCacheManager:
     kind = "paged"
+    grows_on_demand = True
 
     def __init__(
         self,
@@ -81,6 +82,26 @@ class KVCacheManager:
         when it recomputes a preempted request, so this bound holds for its whole life."""
         shared = self.shared_prompt_blocks(prompt_len)
         return shared + n * (self._blocks_for(max_num_tokens) - shared)
+
+    def exclusive_blocks(self, seqs: list[Sequence]) -> list[int]:
+        pool = self.pool
+        records = self.seqs
+        tables = [record.table if (record := records.get(seq.seq_id)) is not None and not record.swapped else [] for seq in seqs]
+        if not pool.num_shared:  # nothing shared anywhere: every block is its table's own
+            return [len(table) for table in tables]
+        ref_counts = pool.ref_counts
+        exclusive = []
+        for table in tables:
+            # A sum of the reference counts equal to the length means no block of it is shared.
+            if sum(map(ref_counts.__getitem__, table)) == len(table):
+                exclusive.append(len(table))
+            else:
+                exclusive.append(sum(1 for block in table if ref_counts[block] == 1))
+        return exclusive
+
+    def num_held(self, blocks: list[int]) -> int:
+        ref_counts = self.pool.ref_counts
+        return sum(1 for block in blocks if ref_counts[block])
 
     # Prefix cache -----------------------------------------------------------------------------
 
@@ -167,6 +188,8 @@ class KVCacheManager:
         num_revived = sum(1 for block in hit.blocks if ref_counts[block] == 0)
         if self.pool.num_free - num_new_blocks - num_revived < reserve_blocks:
             return False
+        if self.enable_prefix_caching:
+            self.pool.count_refetches(seq.block_hashes[hit.num_tokens // self.block_size :])
         self.pool.reuse(hit.blocks)
         if hit.store_hits:
             table = self._load_from_store(seq, hit, num_new_blocks)
@@ -389,6 +412,7 @@ class KVCacheManager:
             slots_reserved=used * self.block_size,
             slots_filled=pool.num_filled_slots,
             evictions=pool.num_evictions,
+            refetched_blocks=pool.num_refetched,
             host_blocks=self.host_pool.num_blocks,
             host_free_blocks=self.host_pool.num_free,
         )

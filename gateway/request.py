@@ -43,6 +43,7 @@ class Sequence:
     num_tokens: int
     max_num_tokens: int = 0  # min(prompt + max_tokens, max_model_len); set on admission to a scheduler
     num_computed: int = 0  # tokens whose KV is in the cache or being computed by a step in flight
+    computed_high_water: int = 0  # most tokens computed before its last recompute preemption: below it, work is done again
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     on_worker: bool = False  # the worker holds state for it (a NewSequence or fork was sent)
@@ -78,6 +79,7 @@ class Request:
     awaiting_shared_prompt: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
     kv_transfer_failed: bool = False  # a hand-off to a decode worker failed: it finishes where it is
+    times_bypassed: int = 0  # requests admitted past it while it headed the waiting queue (backfill)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first scheduling
     waiting_tokens: int = 0  # tokens it adds to the waiting queue's total while it waits
     order: tuple[int, int] = (0, 0)  # (priority under the priority policy else 0, arrival number)

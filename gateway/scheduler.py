@@ -2,7 +2,9 @@
 results back in as RequestOutputs.
 
 It owns the requests and composes the parts, one job each:
-- admission.py: whether a request may enter (refusal kinds) and may take running seats;
+- admission.py: whether a request may enter (refusal kinds), may take running seats, and (under
+  predictive admission) is expected to fit the pool for its whole run: demand_forecast.py over
+  the output lengths learned from finished sequences (output_lengths.py);
 - policy_queues.py: the waiting, swapped and running queues in the policy's order;
 - step_planner.py: each step's decisions: token budget, swap-in, admission, preemption
   (preemption.py chooses the victim and swaps or recomputes it);
@@ -12,7 +14,9 @@ It owns the requests and composes the parts, one job each:
 - output_processor.py: results applied in step order, the stop check, prefix-cache registration;
 - stats.py: the snapshot read by metrics, the admin API and the simulator;
 - transfer_items.py: the KV transfer items of its next step; a `HandoffHooks` (gateway/handoff.py)
-  moves requests between prefill and decode workers through the methods at the end of this class.
+  moves requests between prefill and decode workers through the methods at the end of this class;
+- thrash_detector.py: recompute share, preemption and eviction rates over a sliding window; while
+  the pool thrashes, admission tightens.
 The block allocator (block_allocator.py: paged or contiguous) holds the block tables; with a host
 KV store (docs/kv-store.md), a KVStoreSession (kv_store_session.py) orders the step's saves to and
 loads from it, over the store's index that every worker of the host shares (kv_store_index.py).
@@ -28,15 +32,19 @@ whole pool and finish: admitted work finishes, it is never stuck waiting or pree
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Protocol
 
-from paged.gateway.admission import check_arrival
+from paged.gateway.admission import AdmissionMargin, PredictiveAdmission, check_arrival
 from paged.gateway.block_accounting import AccountingReport
 from paged.gateway.block_allocator import BlockAllocator
 from paged.gateway.contiguous_allocator import ContiguousAllocator
+from paged.gateway.demand_forecast import DemandForecast
 from paged.gateway.kv_cache_manager import KVCacheManager
 from paged.gateway.kv_store_index import KVStoreIndex
 from paged.gateway.kv_store_session import KVStoreSession
+from paged.gateway.output_lengths import OutputLengthModel
 from paged.gateway.output_processor import OutputProcessor
 from paged.gateway.outputs import RequestOutput
 from paged.gateway.policy_queues import PolicyQueues, request_order
@@ -47,8 +55,12 @@ from paged.gateway.stats import SchedulerCounters, SchedulerStats, extend
 from paged.gateway.step_builder import StepBuilder, WorkerMirror, is_empty
 from paged.gateway.step_planner import StepPlanner
 from paged.gateway.transfer_items import TransferItems
+from paged.gateway.thrash_detector import ThrashDetector, WorkTotals
 from paged.shared.config import CacheConfig, SchedulerConfig
+from paged.shared.logging import get_logger
 from paged.shared.protocol import StepInput, StepOutput
+
+log = get_logger("gateway.scheduler")
 
 RUNNING = SequenceStatus.RUNNING
 FINISHED = SequenceStatus.FINISHED
@@ -104,25 +116,30 @@ class Scheduler:
         store_index: KVStoreIndex | None = None,
         worker_name: str = "0",
         context_cost: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`store_index`: the host KV store this worker attached (None: none); `worker_name` names the
         replica to it; `context_cost` weighs depth in the depth eviction policy (from the registration)."""
         self.config = scheduler_config
         self.cache_config = cache_config
         self.max_model_len = max_model_len
+        self.name = worker_name  # the worker's replica: its log events and its KV store session name it
         self.counters = SchedulerCounters()
         self._num_blocks = num_blocks
         self._num_host_blocks = num_host_blocks
         self._store_index = store_index if uses_kv_store(cache_config) else None
-        self._worker_name = worker_name
         self._context_cost = context_cost
         self.handoff: HandoffHooks | None = None
+        # What is learned outlives a lost worker: output lengths, the admission margin, the window.
+        self.lengths = OutputLengthModel()
+        self.margin = AdmissionMargin()
+        self.thrash = ThrashDetector(clock)
         self._start_empty()
 
     def _start_empty(self) -> None:
         """Fresh parts: an empty allocator, queues and worker mirror (the counters carry on)."""
         index = self._store_index
-        self.store = KVStoreSession(index, self._worker_name) if index is not None else None
+        self.store = KVStoreSession(index, self.name) if index is not None else None
         self.kv = make_allocator(self.cache_config, self._num_blocks, self._num_host_blocks, self.store, self._context_cost)
         self.requests: dict[str, Request] = {}  # every unfinished request
         self._seqs: dict[int, Sequence] = {}  # live sequences by id
@@ -131,7 +148,10 @@ class Scheduler:
         self.mirror = WorkerMirror()
         preemption = Preemption(self.kv, self.queues, self.groups, self.mirror, self.counters)
         watermark_blocks = int(self.config.kv_watermark * self._num_blocks)
-        self.planner = StepPlanner(self.kv, self.queues, self.groups, preemption, self.counters, watermark_blocks)
+        self.predictive = PredictiveAdmission(self.kv, DemandForecast(self.lengths, self.kv.block_size), self.margin)
+        self.planner = StepPlanner(
+            self.kv, self.queues, self.groups, preemption, self.counters, watermark_blocks, self.predictive
+        )
         self.processor = OutputProcessor(self._seqs, self._end_seq, self._finish_request)
         self.transfers = TransferItems()
 
@@ -187,6 +207,8 @@ class Scheduler:
     def _end_seq(self, seq: Sequence, reason: str) -> SequenceStatus:
         """A sequence stopped (output processing); its request ends with its last sequence."""
         was = seq.status
+        prompt_len = seq.request.num_prompt_tokens
+        self.lengths.observe(seq.num_output_tokens, seq.max_num_tokens - prompt_len)
         self._finish_seq(seq, reason)
         if seq.request.finished:
             self._forget_request(seq.request, was)
@@ -207,8 +229,9 @@ class Scheduler:
             self.handoff.request_ended(self, request)
 
     def reconfigure(self, scheduler_config: SchedulerConfig) -> None:
-        """Apply a reloaded configuration (SIGHUP) to a running scheduler: the admission caps and the
-        policy. Queued requests stay; a switch to or from the priority policy re-orders them."""
+        """Apply a reloaded configuration (SIGHUP) to a running scheduler: the admission caps and
+        policies, the thrash detector's settings. Queued requests stay; a switch to or from the
+        priority policy re-orders them."""
         self.config = scheduler_config
         self.queues.set_policy(scheduler_config.scheduling_policy == "priority")
 
@@ -222,7 +245,9 @@ class Scheduler:
                 seq.ignore_results_until = -1
             fork_again_if_nothing_sampled(request)
         self.groups.forget_all()
-        self.counters.evictions_before += self.kv.stats().evictions
+        pool = self.kv.stats()
+        self.counters.evictions_before += pool.evictions
+        self.counters.refetched_before += pool.refetched_blocks
         if self.store is not None:
             self.store.lost()
         self._start_empty()
@@ -265,7 +290,12 @@ class Scheduler:
 
     def schedule(self) -> StepInput:
         step = self.mirror.begin_step(self.config.max_num_batched_tokens)
+        self.predictive.tightened = self.thrash.thrashing
         self.planner.plan(step, self.config)
+        counters = self.counters
+        counters.computed_tokens += step.num_computed
+        counters.recomputed_tokens += step.num_recomputed
+        self._watch_thrashing()
         if self.groups.awaiting:
             self.groups.attach_awaiting()
         for parent in step.forks:
@@ -350,14 +380,56 @@ class Scheduler:
 
     # Statistics and audit -----------------------------------------------------------------------
 
+    def _work_totals(self) -> WorkTotals:
+        counters = self.counters
+        pool = self.kv.stats()
+        return WorkTotals(
+            computed_tokens=counters.computed_tokens,
+            recomputed_tokens=counters.recomputed_tokens,
+            preemptions=counters.preemptions,
+            evictions=counters.evictions_before + pool.evictions,
+            refetched_blocks=counters.refetched_before + pool.refetched_blocks,
+            prefix_queries_tokens=counters.prefix_queries_tokens,
+            prefix_hits_tokens=counters.prefix_hits_tokens,
+        )
+
+    def _watch_thrashing(self) -> None:
+        """Sample the work totals into the thrash detector (a clock read unless a sample is due)."""
+        thrash = self.thrash
+        if not thrash.sample_due():
+            return
+        change = thrash.observe(self._work_totals(), self.config)
+        if change is None:
+            return
+        figures = thrash.figures
+        event = "kv_thrashing" if change else "kv_thrashing_cleared"
+        (log.warning if change else log.info)(
+            event,
+            worker=self.name,
+            window_s=round(figures.seconds, 2),
+            recompute_share=round(figures.recompute_share, 4),
+            recomputed_tokens=figures.recomputed_tokens,
+            computed_tokens=figures.computed_tokens,
+            preemptions_per_s=round(figures.preemptions_per_s, 2),
+            evictions_per_s=round(figures.evictions_per_s, 2),
+            refetch_share=round(figures.refetch_share, 4),
+            prefix_hit_rate=round(figures.prefix_hit_rate, 4),
+            running_seqs=len(self.queues.running),
+            waiting_requests=len(self.queues.waiting),
+        )
+
     def stats(self) -> SchedulerStats:
+        self._watch_thrashing()  # an idle scheduler's window slides on too
         pool = self.kv.stats()
         counters = self.counters
         queues = self.queues
+        figures = self.thrash.figures
+        share = self.lengths.mean_share()
         return extend(
             pool,
             SchedulerStats,
             evictions=counters.evictions_before + pool.evictions,
+            refetched_blocks=counters.refetched_before + pool.refetched_blocks,
             running_seqs=len(queues.running),
             running_requests=queues.num_running_requests,
             waiting_requests=len(queues.waiting),
@@ -370,6 +442,17 @@ class Scheduler:
             swaps_out=counters.swaps_out,
             swaps_in=counters.swaps_in,
             kv_transfers_in_flight=len(self.transfers.open),
+            computed_tokens=counters.computed_tokens,
+            recomputed_tokens=counters.recomputed_tokens,
+            window_s=figures.seconds,
+            goodput=figures.goodput,
+            preemptions_per_s=figures.preemptions_per_s,
+            evictions_per_s=figures.evictions_per_s,
+            refetch_share=figures.refetch_share,
+            window_prefix_hit_rate=figures.prefix_hit_rate,
+            kv_thrashing=self.thrash.thrashing,
+            admission_margin=self.margin.z,
+            expected_output_share=1.0 if share is None else share,
         )
 
     def audit(self) -> AccountingReport:

@@ -23,7 +23,9 @@ from paged.shared.protocol import BlockCopy
 
 
 def reset_for_recompute(seq: Sequence) -> None:
-    """Back to waiting with only its known tokens; placeholders in flight are dropped."""
+    """Back to waiting with only its known tokens; placeholders in flight are dropped. What it had
+    computed (steps in flight included) is computed again later: its high-water mark remembers it."""
+    seq.computed_high_water = max(seq.computed_high_water, seq.num_computed)
     seq.status = SequenceStatus.WAITING
     seq.num_computed = 0
     seq.num_tokens = len(seq.token_ids)

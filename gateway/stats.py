@@ -29,6 +29,7 @@ class PoolStats(msgspec.Struct, kw_only=True):
     slots_reserved: int = 0  # token slots in held blocks
     slots_filled: int = 0  # of those, slots holding tokens
     evictions: int = 0  # cached blocks whose content was dropped for reuse (counter)
+    refetched_blocks: int = 0  # of those, blocks whose content an admission needed again soon after (counter)
     host_blocks: int = 0  # the host pool for swapped-out blocks
     host_free_blocks: int = 0
     kv_utilization: float = 0.0  # slots_filled / slots_reserved (0 when nothing is reserved); derived
@@ -52,6 +53,19 @@ class SchedulerStats(PoolStats, kw_only=True):
     swaps_out: int = 0  # blocks copied device -> host
     swaps_in: int = 0  # blocks copied host -> device
     kv_transfers_in_flight: int = 0  # KV hand-offs this worker sends or receives now (docs/disaggregation.md)
+    computed_tokens: int = 0  # tokens the worker was asked to compute (prefix-cache hits are not)
+    recomputed_tokens: int = 0  # of those, computed again after a recompute preemption
+    # Over the thrash detector's sliding window (gateway/thrash_detector.py), `window_s` long:
+    window_s: float = 0.0
+    goodput: float = 1.0  # share of computed tokens computed for the first time
+    preemptions_per_s: float = 0.0
+    evictions_per_s: float = 0.0  # cached blocks evicted for reuse
+    refetch_share: float = 0.0  # evicted cached blocks whose content was needed again / evicted
+    window_prefix_hit_rate: float = 0.0  # prefix-cache hits / queries, in tokens
+    kv_thrashing: bool = False  # the pool thrashes: admission is tightened until it clears
+    # Predictive admission (gateway/admission.py):
+    admission_margin: float = 0.0  # standard deviations of forecast error kept free
+    expected_output_share: float = 1.0  # learned mean share of max_tokens that sequences generate
     prefix_hit_rate: float = 0.0  # prefix_hits_tokens / prefix_queries_tokens; derived
 
     def __post_init__(self) -> None:
@@ -129,10 +143,13 @@ class SchedulerCounters(msgspec.Struct):
     prefix_hits_tokens: int = 0
     store_hits_tokens: int = 0
     store_misses_tokens: int = 0
+    computed_tokens: int = 0  # tokens the worker was asked to compute (prefix-cache hits are not computed)
+    recomputed_tokens: int = 0  # of which computed again after a recompute preemption
     preemptions: int = 0
     swaps_out: int = 0
     swaps_in: int = 0
     evictions_before: int = 0  # evictions of allocators dropped when their worker was lost
+    refetched_before: int = 0  # and their refetched blocks
 
 
 # Seconds a step spends saving to or loading from the KV store: a 20 KiB page takes microseconds,

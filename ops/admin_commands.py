@@ -14,7 +14,7 @@ from rich.text import Text
 
 from paged.ops.admin_client import AdminClient, admin_command
 from paged.ops.admin_output import Columns, Output, Part
-from paged.ops.admin_tables import pct, pool_tier_table, requests_table, store_tier_table, transfers_line, workers_table
+from paged.ops.admin_tables import pct, pool_tier_table, pressure_table, requests_table, store_tier_table, thrashing_workers, transfers_line, workers_table
 from paged.ops.memmap_render import render_memmap, write_png
 from paged.shared.logging import LEVELS
 
@@ -33,12 +33,17 @@ def status(client: AdminClient, as_json: bool) -> None:
     state = "draining" if payload["draining"] else "ready" if payload["ready"] else "not ready"
     policy = {**payload["policy"]["scheduler"], **payload["policy"]["cache"]}
     transfers = transfers_line(payload.get("transfers"))
+    thrashing = thrashing_workers(payload["workers"])
     Output().print(
         Text.assemble((f"paged {payload['version']}", "bold"), f" · {payload['served_model_name']} ({payload['model']})"
                       f" · {state} · up {payload['uptime_s']:.0f}s"),
         f"running {payload['running_seqs']} sequences · waiting {payload['waiting_requests']} · swapped {payload['swapped_requests']} requests",
         workers_table(payload["workers"]),
         *([transfers] if transfers else []),
+        Text(f"KV thrashing on worker {', '.join(thrashing)}" + (
+            ": predictive admission is tightened until it clears" if policy.get("admission_policy") == "predictive" else ""
+        ), style="bold red") if thrashing else "KV pool not thrashing",
+        pressure_table(payload["workers"]),
         "policy: " + ", ".join(f"{key}={value}" for key, value in policy.items()),
     )  # fmt: skip
 

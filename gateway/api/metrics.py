@@ -36,16 +36,28 @@ WORKER_GAUGES = (
     ("paged_kv_blocks_free", "KV cache blocks neither held nor cached", "free_blocks"),
     ("paged_kv_blocks_cached", "Unreferenced KV cache blocks kept for prefix-cache hits", "cached_blocks"),
     ("paged_kv_utilization", "Token slots holding tokens / token slots reserved", "kv_utilization"),
+    # Over the thrash detector's sliding window (--thrash-window seconds):
+    ("paged_kv_thrashing", "1 while the pool thrashes (recompute or refetch share at its threshold)", "kv_thrashing"),
+    ("paged_goodput_ratio", "Share of computed tokens computed for the first time, over the window", "goodput"),
+    ("paged_preemptions_per_second", "Preemptions per second, over the window", "preemptions_per_s"),
+    ("paged_evictions_per_second", "Cached blocks evicted for reuse per second, over the window", "evictions_per_s"),
+    ("paged_refetch_ratio", "Evicted cached blocks whose content was needed again / evicted, over the window", "refetch_share"),
+    ("paged_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up, over the window", "window_prefix_hit_rate"),
+    ("paged_admission_margin", "Standard deviations of forecast error predictive admission keeps free", "admission_margin"),
+    ("paged_expected_output_share", "Learned mean share of max_tokens that sequences generate", "expected_output_share"),
 )
 WORKER_COUNTERS = (
     ("paged_prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache", "prefix_queries_tokens"),
     ("paged_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache", "prefix_hits_tokens"),
     ("paged_preemptions", "Sequences preempted", "preemptions"),
     ("paged_evictions", "Cached blocks evicted for reuse", "evictions"),
+    ("paged_refetched_blocks", "Evicted cached blocks whose content an admission needed again soon after", "refetched_blocks"),
     ("paged_swaps_out", "Blocks swapped out to host memory", "swaps_out"),
     ("paged_swaps_in", "Blocks swapped back in from host memory", "swaps_in"),
     ("paged_kv_store_hits_tokens", "Prompt tokens loaded from the host KV store (of the prefix-cache hits)", "store_hits_tokens"),
     ("paged_kv_store_misses_tokens", "Prompt tokens of full blocks in neither the pool nor the KV store (with a store)", "store_misses_tokens"),
+    ("paged_computed_tokens", "Tokens the worker computed (prefix-cache hits are not computed)", "computed_tokens"),
+    ("paged_recomputed_tokens", "Tokens computed again after a recompute preemption", "recomputed_tokens"),
 )
 # Per host KV store (label `store`, its id): (name, help, KVStoreStats field).
 STORE_GAUGES = (

@@ -42,6 +42,9 @@ FIGURES: list[tuple[str, Callable[[Summary], float | None], str]] = [
     ("preemptions", _field("preemptions"), "{:.0f}"),
     ("KV transfers (prefill → decode)", _field("kv_transfers"), "{:.0f}"),
     ("KV transfer mean (ms)", _field("kv_transfer_mean_ms"), "{:.1f}"),
+    ("recomputed tokens", _field("recomputed_tokens"), "{:.0f}"),
+    ("recomputed / computed tokens", _field("recompute_share"), "{:.2%}"),
+    ("time thrashing", _field("thrashing_share"), "{:.0%}"),
 ]
 # Per class of request (RequestSpec.kind): (label, latency key, statistic, format)
 KIND_FIGURES = [

@@ -30,6 +30,7 @@ SERVER_CONFIGS: dict[str, list[str]] = {
     "no-kv-store": ["--kv-offload-memory", "0"],
     "lfu": ["--kv-eviction-policy", "lfu", "--kv-store-eviction-policy", "lfu"],
     "depth": ["--kv-eviction-policy", "depth", "--kv-store-eviction-policy", "depth"],
+    "greedy-admission": ["--admission-policy", "greedy"],  # paged as before predictive admission
 }
 STARTUP_TIMEOUT_S = 300.0
 PROGRESS_LINE_EVERY_S = 10.0  # without a terminal (a log file, CI), a line this often while a server starts

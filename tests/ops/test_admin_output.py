@@ -99,3 +99,21 @@ def test_without_prefill_or_decode_workers_status_looks_as_before() -> None:
     output, buffer = terminal(200)
     output.print(*_view({**STATUS, "transfers": {**TRANSFERS, "started": 0, "in_flight": 0}}, [], None))
     assert "KV transfers" not in buffer.getvalue()
+
+
+def test_top_shows_a_thrashing_pool_and_its_rates_within_the_width() -> None:
+    thrashing = {**WORKER, "name": "1", "kv_thrashing": True, "goodput": 0.62, "recomputed_tokens": 91234,
+                 "preemptions_per_s": 3.25, "evictions_per_s": 120.5, "window_prefix_hit_rate": 0.12, "window_s": 10.0,
+                 "admission_margin": 2.5}  # fmt: skip
+    status = {**STATUS, "workers": [WORKER, thrashing]}
+    for width in (60, 200):
+        output, buffer = terminal(width)
+        output.print(*_view(status, [REQUEST], None))
+        text = buffer.getvalue()
+        assert all(len(line) <= width for line in text.splitlines()), text
+        assert "KV THRASHING on worker 1" in text
+        for value in ("62.0%", "91234", "3.25", "120.5", "12.0%", "2.50", "YES"):
+            assert value in text, (value, text)
+    output, buffer = terminal(200)
+    output.print(*_view(STATUS, [REQUEST], None))
+    assert "THRASHING" not in buffer.getvalue() and "goodput" in buffer.getvalue()

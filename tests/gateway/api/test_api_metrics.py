@@ -12,7 +12,9 @@ PER_WORKER = [
     "paged_requests_running", "paged_requests_waiting", "paged_kv_blocks_total", "paged_kv_blocks_used",
     "paged_kv_blocks_free", "paged_kv_blocks_cached", "paged_kv_utilization", "paged_prefix_cache_queries_tokens_total",
     "paged_prefix_cache_hits_tokens_total", "paged_preemptions_total", "paged_evictions_total", "paged_swaps_out_total",
-    "paged_swaps_in_total",
+    "paged_swaps_in_total", "paged_computed_tokens_total", "paged_recomputed_tokens_total", "paged_kv_thrashing",
+    "paged_goodput_ratio", "paged_preemptions_per_second", "paged_evictions_per_second", "paged_refetch_ratio", "paged_refetched_blocks_total", "paged_prefix_cache_hit_rate",
+    "paged_admission_margin", "paged_expected_output_share",
 ]
 REQUEST_METRICS = [
     "paged_requests_finished_total", "paged_prompt_tokens_total", "paged_generation_tokens_total",
@@ -44,6 +46,10 @@ async def test_metrics_names_and_values(client: httpx.AsyncClient, engine: FakeE
         assert name in samples, name
     assert samples["paged_kv_blocks_total"][0][1] == 64 and samples["paged_kv_blocks_used"][0][1] == 0
     assert samples["paged_prefix_cache_hits_tokens_total"][0][1] == 40
+    # The thrash monitor's figures come from the worker's snapshot (the fake engine's: thrashing).
+    assert samples["paged_kv_thrashing"][0][1] == 1 and samples["paged_goodput_ratio"][0][1] == 0.75
+    assert samples["paged_recomputed_tokens_total"][0][1] == 250 and samples["paged_computed_tokens_total"][0][1] == 1000
+    assert samples["paged_preemptions_per_second"][0][1] == 0.5 and samples["paged_evictions_per_second"][0][1] == 3.0
     finished = {labels["reason"]: value for labels, value in samples["paged_requests_finished_total"]}
     assert finished == {"length": 2, "stop": 2}
     assert samples["paged_generation_tokens_total"][0][1] == 8 + stopped["usage"]["completion_tokens"]
