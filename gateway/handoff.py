@@ -198,7 +198,7 @@ class HandoffCoordinator:
         report = AccountingReport()
         for transfer in self._transfers.values():
             name = f"transfer {transfer.transfer_id}"
-            hold = transfer.dest_kv.transfer_holds.get(transfer.transfer_id)
+            hold = transfer.dest_kv.incoming.get(transfer.transfer_id)
             if hold is None:
                 report.problems.append(f"{name}: no blocks held on decode worker {transfer.dest.name}")
             source_tables = transfer.source_scheduler.kv.seqs
@@ -270,11 +270,7 @@ class HandoffCoordinator:
                 continue
             if kv.peak_blocks(request.num_prompt_tokens, request.seqs[0].max_num_tokens, request.params.n) > kv.num_blocks:
                 continue
-            hits = 0
-            for block_hash in hashes:
-                if kv.pool.lookup(block_hash) is None:
-                    break
-                hits += 1
+            hits = kv.num_cached(hashes)
             load = scheduler.num_running + scheduler.num_waiting + scheduler.groups.transfer_seats
             ranked.append((hits, -load, node, scheduler, kv))
         ranked.sort(key=lambda entry: entry[:2], reverse=True)
@@ -318,7 +314,7 @@ class HandoffCoordinator:
             transfer.source.wake()
         if dest_alive:
             transfer.dest_scheduler.transfers.cancel(transfer_id)
-            transfer.dest_kv.release_transfer(transfer_id)
+            transfer.dest_kv.incoming.release(transfer_id)
             transfer.dest_scheduler.groups.transfer_seats -= transfer.seats
             transfer.dest.wake()
         self._forget(transfer)

@@ -317,7 +317,6 @@ class Scheduler:
         if self.store is not None:
             failed_loads = self.store.step_done(step, output, sent=not is_empty(step))
             if failed_loads:
-                assert isinstance(self.kv, KVCacheManager)  # only the paged allocator has a store
                 self.kv.forget_blocks(failed_loads)
         outputs, running_finished = self.processor.process(step, output, self.kv)
         if running_finished:
