@@ -143,7 +143,7 @@ def simulate(
             utilization_peak = max(utilization_peak, utilization)
         used_sum += stats.used_blocks
         running_sum += scheduler.num_running
-        thrashing_steps += scheduler.thrash.thrashing
+        thrashing_steps += scheduler.figures.thrash.thrashing
         peak_concurrency = max(peak_concurrency, scheduler.num_running)
 
     steps = loop.run(max_steps=10_000_000, after_step=measure)
