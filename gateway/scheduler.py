@@ -115,7 +115,7 @@ class Scheduler:
         self._start_empty()
 
     def _start_empty(self) -> None:
-        """Fresh parts: an empty allocator, queues and worker mirror (the counters carry on)."""
+        """Fresh parts: an empty allocator, queues and worker mirror (what `figures` counts and learns carries on)."""
         index = self._store_index
         self.store = KVStoreSession(index, self.name) if index is not None else None
         self.kv = make_allocator(self.cache_config, self._num_blocks, self._num_host_blocks, self.store, self._context_cost)
@@ -305,7 +305,7 @@ class Scheduler:
             self.handoff.after_update(self, step, output)
         return outputs
 
-    # Statistics and audit (scheduler_stats.py) -------------------------------------------------
+    # Statistics (scheduler_stats.py) and audit -------------------------------------------------
 
     def stats(self) -> SchedulerStats:
         self.figures.watch_thrashing(self.kv, self.queues, self.config)  # an idle scheduler's window slides on too

@@ -178,3 +178,7 @@ class KVStoreStats(msgspec.Struct, kw_only=True):
 
     def __post_init__(self) -> None:
         self.bytes_used = (self.num_slots - self.free_slots) * self.page_bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_slots * self.page_bytes
