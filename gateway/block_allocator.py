@@ -1,5 +1,6 @@
 """What the scheduler, the engine and the admin views need of a KV block allocator: the
-`BlockAllocator` protocol and the records it hands out.
+`BlockAllocator` protocol, the records it hands out, and the block tables (`BlockTables`) both
+implementations keep.
 
 Two implementations: `KVCacheManager` (gateway/kv_cache_manager.py), paged, with prefix caching,
 fork and copy-on-write and a host pool for swapping; `ContiguousAllocator`
@@ -49,18 +50,6 @@ class SeqBlocks:
     swapped: bool = False  # table holds host block ids
 
 
-@dataclass(slots=True)
-class TransferHold:
-    """Blocks a paged allocator holds for a KV transfer coming in (KVCacheManager.hold_for_transfer)."""
-
-    table: list[int]  # the sequence's table to be: prefix-cache hits first, then the blocks the pages land in
-    num_hits: int  # leading blocks already cached here, which the transfer skips
-
-    @property
-    def receive_blocks(self) -> list[int]:
-        return self.table[self.num_hits :]
-
-
 class BlockInfo(msgspec.Struct, omit_defaults=True):
     """One block as the memory map shows it. `holders` names one request per block table holding
     it, so len(holders) == ref. Fields at their default (0, empty, None) are left out of the JSON:
@@ -78,6 +67,33 @@ class BlockInfo(msgspec.Struct, omit_defaults=True):
 
 def hash_prefix(block_hash: int | None) -> str | None:
     return None if block_hash is None else f"{block_hash:032x}"[:HASH_PREFIX_HEX]
+
+
+class BlockTables:
+    """The per-sequence block tables both allocators keep, and the deltas that bring the worker's up to date."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.seqs: dict[int, SeqBlocks] = {}
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def take_table_delta(self, seq: Sequence) -> tuple[int, list[int]]:
+        """(table_from, new_blocks) the worker needs to bring its table up to date."""
+        record = self.seqs[seq.seq_id]
+        table_from = record.num_sent
+        num_blocks = len(record.table)
+        if table_from == num_blocks:
+            return table_from, []
+        record.num_sent = num_blocks
+        return table_from, record.table[table_from:]
+
+    def block_table(self, seq_id: int) -> list[int]:
+        return list(self.seqs[seq_id].table)
+
+    def holds(self, seq: Sequence) -> bool:
+        return seq.seq_id in self.seqs
 
 
 def holders_by_block(seqs: Mapping[int, SeqBlocks], names: Mapping[int, str]) -> dict[int, list[str]]:
@@ -144,6 +160,10 @@ class BlockAllocator(Protocol):
 
     def evict_cached_free(self) -> int:
         """Forget every cached-free block's content; returns how many were evicted."""
+        ...
+
+    def forget_blocks(self, blocks: list[int]) -> None:
+        """Drop these blocks' content from the prefix cache: a load into them failed."""
         ...
 
     # Allocation

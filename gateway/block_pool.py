@@ -141,6 +141,24 @@ class BlockPool:
     def lookup(self, block_hash: BlockHash) -> int | None:
         return self._cache.get(block_hash)
 
+    def cached_run(self, block_hashes: Iterable[BlockHash]) -> list[int]:
+        """The blocks caching the leading hashes of a chain, up to the first one not cached."""
+        blocks = []
+        cache = self._cache
+        for block_hash in block_hashes:
+            block = cache.get(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def has_room(self, num_new: int, reused: list[int], reserve: int) -> bool:
+        """Whether `num_new` fresh blocks and a reference on each of `reused` (prefix hits: the
+        cached-free ones among them stop being allocatable) leave `reserve` blocks allocatable."""
+        ref_counts = self.ref_counts
+        num_revived = sum(1 for block in reused if ref_counts[block] == 0)
+        return self.num_free - num_new - num_revived >= reserve
+
     def register(self, block: int, block_hash: BlockHash, parent: BlockHash | None = None, depth: int = 0) -> None:
         """Make a held, full block findable by its content hash (`parent` is the previous block's in
         its chain, `depth` its index there). A block whose content is already cached elsewhere stays

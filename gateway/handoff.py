@@ -136,7 +136,7 @@ class HandoffCoordinator:
         node = self._node_of(scheduler)
         if node is None or node.role != "prefill" or not isinstance(scheduler.kv, KVCacheManager):
             return
-        for request in scheduler.first_token_requests(step):
+        for request in scheduler.handoff_moves.first_token_requests(step):
             if self._wants_handoff(request):
                 self._hand_off(node, scheduler, request, step.step_id)
 
@@ -198,7 +198,7 @@ class HandoffCoordinator:
         report = AccountingReport()
         for transfer in self._transfers.values():
             name = f"transfer {transfer.transfer_id}"
-            hold = transfer.dest_kv.transfer_holds.get(transfer.transfer_id)
+            hold = transfer.dest_kv.incoming.get(transfer.transfer_id)
             if hold is None:
                 report.problems.append(f"{name}: no blocks held on decode worker {transfer.dest.name}")
             source_tables = transfer.source_scheduler.kv.seqs
@@ -235,7 +235,7 @@ class HandoffCoordinator:
                 break
         else:
             return  # no decode worker can take it now: it decodes here (a role is a preference, not a limit)
-        scheduler.start_transfer(request)
+        scheduler.handoff_moves.start_transfer(request)
         scheduler.groups.transfer_seats += seats
         dest_scheduler.groups.transfer_seats += seats
         scheduler.transfers.send(KVSend(transfer_id, seq.seq_id, dest.transfer_endpoint, table[hold.num_hits :]))
@@ -270,11 +270,7 @@ class HandoffCoordinator:
                 continue
             if kv.peak_blocks(request.num_prompt_tokens, request.seqs[0].max_num_tokens, request.params.n) > kv.num_blocks:
                 continue
-            hits = 0
-            for block_hash in hashes:
-                if kv.pool.lookup(block_hash) is None:
-                    break
-                hits += 1
+            hits = kv.num_cached(hashes)
             load = scheduler.num_running + scheduler.num_waiting + scheduler.groups.transfer_seats
             ranked.append((hits, -load, node, scheduler, kv))
         ranked.sort(key=lambda entry: entry[:2], reverse=True)
@@ -284,11 +280,11 @@ class HandoffCoordinator:
         """Done and the first token in: the decode worker takes the request over."""
         request = transfer.request
         self._forget(transfer)
-        transfer.source_scheduler.release_transferred(request)
+        transfer.source_scheduler.handoff_moves.release_transferred(request)
         transfer.source_scheduler.groups.transfer_seats -= transfer.seats
         transfer.dest_kv.adopt_transfer(transfer.transfer_id, request.live_seqs(), request.num_prompt_tokens)
         transfer.dest_scheduler.groups.transfer_seats -= transfer.seats
-        transfer.dest_scheduler.adopt_transferred(request)
+        transfer.dest_scheduler.handoff_moves.adopt_transferred(request)
         transfer.source.wake()
         transfer.dest.wake()
         self.moved(request, transfer.dest)
@@ -306,7 +302,7 @@ class HandoffCoordinator:
         self._end(transfer, dest_alive=dest_alive)
         request = transfer.request
         request.kv_transfer_failed = True
-        transfer.source_scheduler.resume_transferring(request)
+        transfer.source_scheduler.handoff_moves.resume_transferring(request)
         self._record_failure(transfer, kind, reason)
 
     def _end(self, transfer: Transfer, source_alive: bool = True, dest_alive: bool = True) -> None:
@@ -318,7 +314,7 @@ class HandoffCoordinator:
             transfer.source.wake()
         if dest_alive:
             transfer.dest_scheduler.transfers.cancel(transfer_id)
-            transfer.dest_kv.release_transfer(transfer_id)
+            transfer.dest_kv.incoming.release(transfer_id)
             transfer.dest_scheduler.groups.transfer_seats -= transfer.seats
             transfer.dest.wake()
         self._forget(transfer)

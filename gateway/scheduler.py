@@ -12,11 +12,13 @@ It owns the requests and composes the parts, one job each:
 - step_builder.py: the StepInput deltas, the mirror of what the worker holds, placeholders and
   result fencing;
 - output_processor.py: results applied in step order, the stop check, prefix-cache registration;
-- stats.py: the snapshot read by metrics, the admin API and the simulator;
-- transfer_items.py: the KV transfer items of its next step; a `HandoffHooks` (gateway/handoff.py)
-  moves requests between prefill and decode workers through the methods at the end of this class;
-- thrash_detector.py: recompute share, preemption and eviction rates over a sliding window; while
-  the pool thrashes, admission tightens.
+- scheduler_stats.py: what it counts and learns over its whole life (counters, output lengths, the
+  admission margin, the thrash detector's window of recompute share, preemption and eviction rates:
+  while the pool thrashes, admission tightens), and the snapshot (stats.py) read by metrics, the
+  admin API and the simulator;
+- handoff_moves.py: its part in the KV hand-offs between prefill and decode workers, which
+  gateway/handoff.py coordinates through its `HandoffHooks` and these moves; transfer_items.py: the
+  KV transfer items of its next step.
 The block allocator (block_allocator.py: paged or contiguous) holds the block tables; with a host
 KV store (docs/kv-store.md), a KVStoreSession (kv_store_session.py) orders the step's saves to and
 loads from it, over the store's index that every worker of the host shares (kv_store_index.py).
@@ -34,53 +36,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
 
-from paged.gateway.admission import AdmissionMargin, PredictiveAdmission, check_arrival
+from paged.gateway.admission import PredictiveAdmission, check_arrival
 from paged.gateway.block_accounting import AccountingReport
 from paged.gateway.block_allocator import BlockAllocator
 from paged.gateway.contiguous_allocator import ContiguousAllocator
 from paged.gateway.demand_forecast import DemandForecast
+from paged.gateway.handoff_moves import HandoffHooks, HandoffMoves
 from paged.gateway.kv_cache_manager import KVCacheManager
 from paged.gateway.kv_store_index import KVStoreIndex
 from paged.gateway.kv_store_session import KVStoreSession
-from paged.gateway.output_lengths import OutputLengthModel
 from paged.gateway.output_processor import OutputProcessor
 from paged.gateway.outputs import RequestOutput
 from paged.gateway.policy_queues import PolicyQueues, request_order
 from paged.gateway.preemption import Preemption
 from paged.gateway.request import Request, Sequence, SequenceStatus
 from paged.gateway.sequence_groups import SequenceGroups, fork_again_if_nothing_sampled, reset_for_recompute
-from paged.gateway.stats import SchedulerCounters, SchedulerStats, extend
-from paged.gateway.step_builder import StepBuilder, WorkerMirror, is_empty
+from paged.gateway.scheduler_stats import SchedulerFigures
+from paged.gateway.stats import SchedulerStats
+from paged.gateway.step_builder import WorkerMirror, is_empty
 from paged.gateway.step_planner import StepPlanner
 from paged.gateway.transfer_items import TransferItems
-from paged.gateway.thrash_detector import ThrashDetector, WorkTotals
 from paged.shared.config import CacheConfig, SchedulerConfig
-from paged.shared.logging import get_logger
 from paged.shared.protocol import StepInput, StepOutput
-
-log = get_logger("gateway.scheduler")
 
 RUNNING = SequenceStatus.RUNNING
 FINISHED = SequenceStatus.FINISHED
 TRANSFERRING = SequenceStatus.TRANSFERRING
-
-
-class HandoffHooks(Protocol):
-    """What moves requests from prefill to decode workers (gateway/handoff.py) hears of a scheduler."""
-
-    def plan(self, scheduler: Scheduler, step: StepBuilder) -> None:
-        """A step is being built: hand off the requests whose first token it samples."""
-        ...
-
-    def after_update(self, scheduler: Scheduler, step: StepInput, output: StepOutput) -> None:
-        """A step's results were applied (its transfer outcomes are in `output`)."""
-        ...
-
-    def request_ended(self, scheduler: Scheduler, request: Request) -> None:
-        """A request left this scheduler finished (stop, abort, error)."""
-        ...
 
 
 def uses_kv_store(cache_config: CacheConfig) -> bool:
@@ -124,20 +106,16 @@ class Scheduler:
         self.cache_config = cache_config
         self.max_model_len = max_model_len
         self.name = worker_name  # the worker's replica: its log events and its KV store session name it
-        self.counters = SchedulerCounters()
         self._num_blocks = num_blocks
         self._num_host_blocks = num_host_blocks
         self._store_index = store_index if uses_kv_store(cache_config) else None
         self._context_cost = context_cost
         self.handoff: HandoffHooks | None = None
-        # What is learned outlives a lost worker: output lengths, the admission margin, the window.
-        self.lengths = OutputLengthModel()
-        self.margin = AdmissionMargin()
-        self.thrash = ThrashDetector(clock)
+        self.figures = SchedulerFigures(worker_name, clock)  # outlives a lost worker's session
         self._start_empty()
 
     def _start_empty(self) -> None:
-        """Fresh parts: an empty allocator, queues and worker mirror (the counters carry on)."""
+        """Fresh parts: an empty allocator, queues and worker mirror (what `figures` counts and learns carries on)."""
         index = self._store_index
         self.store = KVStoreSession(index, self.name) if index is not None else None
         self.kv = make_allocator(self.cache_config, self._num_blocks, self._num_host_blocks, self.store, self._context_cost)
@@ -146,14 +124,17 @@ class Scheduler:
         self.queues = PolicyQueues(self.config.scheduling_policy == "priority")
         self.groups = SequenceGroups(self.kv, self.queues)
         self.mirror = WorkerMirror()
-        preemption = Preemption(self.kv, self.queues, self.groups, self.mirror, self.counters)
+        figures = self.figures
+        preemption = Preemption(self.kv, self.queues, self.groups, self.mirror, figures.counters)
         watermark_blocks = int(self.config.kv_watermark * self._num_blocks)
-        self.predictive = PredictiveAdmission(self.kv, DemandForecast(self.lengths, self.kv.block_size), self.margin)
+        forecast = DemandForecast(figures.lengths, self.kv.block_size)
+        self.predictive = PredictiveAdmission(self.kv, forecast, figures.margin)
         self.planner = StepPlanner(
-            self.kv, self.queues, self.groups, preemption, self.counters, watermark_blocks, self.predictive
+            self.kv, self.queues, self.groups, preemption, figures.counters, watermark_blocks, self.predictive
         )
         self.processor = OutputProcessor(self._seqs, self._end_seq, self._finish_request)
         self.transfers = TransferItems()
+        self.handoff_moves = HandoffMoves(self.requests, self._seqs, self.kv, self.queues, self.mirror)
 
     # Requests in and out ------------------------------------------------------------------------
 
@@ -208,7 +189,7 @@ class Scheduler:
         """A sequence stopped (output processing); its request ends with its last sequence."""
         was = seq.status
         prompt_len = seq.request.num_prompt_tokens
-        self.lengths.observe(seq.num_output_tokens, seq.max_num_tokens - prompt_len)
+        self.figures.lengths.observe(seq.num_output_tokens, seq.max_num_tokens - prompt_len)
         self._finish_seq(seq, reason)
         if seq.request.finished:
             self._forget_request(seq.request, was)
@@ -245,9 +226,7 @@ class Scheduler:
                 seq.ignore_results_until = -1
             fork_again_if_nothing_sampled(request)
         self.groups.forget_all()
-        pool = self.kv.stats()
-        self.counters.evictions_before += pool.evictions
-        self.counters.refetched_before += pool.refetched_blocks
+        self.figures.allocator_dropped(self.kv.stats())
         if self.store is not None:
             self.store.lost()
         self._start_empty()
@@ -290,12 +269,13 @@ class Scheduler:
 
     def schedule(self) -> StepInput:
         step = self.mirror.begin_step(self.config.max_num_batched_tokens)
-        self.predictive.tightened = self.thrash.thrashing
+        figures = self.figures
+        self.predictive.tightened = figures.thrash.thrashing
         self.planner.plan(step, self.config)
-        counters = self.counters
+        counters = figures.counters
         counters.computed_tokens += step.num_computed
         counters.recomputed_tokens += step.num_recomputed
-        self._watch_thrashing()
+        figures.watch_thrashing(self.kv, self.queues, self.config)
         if self.groups.awaiting:
             self.groups.attach_awaiting()
         for parent in step.forks:
@@ -317,7 +297,6 @@ class Scheduler:
         if self.store is not None:
             failed_loads = self.store.step_done(step, output, sent=not is_empty(step))
             if failed_loads:
-                assert isinstance(self.kv, KVCacheManager)  # only the paged allocator has a store
                 self.kv.forget_blocks(failed_loads)
         outputs, running_finished = self.processor.process(step, output, self.kv)
         if running_finished:
@@ -326,134 +305,11 @@ class Scheduler:
             self.handoff.after_update(self, step, output)
         return outputs
 
-    # KV hand-off between workers (gateway/handoff.py) -------------------------------------------
-
-    def start_transfer(self, request: Request) -> None:
-        """The request's KV leaves for a decode worker: its sequences (children included) keep their
-        blocks but leave the running batch, so no step schedules them here any more."""
-        for seq in request.live_seqs():
-            seq.status = TRANSFERRING
-        self.queues.drop_finished_running()  # keeps only RUNNING sequences
-
-    def release_transferred(self, request: Request) -> None:
-        """The decode worker holds the request's KV: it leaves this scheduler without finishing. Its
-        blocks return to the pool (full ones stay cached for later hits), the worker drops it."""
-        for seq in request.live_seqs():
-            self.kv.free(seq)
-            self._seqs.pop(seq.seq_id, None)
-            self.mirror.drop(seq)
-        self.requests.pop(request.request_id, None)
-
-    def resume_transferring(self, request: Request) -> None:
-        """A hand-off was given up: the request goes on here. Its blocks and the worker's state of it
-        were kept all along, so it rejoins the running batch where it left it (a first token still
-        in flight is decoded next, as after any sampling step)."""
-        for seq in request.live_seqs():
-            self.queues.add_running(seq)
-
-    def first_token_requests(self, step: StepBuilder) -> list[Request]:
-        """Requests whose first output token this step samples: it computes their prompt's last chunk
-        (not a later step that decodes the first token's placeholder, overlapped)."""
-        seqs = self._seqs
-        found = []
-        for seq_id, scheduled in step.scheduled.items():
-            if scheduled.sample:
-                seq = seqs[seq_id]
-                num_prompt_tokens = seq.request.num_prompt_tokens
-                if seq.index == 0 and scheduled.start + scheduled.num_tokens == num_prompt_tokens == len(seq.token_ids):
-                    found.append(seq.request)
-        return found
-
-    def adopt_transferred(self, request: Request) -> None:
-        """A request whose KV came in by transfer (its block tables are in the allocator already,
-        KVCacheManager.adopt_transfer) and whose first token is known joins the running batch: its
-        sequences decode from the token after the prompt, each a NewSequence to this worker."""
-        self.queues.stamp_arrival(request)
-        self.requests[request.request_id] = request
-        seqs = request.live_seqs()
-        for seq in seqs:
-            seq.on_worker = False
-            seq.ignore_results_until = -1  # step ids of the worker it came from mean nothing here
-            seq.num_computed = request.num_prompt_tokens
-            self._seqs[seq.seq_id] = seq
-            self.queues.add_running(seq)
-
-    # Statistics and audit -----------------------------------------------------------------------
-
-    def _work_totals(self) -> WorkTotals:
-        counters = self.counters
-        pool = self.kv.stats()
-        return WorkTotals(
-            computed_tokens=counters.computed_tokens,
-            recomputed_tokens=counters.recomputed_tokens,
-            preemptions=counters.preemptions,
-            evictions=counters.evictions_before + pool.evictions,
-            refetched_blocks=counters.refetched_before + pool.refetched_blocks,
-            prefix_queries_tokens=counters.prefix_queries_tokens,
-            prefix_hits_tokens=counters.prefix_hits_tokens,
-        )
-
-    def _watch_thrashing(self) -> None:
-        """Sample the work totals into the thrash detector (a clock read unless a sample is due)."""
-        thrash = self.thrash
-        if not thrash.sample_due():
-            return
-        change = thrash.observe(self._work_totals(), self.config)
-        if change is None:
-            return
-        figures = thrash.figures
-        event = "kv_thrashing" if change else "kv_thrashing_cleared"
-        (log.warning if change else log.info)(
-            event,
-            worker=self.name,
-            window_s=round(figures.seconds, 2),
-            recompute_share=round(figures.recompute_share, 4),
-            recomputed_tokens=figures.recomputed_tokens,
-            computed_tokens=figures.computed_tokens,
-            preemptions_per_s=round(figures.preemptions_per_s, 2),
-            evictions_per_s=round(figures.evictions_per_s, 2),
-            refetch_share=round(figures.refetch_share, 4),
-            prefix_hit_rate=round(figures.prefix_hit_rate, 4),
-            running_seqs=len(self.queues.running),
-            waiting_requests=len(self.queues.waiting),
-        )
+    # Statistics (scheduler_stats.py) and audit -------------------------------------------------
 
     def stats(self) -> SchedulerStats:
-        self._watch_thrashing()  # an idle scheduler's window slides on too
-        pool = self.kv.stats()
-        counters = self.counters
-        queues = self.queues
-        figures = self.thrash.figures
-        share = self.lengths.mean_share()
-        return extend(
-            pool,
-            SchedulerStats,
-            evictions=counters.evictions_before + pool.evictions,
-            refetched_blocks=counters.refetched_before + pool.refetched_blocks,
-            running_seqs=len(queues.running),
-            running_requests=queues.num_running_requests,
-            waiting_requests=len(queues.waiting),
-            swapped_requests=len(queues.swapped),
-            prefix_queries_tokens=counters.prefix_queries_tokens,
-            prefix_hits_tokens=counters.prefix_hits_tokens,
-            store_hits_tokens=counters.store_hits_tokens,
-            store_misses_tokens=counters.store_misses_tokens,
-            preemptions=counters.preemptions,
-            swaps_out=counters.swaps_out,
-            swaps_in=counters.swaps_in,
-            kv_transfers_in_flight=len(self.transfers.open),
-            computed_tokens=counters.computed_tokens,
-            recomputed_tokens=counters.recomputed_tokens,
-            window_s=figures.seconds,
-            goodput=figures.goodput,
-            preemptions_per_s=figures.preemptions_per_s,
-            evictions_per_s=figures.evictions_per_s,
-            refetch_share=figures.refetch_share,
-            window_prefix_hit_rate=figures.prefix_hit_rate,
-            kv_thrashing=self.thrash.thrashing,
-            admission_margin=self.margin.z,
-            expected_output_share=1.0 if share is None else share,
-        )
+        self.figures.watch_thrashing(self.kv, self.queues, self.config)  # an idle scheduler's window slides on too
+        return self.figures.snapshot(self.kv.stats(), self.queues, len(self.transfers.open))
 
     def audit(self) -> AccountingReport:
         """The allocator's own invariants plus: exactly the running and swapped sequences hold

@@ -137,7 +137,8 @@ def extend(base: PoolStats, cls: type[S], **more: Any) -> S:
 
 
 class SchedulerCounters(msgspec.Struct):
-    """The scheduler's running totals, kept by the parts that count them (admission, preemption)."""
+    """The scheduler's running totals, kept by the parts that count them (admission, preemption):
+    each is the SchedulerStats figure of the same name."""
 
     prefix_queries_tokens: int = 0
     prefix_hits_tokens: int = 0
@@ -148,8 +149,6 @@ class SchedulerCounters(msgspec.Struct):
     preemptions: int = 0
     swaps_out: int = 0
     swaps_in: int = 0
-    evictions_before: int = 0  # evictions of allocators dropped when their worker was lost
-    refetched_before: int = 0  # and their refetched blocks
 
 
 # Seconds a step spends saving to or loading from the KV store: a 20 KiB page takes microseconds,
@@ -179,3 +178,7 @@ class KVStoreStats(msgspec.Struct, kw_only=True):
 
     def __post_init__(self) -> None:
         self.bytes_used = (self.num_slots - self.free_slots) * self.page_bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_slots * self.page_bytes

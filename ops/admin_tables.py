@@ -12,6 +12,11 @@ def pct(value: float) -> str:
     return f"{value:.1%}"
 
 
+def service_state(status: dict[str, Any]) -> str:
+    """What the daemon does with new requests: draining, ready or not ready."""
+    return "draining" if status["draining"] else "ready" if status["ready"] else "not ready"
+
+
 def workers_table(workers: list[dict[str, Any]]) -> Columns:
     """One row per worker; with prefill or decode workers, a `role` column after the name and the
     KV transfers each one sends or receives now (`xfer`)."""

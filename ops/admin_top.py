@@ -17,7 +17,7 @@ from rich.text import Text
 
 from paged.ops.admin_client import AdminClient, admin_command
 from paged.ops.admin_output import Output, Part
-from paged.ops.admin_tables import pct, pressure_table, requests_table, thrashing_workers, transfers_line, workers_table
+from paged.ops.admin_tables import pct, pressure_table, requests_table, service_state, thrashing_workers, transfers_line, workers_table
 
 TOP_REQUESTS = 20
 
@@ -41,10 +41,9 @@ def _view(status: dict[str, Any], requests: list[dict[str, Any]], rate: float | 
     workers = status["workers"]
     used = sum(w["used_blocks"] for w in workers)
     total = sum(w["num_blocks"] for w in workers)
-    state = "draining" if status["draining"] else "ready" if status["ready"] else "not ready"
     header = Text.assemble(
         (f"paged {status['served_model_name']}", "bold"),
-        f" · {state} · {'-' if rate is None else f'{rate:.1f}'} tokens/s",
+        f" · {service_state(status)} · {'-' if rate is None else f'{rate:.1f}'} tokens/s",
         f" · running {status['running_seqs']} · waiting {status['waiting_requests']} · swapped {status['swapped_requests']}",
         f" · KV {used}/{total} blocks ({pct(used / total if total else 0.0)})",
     )

@@ -122,7 +122,7 @@ def forecast_cost(num_seqs: int, repeats: int = 100) -> tuple[float, float]:
     num_blocks = num_seqs * (PROMPT_LEN + max_tokens) // block_size + 64
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=num_seqs + 2), CacheConfig(block_size=block_size), num_blocks, 4096)
     for length in range(1, 401):
-        scheduler.lengths.observe(length, max_tokens)
+        scheduler.figures.lengths.observe(length, max_tokens)
     loop = StepLoop(scheduler, SimulatedWorker(num_blocks, block_size, verify=False), overlapped=True)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     for index in range(num_seqs):  # admitted a few per step, so that their ages differ

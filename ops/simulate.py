@@ -137,13 +137,12 @@ def simulate(
         steps_done += 1
         stats = kv.stats()
         if stats.slots_reserved:
-            utilization = stats.slots_filled / stats.slots_reserved
-            utilization_sum += utilization
+            utilization_sum += stats.kv_utilization
             utilization_steps += 1
-            utilization_peak = max(utilization_peak, utilization)
+            utilization_peak = max(utilization_peak, stats.kv_utilization)
         used_sum += stats.used_blocks
         running_sum += scheduler.num_running
-        thrashing_steps += scheduler.thrash.thrashing
+        thrashing_steps += scheduler.figures.thrash.thrashing
         peak_concurrency = max(peak_concurrency, scheduler.num_running)
 
     steps = loop.run(max_steps=10_000_000, after_step=measure)
@@ -155,7 +154,7 @@ def simulate(
         "running_mean": running_sum / steps_done if steps_done else 0.0,
         "peak_concurrency": peak_concurrency,
         "steps": steps,
-        "prefix_hit_rate": stats.prefix_hits_tokens / stats.prefix_queries_tokens if stats.prefix_queries_tokens else 0.0,
+        "prefix_hit_rate": stats.prefix_hit_rate,
         "preemptions": stats.preemptions,
         "evictions": stats.evictions,
         "swapped_out_blocks": stats.swaps_out,

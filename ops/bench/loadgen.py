@@ -69,11 +69,11 @@ async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
         yield pending.removesuffix("\r")
 
 
-async def stream_completion(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpec, t0: float,
+async def stream_completion(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpec,
                             cache_salt: str) -> RequestResult:
     """Send one streaming request; every outcome, including errors, comes back as a RequestResult."""
     start = time.perf_counter()
-    result = RequestResult(outcome="failed", prompt_tokens=len(spec.prompt), sent_at=start - t0, kind=spec.kind)
+    result = RequestResult(outcome="failed", prompt_tokens=len(spec.prompt), kind=spec.kind)
     token_times: dict[int, list[float]] = defaultdict(list)
     usage_tokens: int | None = None
     try:
@@ -143,7 +143,7 @@ async def _run(url: str, model: str, specs: list[RequestSpec], shape: LoadShape,
 
             async def one(index: int) -> None:
                 nonlocal errors
-                results[index] = result = await stream_completion(client, url, model, specs[index], t0, cache_salt)
+                results[index] = result = await stream_completion(client, url, model, specs[index], cache_salt)
                 errors += result.outcome != "completed"
                 progress.update(task, advance=1, status=f"errors {errors}" if errors else "")
 
@@ -176,5 +176,5 @@ def warm_up(url: str, model: str, spec: RequestSpec) -> RequestResult:
     """One short request before measuring, so first-call costs (allocation, compilation) stay off the clock."""
     async def send() -> RequestResult:
         async with httpx.AsyncClient(timeout=httpx.Timeout(300)) as client:
-            return await stream_completion(client, url.rstrip("/"), model, spec, time.perf_counter(), uuid.uuid4().hex)
+            return await stream_completion(client, url.rstrip("/"), model, spec, uuid.uuid4().hex)
     return asyncio.run(send())

@@ -18,7 +18,9 @@ def _field(key: str) -> Callable[[Summary], float | None]:
     return lambda summary: summary.get(key)
 
 
-# (row label, how to read it, format)
+# (row label, how to read it, format). A figure of the server's is a ServerStats field
+# (ops/bench/server_metrics.py), which results.summarize takes whole under its name: adding one is
+# that field, computed where the sampler stops, and a row here.
 FIGURES: list[tuple[str, Callable[[Summary], float | None], str]] = [
     ("request throughput (req/s)", _field("request_throughput"), "{:.2f}"),
     ("input tokens/s", _field("input_tokens_per_s"), "{:.0f}"),

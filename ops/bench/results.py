@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -19,7 +19,6 @@ class RequestResult:
     reason: str | None = None  # why it was rejected or failed
     prompt_tokens: int = 0
     output_tokens: int = 0  # over all n choices
-    sent_at: float = 0.0  # seconds from the start of the run
     ttft: float | None = None  # seconds to the first token of any choice
     latency: float | None = None  # seconds to the end of the last choice
     tpot: float | None = None  # mean seconds per output token after the first, per choice
@@ -62,7 +61,6 @@ def summarize(results: list[RequestResult], duration_s: float, server: ServerSta
     ttfts, tpots, itls = _latencies(done)
     latencies = [r.latency for r in done if r.latency is not None]
     duration_s = max(duration_s, 1e-9)
-    server = server or ServerStats()
     return {
         "requests_sent": len(results),
         "requests_completed": len(done),
@@ -78,19 +76,7 @@ def summarize(results: list[RequestResult], duration_s: float, server: ServerSta
         "tpot_ms": latency_stats(tpots),
         "itl_ms": latency_stats(itls),
         "e2e_latency_ms": latency_stats(latencies),
-        "kv_utilization_mean": server.kv_utilization_mean,
-        "kv_utilization_peak": server.kv_utilization_peak,
-        "kv_memory_used_peak": server.kv_memory_used_peak,
-        "peak_concurrency": server.peak_running,
-        "prefix_hit_rate": server.prefix_hit_rate,
-        "store_hit_rate": server.store_hit_rate,
-        "preemptions": server.preemptions,
-        "kv_transfers": server.kv_transfers,
-        "kv_transfer_mean_ms": server.kv_transfer_mean_ms,
-        "recomputed_tokens": server.recomputed_tokens,
-        "recompute_share": server.recompute_share,
-        "thrashing_share": server.thrashing_share,
-        "kv_timeline": server.timeline,
+        **asdict(server or ServerStats()),
         "by_kind": by_kind(done),
         "samples_ms": {"ttft": _rounded_ms(ttfts), "tpot": _rounded_ms(tpots), "itl": _rounded_ms(itls)},
     }

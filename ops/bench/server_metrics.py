@@ -25,10 +25,13 @@ COUNTERS = (
 
 @dataclass
 class ServerStats:
+    """The server's figures of a run, each under the name it has in the results (results.summarize
+    takes them whole; ops/bench/report.py's FIGURES says which ones the table shows)."""
+
     kv_utilization_mean: float | None = None
     kv_utilization_peak: float | None = None
     kv_memory_used_peak: float | None = None  # peak fraction of KV blocks held by live requests
-    peak_running: int | None = None
+    peak_concurrency: int | None = None  # most sequences running at once
     prefix_hit_rate: float | None = None  # prompt tokens served by either tier of the prefix cache
     store_hit_rate: float | None = None  # of which by the host KV store (its share of all prompt tokens)
     preemptions: int | None = None
@@ -38,7 +41,7 @@ class ServerStats:
     recompute_share: float | None = None  # recomputed / computed tokens
     thrashing_share: float | None = None  # share of samples with paged_kv_thrashing at 1 on some worker
     # [seconds from start, KV utilization, fraction of blocks used, running, waiting, thrashing] per sample
-    timeline: list[list[float]] = field(default_factory=list)
+    kv_timeline: list[list[float]] = field(default_factory=list)
 
 
 def parse_metrics(text: str) -> dict[str, list[float]]:
@@ -129,7 +132,7 @@ class MetricsSampler:
             kv_utilization_mean=sum(utilization) / len(utilization),
             kv_utilization_peak=max(utilization),
             kv_memory_used_peak=max(sample[2] for sample in self._timeline),
-            peak_running=int(max(sample[3] for sample in self._timeline)),
+            peak_concurrency=int(max(sample[3] for sample in self._timeline)),
             prefix_hit_rate=delta["paged_prefix_cache_hits_tokens_total"] / queries if queries else 0.0,
             store_hit_rate=delta["paged_kv_store_hits_tokens_total"] / queries if queries else 0.0,
             preemptions=int(delta["paged_preemptions_total"]),
@@ -138,5 +141,5 @@ class MetricsSampler:
             recomputed_tokens=int(recomputed),
             recompute_share=recomputed / computed if computed else 0.0,
             thrashing_share=sum(sample[5] > 0 for sample in busy) / len(busy),
-            timeline=self._timeline,
+            kv_timeline=self._timeline,
         )

@@ -54,7 +54,7 @@ def test_learned_output_lengths_admit_more_than_max_tokens_would() -> None:
     def check(step: StepInput) -> None:
         nonlocal peak_late
         assert_block_accounting(scheduler)
-        if scheduler.lengths.num_samples >= 40:
+        if scheduler.figures.lengths.num_samples >= 40:
             peak_late = max(peak_late, scheduler.num_running)
 
     loop.run(5000, after_step=check)
@@ -125,16 +125,16 @@ def test_the_margin_grows_with_preemptions_for_memory_and_decays_without() -> No
     scheduler = make(num_blocks=6)  # greedy: over-commits, so sequences run out of blocks
     scheduler.add_request(req("early", list(range(1, 10)), max_tokens=11, ignore_eos=True))
     scheduler.add_request(req("late", list(range(20, 29)), max_tokens=11, ignore_eos=True))
-    floor = scheduler.margin.floor
+    floor = scheduler.figures.margin.floor
     loop = loop_for(scheduler, overlapped=False)
     highest = floor
 
     def check(step: StepInput) -> None:
         nonlocal highest
-        highest = max(highest, scheduler.margin.z)
+        highest = max(highest, scheduler.figures.margin.z)
 
     loop.run(1000, after_step=check)
-    assert highest > floor and scheduler.margin.z < highest
+    assert highest > floor and scheduler.figures.margin.z < highest
 
 
 def test_auto_preemption_swaps_private_blocks_and_recomputes_shared_ones() -> None:
