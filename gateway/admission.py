@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import enum
 
-from paged.gateway.block_allocator import BlockAllocator
+from paged.gateway.block_allocator import BlockAllocator, CacheHit
+from paged.gateway.demand_forecast import DemandCurve, DemandForecast, DemandRows, request_rows, running_rows
 from paged.gateway.request import Request, Sequence
 from paged.shared.config import SchedulerConfig
 
@@ -90,3 +91,93 @@ def reserve_blocks(watermark_blocks: int, num_running: int) -> int:
     """Blocks an admission or swap-in must leave free: the watermark while others run (room for
     their next decodes), none for the first request (it must always be able to start)."""
     return watermark_blocks if num_running else 0
+
+
+# Predictive admission ---------------------------------------------------------------------------
+
+THRASH_TIGHTENING = 0.1  # while the pool thrashes, the admission cap is this share of the pool lower
+
+
+class AdmissionMargin:
+    """How many standard deviations of the forecast's uncertainty admission leaves free. A
+    preemption for memory means the forecast was too optimistic: the margin grows by `step`; every
+    step without one it decays back towards `floor` (by `decay` of the excess per step), so a burst
+    of long outputs tightens admission for a while and a calm pool packs tightly again."""
+
+    def __init__(self, floor: float = 1.0, step: float = 0.25, decay: float = 0.998, ceiling: float = 6.0) -> None:
+        self.floor = floor
+        self.step = step
+        self.decay = decay
+        self.ceiling = ceiling
+        self.z = floor
+
+    def preempted(self) -> None:
+        self.z = min(self.z + self.step, self.ceiling)
+
+    def calm_step(self) -> None:
+        self.z = self.floor + (self.z - self.floor) * self.decay
+
+
+class PredictiveAdmission:
+    """Admit a request only if the blocks held now, plus the running sequences' expected growth
+    (minus what they are expected to free) and the request's own, plus the margin, stay under the
+    admission cap at every coming step (gateway/demand_forecast.py).
+
+    The running set's curve is built once per step, at the first admission it is asked about (so
+    only when something waits), and each admitted request's curve is added to it: the requests
+    admitted in one step see each other. The first request always fits when nothing runs: its
+    peak alone fits the pool (add_request checks it), which keeps every admitted request finishing.
+    """
+
+    def __init__(self, allocator: BlockAllocator, forecast: DemandForecast, margin: AdmissionMargin) -> None:
+        self.allocator = allocator
+        self.forecast = forecast
+        self.margin = margin
+        self.tightened = False  # the pool thrashes (set by the scheduler each step)
+        self._rows: DemandRows | None = None  # running set plus requests admitted this step
+        self._curve: DemandCurve | None = None
+        self._used = 0  # blocks held when the running curve was built
+        self._candidate: tuple[DemandRows, DemandCurve] | None = None
+
+    def begin_step(self) -> None:
+        self._rows = self._curve = self._candidate = None
+
+    def cap(self, config: SchedulerConfig) -> float:
+        return max(config.kv_admission_cap - (THRASH_TIGHTENING if self.tightened else 0.0), 0.0)
+
+    def fits(
+        self,
+        request: Request,
+        seqs: list[Sequence],
+        hits: list[CacheHit],
+        awaiting: list[Sequence],
+        running: list[Sequence],
+        awaiting_requests: list[Request],
+        config: SchedulerConfig,
+    ) -> bool:
+        """Whether the request may be admitted now; call admitted() if it then is."""
+        if not running and not awaiting_requests:
+            self._candidate = None
+            return True
+        allocator = self.allocator
+        candidate = request_rows(request, seqs, hits, awaiting, allocator)
+        rows, curve = self._rows, self._curve
+        if rows is None:
+            rows = self._rows = running_rows(running, awaiting_requests, allocator)
+            self._used = allocator.num_blocks - allocator.num_free_blocks
+        if curve is None or candidate.horizon() > curve.grid[-1]:
+            grid = self.forecast.grid(max(rows.horizon(), candidate.horizon()))
+            curve = self._curve = self.forecast.curve(rows, grid)
+        total = curve + self.forecast.curve(candidate, curve.grid)
+        if self._used + total.peak(self.margin.z) > self.cap(config) * allocator.num_blocks:
+            self._candidate = None
+            return False
+        self._candidate = (candidate, total)
+        return True
+
+    def admitted(self) -> None:
+        """The request fits() accepted last was admitted: its curve joins the running set's."""
+        if self._candidate is not None and self._rows is not None:
+            rows, self._curve = self._candidate
+            self._rows.extend(rows)
+        self._candidate = None

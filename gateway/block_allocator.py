@@ -1,5 +1,6 @@
 """What the scheduler, the engine and the admin views need of a KV block allocator: the
-`BlockAllocator` protocol and the records it hands out.
+`BlockAllocator` protocol, the records it hands out, and the block tables (`BlockTables`) both
+implementations keep.
 
 Two implementations: `KVCacheManager` (gateway/kv_cache_manager.py), paged, with prefix caching,
 fork and copy-on-write and a host pool for swapping; `ContiguousAllocator`
@@ -68,6 +69,33 @@ def hash_prefix(block_hash: int | None) -> str | None:
     return None if block_hash is None else f"{block_hash:032x}"[:HASH_PREFIX_HEX]
 
 
+class BlockTables:
+    """The per-sequence block tables both allocators keep, and the deltas that bring the worker's up to date."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.seqs: dict[int, SeqBlocks] = {}
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def take_table_delta(self, seq: Sequence) -> tuple[int, list[int]]:
+        """(table_from, new_blocks) the worker needs to bring its table up to date."""
+        record = self.seqs[seq.seq_id]
+        table_from = record.num_sent
+        num_blocks = len(record.table)
+        if table_from == num_blocks:
+            return table_from, []
+        record.num_sent = num_blocks
+        return table_from, record.table[table_from:]
+
+    def block_table(self, seq_id: int) -> list[int]:
+        return list(self.seqs[seq_id].table)
+
+    def holds(self, seq: Sequence) -> bool:
+        return seq.seq_id in self.seqs
+
+
 def holders_by_block(seqs: Mapping[int, SeqBlocks], names: Mapping[int, str]) -> dict[int, list[str]]:
     """Block id -> the name of each device block table holding it (seq ids without a name show as seq-N)."""
     holders: dict[int, list[str]] = {}
@@ -86,6 +114,9 @@ class BlockAllocator(Protocol):
     kind: str  # "paged" or "contiguous", as the admin API names it
     block_size: int
     enable_prefix_caching: bool
+    # Whether sequences take blocks as they grow, so that the pool can be promised to more than it
+    # holds (paged); the contiguous allocator reserves each sequence's whole length at admission.
+    grows_on_demand: bool
 
     @property
     def num_blocks(self) -> int: ...
@@ -112,6 +143,14 @@ class BlockAllocator(Protocol):
         """Blocks a request needs at its largest when it runs alone."""
         ...
 
+    def exclusive_blocks(self, seqs: list[Sequence]) -> list[int]:
+        """Each sequence's device blocks that no other table holds: what it frees when it ends."""
+        ...
+
+    def num_held(self, blocks: list[int]) -> int:
+        """How many of these blocks are held by some table (the rest are free or cached-free)."""
+        ...
+
     # Prefix cache
     def probe(self, seq: Sequence) -> CacheHit: ...
 
@@ -121,6 +160,10 @@ class BlockAllocator(Protocol):
 
     def evict_cached_free(self) -> int:
         """Forget every cached-free block's content; returns how many were evicted."""
+        ...
+
+    def forget_blocks(self, blocks: list[int]) -> None:
+        """Drop these blocks' content from the prefix cache: a load into them failed."""
         ...
 
     # Allocation

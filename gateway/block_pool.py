@@ -12,6 +12,10 @@ of a prefix chain goes before its head). Eviction is lazy: a cached block keeps 
 free and loses it only when it is taken for reuse; `on_evict` then hears of it, in time for the KV
 store tier to save its content (gateway/kv_cache_manager.py). Callers free a table's blocks in
 reverse order, so that under lru the tail of a chain is also the least recently freed.
+
+The hashes of the last `num_blocks` blocks evicted for reuse are remembered, so that content asked
+for again soon after it was evicted (a refetch: the cache threw out what was about to be used) can
+be counted; that share of evictions is what the thrash detector watches (gateway/thrash_detector.py).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class BlockPool:
         self.num_cached_free = 0
         self.num_shared = 0  # blocks with ref_count > 1
         self.num_evictions = 0
+        self.num_refetched = 0  # evicted blocks whose content an admission needed again
+        self._evicted: OrderedDict[BlockHash, None] = OrderedDict()  # recently evicted, oldest first
         self.cached_since = [0.0] * num_blocks  # monotonic time a cached block became free (its age, for the admin)
         self.on_evict: EvictionHook | None = None
         self.policy = policy or LeastRecentlyUsed(num_blocks)
@@ -78,8 +84,10 @@ class BlockPool:
         del self._cache[block_hash]  # type: ignore[arg-type]  # tracked: has a hash
         self.num_cached_free -= 1
         self.num_evictions += 1
-        if notify and self.on_evict is not None:
-            self.on_evict(block, block_hash, parent, depth)  # type: ignore[arg-type]
+        if notify:  # evicted for reuse (not flushed): what the cache threw out, maybe about to be used
+            self._remember_eviction(block_hash)  # type: ignore[arg-type]
+            if self.on_evict is not None:
+                self.on_evict(block, block_hash, parent, depth)  # type: ignore[arg-type]
 
     def touch(self, blocks: Iterable[int]) -> None:
         """Take one more reference on each block, reviving it if it was free."""
@@ -133,6 +141,24 @@ class BlockPool:
     def lookup(self, block_hash: BlockHash) -> int | None:
         return self._cache.get(block_hash)
 
+    def cached_run(self, block_hashes: Iterable[BlockHash]) -> list[int]:
+        """The blocks caching the leading hashes of a chain, up to the first one not cached."""
+        blocks = []
+        cache = self._cache
+        for block_hash in block_hashes:
+            block = cache.get(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def has_room(self, num_new: int, reused: list[int], reserve: int) -> bool:
+        """Whether `num_new` fresh blocks and a reference on each of `reused` (prefix hits: the
+        cached-free ones among them stop being allocatable) leave `reserve` blocks allocatable."""
+        ref_counts = self.ref_counts
+        num_revived = sum(1 for block in reused if ref_counts[block] == 0)
+        return self.num_free - num_new - num_revived >= reserve
+
     def register(self, block: int, block_hash: BlockHash, parent: BlockHash | None = None, depth: int = 0) -> None:
         """Make a held, full block findable by its content hash (`parent` is the previous block's in
         its chain, `depth` its index there). A block whose content is already cached elsewhere stays
@@ -159,6 +185,22 @@ class BlockPool:
     def cached_blocks(self) -> dict[BlockHash, int]:
         """A copy of the hash -> block map (for audits and tests)."""
         return dict(self._cache)
+
+    def _remember_eviction(self, block_hash: BlockHash) -> None:
+        evicted = self._evicted
+        evicted[block_hash] = None
+        if len(evicted) > self.num_blocks:
+            evicted.popitem(last=False)
+
+    def count_refetches(self, block_hashes: list[BlockHash]) -> None:
+        """A sequence is about to compute these blocks (the ones after its prefix hit): count, once,
+        the leading ones whose content was evicted recently."""
+        evicted = self._evicted
+        for block_hash in block_hashes:
+            if block_hash not in evicted:
+                return
+            del evicted[block_hash]
+            self.num_refetched += 1
 
     def evict_cached_free(self) -> int:
         """Forget the content of every cached-free block (the admin's flush); held blocks keep theirs.

@@ -24,11 +24,12 @@ from paged.gateway.replica import WorkerSpec
 from paged.gateway.worker_link import RegistrationError
 from paged.gateway.worker_processes import RuntimeDir, local_workers
 from paged.shared.cli_options import build_config, config_options, null_model_option
-from paged.shared.config import CacheConfig, HttpConfig, KVSharingConfig, ModelConfig, SchedulerConfig
+from paged.shared.config import CacheConfig, HttpConfig, KVSharingConfig, ModelConfig, SchedulerConfig, WorkerRole
 from paged.shared.config_file import config_file_path
 from paged.shared.logging import get_logger
 from paged.shared.startup_failure import StartupError, check_model_directory, exit_on_startup_failure
 from paged.shared.tokenizer import TokenizerLoadError, load_generation_defaults, load_tokenizer
+from paged.shared.workers_layout import parse_workers_layout
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,6 +56,24 @@ def http_options(command: F) -> F:
     ):
         command = option(command)
     return config_options(HttpConfig)(command)
+
+
+class WorkersLayout(click.ParamType):
+    """A workers layout (shared/workers_layout.py) as the roles it gives, checked where the config file is too."""
+
+    name = "layout"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[WorkerRole]:
+        if isinstance(value, list):
+            return value
+        try:
+            return parse_workers_layout(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def workers_layout_option(help_text: str) -> Callable[[F], F]:
+    return click.option("--workers-layout", "workers_layout", type=WorkersLayout(), default=None, help=help_text)
 
 
 def _run_gateway(workers: list[WorkerSpec], model: str | None, cache_config: CacheConfig, kwargs: dict[str, Any]) -> None:
@@ -102,9 +121,12 @@ def _run_gateway(workers: list[WorkerSpec], model: str | None, cache_config: Cac
 @config_options(KVSharingConfig, only=("kv_offload_memory",))
 @click.option("--kv-store-name", default=None, help="Name of the host KV store in /dev/shm [default: paged-kv-store-PORT].")
 @click.option("--workers", "num_workers", type=click.IntRange(min=1), default=None, help="CPU worker processes [default: 1]; on GPU one per visible device.")
+@workers_layout_option("The workers' roles, in order: 2 (two mixed), 1p1d (one prefill, one decode), 2p1d1m... (p prefill, d decode, m mixed) [default: every worker mixed]; sets the number of workers.")
 @null_model_option
 @http_options
-def serve(num_workers: int | None, null_model: bool, kv_offload_memory: int, kv_store_name: str | None, **kwargs: Any) -> None:
+def serve(
+    num_workers: int | None, workers_layout: list[WorkerRole] | None, null_model: bool, kv_offload_memory: int, kv_store_name: str | None, **kwargs: Any
+) -> None:
     """Run the gateway and spawn its workers (one per visible GPU, or --workers N on CPU), then serve HTTP.
     With --kv-offload-memory the workers share a host KV store for evicted prefix-cache blocks."""
     model_config = build_config(ModelConfig, kwargs)
@@ -119,7 +141,8 @@ def serve(num_workers: int | None, null_model: bool, kv_offload_memory: int, kv_
                 store.acquire()
         workers = local_workers(
             runtime_dir, model_config, cache_config, kwargs["max_num_batched_tokens"],
-            num_workers=num_workers, null_model=null_model, log_level=root["log_level"], log_json=root["log_json"], sharing=sharing,
+            num_workers=num_workers, null_model=null_model, log_level=root["log_level"], log_json=root["log_json"],
+            sharing=sharing, roles=workers_layout,
         )  # fmt: skip
         _run_gateway(workers, model_config.model, cache_config, kwargs)
     except ValueError as exc:
@@ -132,11 +155,16 @@ def serve(num_workers: int | None, null_model: bool, kv_offload_memory: int, kv_
 
 @click.command()
 @click.option("--worker", "endpoints", multiple=True, required=True, help="A worker's endpoint (ipc://PATH or tcp://HOST:PORT); repeat per worker.")
+@workers_layout_option("The --worker endpoints' roles, in order: 1p1d (the first prefill, the second decode), 2p1d... (p prefill, d decode, m mixed) [default: the role each worker registers with, its --role].")
 @config_options(ModelConfig, only=("model",))
 @config_options(CacheConfig, only=GATEWAY_CACHE_FIELDS)
 @config_options(SchedulerConfig)
 @http_options
-def gateway(endpoints: tuple[str, ...], model: str | None, **kwargs: Any) -> None:
+def gateway(endpoints: tuple[str, ...], workers_layout: list[WorkerRole] | None, model: str | None, **kwargs: Any) -> None:
     """Run the gateway alone, connecting to workers started with `paged-worker` (split mode).
     --model names the directory to load the tokenizer from."""
-    _run_gateway([WorkerSpec(endpoint) for endpoint in endpoints], model, build_config(CacheConfig, kwargs), kwargs)
+    if workers_layout is not None and len(workers_layout) != len(endpoints):
+        raise click.UsageError(f"--workers-layout has {len(workers_layout)} workers for {len(endpoints)} --worker endpoints")
+    roles: list[WorkerRole | None] = list(workers_layout) if workers_layout else [None] * len(endpoints)
+    specs = [WorkerSpec(endpoint, role=role) for endpoint, role in zip(endpoints, roles, strict=True)]
+    _run_gateway(specs, model, build_config(CacheConfig, kwargs), kwargs)

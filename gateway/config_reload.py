@@ -1,7 +1,8 @@
 """SIGHUP: re-read the --config file's reloadable subset and apply it to the running daemon.
 
 Reloadable without dropping a request: the log level, the admission caps (max_waiting_requests,
-max_waiting_tokens) and the scheduling policy. Everything else (model, pool sizes, ports) needs a
+max_waiting_tokens), the scheduling policy, the admission policy and its KV cap, and the thrash
+detector's window and thresholds. Everything else (model, pool sizes, ports) needs a
 restart and is ignored here. A setting given on the command line (or by environment variable) keeps
 that value: flags override the file, at start and on reload alike. A key the file no longer sets
 returns to its default.
@@ -23,7 +24,16 @@ from paged.shared.logging import get_logger, set_log_level
 
 log = get_logger("gateway.config_reload")
 
-RELOADABLE_SCHEDULER_FIELDS = ("max_waiting_requests", "max_waiting_tokens", "scheduling_policy")
+RELOADABLE_SCHEDULER_FIELDS = (
+    "max_waiting_requests",
+    "max_waiting_tokens",
+    "scheduling_policy",
+    "admission_policy",
+    "kv_admission_cap",
+    "thrash_window",
+    "thrash_recompute_share",
+    "thrash_refetch_share",
+)
 _FROM_FLAGS = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
@@ -62,6 +72,11 @@ class ConfigReloader:
             if name not in self.pinned and values.get(name, getattr(defaults, name)) != getattr(current, name)
         }
         if updates:
-            engine.reconfigure_scheduling(msgspec.structs.replace(current, **updates))
+            try:
+                reloaded = msgspec.structs.replace(current, **updates)
+            except ValueError as exc:  # e.g. a kv_admission_cap outside (0, 1]: keep what runs now
+                log.error("config_reload_failed", path=str(self.path), error=str(exc))
+                return
+            engine.reconfigure_scheduling(reloaded)
             changes.update(updates)
         log.info("config_reloaded", path=str(self.path), changes=changes)

@@ -14,7 +14,7 @@ import bisect
 from collections.abc import Mapping
 
 from paged.gateway.block_accounting import AccountingReport
-from paged.gateway.block_allocator import BlockInfo, CacheHit, SeqBlocks, holders_by_block
+from paged.gateway.block_allocator import BlockInfo, BlockTables, CacheHit, SeqBlocks, holders_by_block
 from paged.gateway.request import Sequence
 from paged.gateway.stats import PoolStats
 from paged.shared.protocol import BlockCopy
@@ -22,22 +22,19 @@ from paged.shared.protocol import BlockCopy
 FORK_RESERVE = "(fork reserve)"  # the holder the memory map names for runs reserved for children
 
 
-class ContiguousAllocator:
+class ContiguousAllocator(BlockTables):
     kind = "contiguous"
     enable_prefix_caching = False
+    grows_on_demand = False
     num_host_blocks = 0
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
-        self.block_size = block_size
+        super().__init__(block_size)
         self.num_blocks = num_blocks
         self.num_free_blocks = num_blocks
-        self.seqs: dict[int, SeqBlocks] = {}
         self._extents: list[tuple[int, int]] = [(0, num_blocks)] if num_blocks else []  # free (start, length), sorted
         self._fork_runs: dict[int, list[list[int]]] = {}  # parent seq id -> runs reserved for its children
         self._filled = 0
-
-    def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
 
     def shared_prompt_blocks(self, prompt_len: int) -> int:
         """Nothing is shared: each sequence has its own run."""
@@ -45,6 +42,18 @@ class ContiguousAllocator:
 
     def peak_blocks(self, prompt_len: int, max_num_tokens: int, n: int) -> int:
         return n * self._blocks_for(max_num_tokens)
+
+    def exclusive_blocks(self, seqs: list[Sequence]) -> list[int]:
+        """Nothing is shared: a sequence frees its run and the runs reserved for its children."""
+        exclusive = []
+        for seq in seqs:
+            record = self.seqs.get(seq.seq_id)
+            reserved = sum(len(run) for run in self._fork_runs.get(seq.seq_id, []))
+            exclusive.append(len(record.table) + reserved if record is not None else 0)
+        return exclusive
+
+    def num_held(self, blocks: list[int]) -> int:
+        return 0  # no prefix hits
 
     # Runs ---------------------------------------------------------------------------------------
 
@@ -97,6 +106,9 @@ class ContiguousAllocator:
     def evict_cached_free(self) -> int:
         return 0
 
+    def forget_blocks(self, blocks: list[int]) -> None:
+        pass  # nothing is cached
+
     def admit(self, seq: Sequence, hit: CacheHit, num_new_tokens: int, reserve_blocks: int, num_children: int = 0) -> bool:
         length = self._blocks_for(seq.max_num_tokens)
         if self.num_free_blocks - length * (1 + num_children) < reserve_blocks:
@@ -135,21 +147,6 @@ class ContiguousAllocator:
 
     def share_prefix(self, source: Sequence, seq: Sequence, num_blocks: int) -> None:
         raise ValueError("the contiguous allocator shares no blocks: shared_prompt_blocks() is always 0")
-
-    def take_table_delta(self, seq: Sequence) -> tuple[int, list[int]]:
-        record = self.seqs[seq.seq_id]
-        table_from = record.num_sent
-        num_blocks = len(record.table)
-        if table_from == num_blocks:
-            return table_from, []
-        record.num_sent = num_blocks
-        return table_from, record.table[table_from:]
-
-    def block_table(self, seq_id: int) -> list[int]:
-        return list(self.seqs[seq_id].table)
-
-    def holds(self, seq: Sequence) -> bool:
-        return seq.seq_id in self.seqs
 
     def free(self, seq: Sequence) -> None:
         record = self.seqs.pop(seq.seq_id, None)

@@ -6,7 +6,9 @@ match, then least load), added to its scheduler, and streamed back as the replic
 dispatches outputs. The workers' lives (spawn, registration, step loops, re-registration) are the
 supervisor's (gateway/supervisor.py). When a worker is lost its requests are taken back from its
 scheduler and re-added elsewhere (recomputed from their prompt plus the tokens generated so far),
-or failed with a clear error when no worker is left.
+or failed with a clear error when no worker is left. With prefill and decode workers, the KV
+hand-off coordinator (gateway/handoff.py) moves requests from the one to the other; the engine
+follows them to their new replica.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 from paged.gateway.admission import AdmissionError, Refusal
+from paged.gateway.handoff import HandoffCoordinator, HandoffNode
 from paged.gateway.outputs import RequestOutput
 from paged.gateway.replica import Replica, WorkerSpec
 from paged.gateway.request import Request
 from paged.gateway.request_streams import TrackedRequest
 from paged.gateway.router import route
 from paged.gateway.scheduler import Scheduler, uses_kv_store
-from paged.gateway.stats import KVStoreStats, WorkerStats
+from paged.gateway.stats import KVStoreStats, TransferStats, WorkerStats
 from paged.gateway.step_pipeline import DEFAULT_DEPTH
 from paged.gateway.supervisor import Supervisor
 from paged.shared.config import CacheConfig, SchedulerConfig
@@ -51,6 +54,7 @@ class AsyncEngine:
             registration_timeout=registration_timeout, steps_in_flight=steps_in_flight,
         )  # fmt: skip
         self._requests: dict[str, TrackedRequest] = {}
+        self.handoff = HandoffCoordinator(lambda: self.replicas, self._moved)
         self._draining = False
         self._closing = False
         self.exiting_now = False  # a forced exit is under way (exit_now)
@@ -230,13 +234,24 @@ class AsyncEngine:
             store = self.supervisor.kv_stores.for_store(
                 registration.kv_store_id, registration.num_store_slots, registration.page_bytes, registration.block_context_cost
             )
-        return Scheduler(
+        scheduler = Scheduler(
             self.scheduler_config, self.cache_config, registration.num_blocks, max_model_len, registration.num_host_blocks,
             store_index=store, worker_name=name, context_cost=registration.block_context_cost,
         )  # fmt: skip
+        scheduler.handoff = self.handoff
+        return scheduler
+
+
+    def _moved(self, request: Request, node: HandoffNode) -> None:
+        """A request was handed off to another worker: its stream follows it (aborts go there)."""
+        tracked = self._requests.get(request.request_id)
+        if tracked is not None and tracked.request is request:
+            assert isinstance(node, Replica)
+            tracked.replica = node
 
     def _on_worker_lost(self, replica: Replica, scheduler: Scheduler, reason: str) -> None:
         """Move the lost worker's requests to other replicas, or fail them when none can take them."""
+        self.handoff.worker_lost(scheduler)
         moved = failed = 0
         for request in scheduler.take_all_requests():
             tracked = self._requests.get(request.request_id)
@@ -261,6 +276,9 @@ class AsyncEngine:
 
     def store_stats(self) -> list[KVStoreStats]:
         return [index.stats() for index in self.supervisor.kv_stores.all()]
+
+    def transfer_stats(self) -> TransferStats:
+        return self.handoff.snapshot()
 
     def workers(self) -> list[Replica]:
         return list(self.replicas)

@@ -10,7 +10,7 @@ from typing import Protocol
 from paged.gateway.admission import AdmissionError, Refusal
 from paged.gateway.outputs import RequestOutput
 from paged.gateway.scheduler import Scheduler
-from paged.gateway.stats import KVStoreStats, WorkerStats
+from paged.gateway.stats import KVStoreStats, TransferStats, WorkerStats
 from paged.shared.config import CacheConfig, SchedulerConfig
 from paged.shared.sampling_params import SamplingParams
 
@@ -52,6 +52,10 @@ class EngineClient(Protocol):
 
     def store_stats(self) -> list[KVStoreStats]:
         """One snapshot per host KV store the workers attached (none without --kv-offload-memory)."""
+        ...
+
+    def transfer_stats(self) -> TransferStats:
+        """The KV hand-offs between prefill and decode workers (zeros without them)."""
         ...
 
 

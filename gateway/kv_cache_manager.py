@@ -4,11 +4,9 @@ fork (n > 1) and copy-on-write, and swapping to a host pool.
 It implements the BlockAllocator protocol (gateway/block_allocator.py), which the scheduler drives
 per sequence; `gateway/contiguous_allocator.py` implements it without paging.
 
-With the host KV store tier (docs/kv-store.md, `store`): a cached block the pool reuses has its
-content saved to the store in the same step (the pool's eviction hook); the prefix probe looks in
-the pool, then the store, for each link of the chain; a link only the store has is loaded into a
-new block in the admitting step, and that block joins the pool's prefix map at once (the worker
-loads it before any forward pass that reads it).
+With the host KV store tier (docs/kv-store.md, `store`), the prefix cache has a second tier behind
+the pool (gateway/kv_store_tier.py). Blocks held for KV transfers coming in from another worker are
+gateway/transfer_holds.py's until the pages are in.
 """
 
 from __future__ import annotations
@@ -17,19 +15,22 @@ import time
 from collections.abc import Mapping
 
 from paged.gateway.block_accounting import AccountingReport, audit_pool
-from paged.gateway.block_allocator import BlockInfo, CacheHit, SeqBlocks, hash_prefix, holders_by_block
+from paged.gateway.block_allocator import BlockInfo, BlockTables, CacheHit, SeqBlocks, hash_prefix, holders_by_block
 from paged.gateway.block_hash import BlockHash, extend_block_hashes, hash_block
 from paged.gateway.block_pool import BlockPool
 from paged.gateway.eviction_policy import make_policy
 from paged.gateway.kv_store_session import KVStoreSession
+from paged.gateway.kv_store_tier import StoreTier
 from paged.gateway.request import Sequence
 from paged.gateway.stats import PoolStats
+from paged.gateway.transfer_holds import TransferHold, TransferHolds
 from paged.shared.config import EvictionPolicyName
 from paged.shared.protocol import BlockCopy
 
 
-class KVCacheManager:
+class KVCacheManager(BlockTables):
     kind = "paged"
+    grows_on_demand = True
 
     def __init__(
         self,
@@ -43,14 +44,12 @@ class KVCacheManager:
         store: KVStoreSession | None = None,
     ) -> None:
         """`context_cost` weighs depth in the depth policy (what one block of context adds to computing a block)."""
-        self.block_size = block_size
+        super().__init__(block_size)
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, make_policy(eviction_policy, num_blocks, context_cost))
         self.host_pool = BlockPool(num_host_blocks)
-        self.seqs: dict[int, SeqBlocks] = {}
-        self.store = store
-        if store is not None:
-            self.pool.on_evict = self.store.save
+        self.store_tier = StoreTier(self.pool, store, block_size) if store is not None else None
+        self.incoming = TransferHolds(self.pool)  # blocks held for KV transfers from other workers
 
     @property
     def num_blocks(self) -> int:
@@ -64,9 +63,6 @@ class KVCacheManager:
     def num_host_blocks(self) -> int:
         return self.host_pool.num_blocks
 
-    def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
     def shared_prompt_blocks(self, prompt_len: int) -> int:
         """Blocks the n sequences of a request share: the full prompt blocks (the fork shares the
         partial one too, until copy-on-write gives each sequence its own)."""
@@ -78,6 +74,26 @@ class KVCacheManager:
         when it recomputes a preempted request, so this bound holds for its whole life."""
         shared = self.shared_prompt_blocks(prompt_len)
         return shared + n * (self._blocks_for(max_num_tokens) - shared)
+
+    def exclusive_blocks(self, seqs: list[Sequence]) -> list[int]:
+        pool = self.pool
+        records = self.seqs
+        tables = [record.table if (record := records.get(seq.seq_id)) is not None and not record.swapped else [] for seq in seqs]
+        if not pool.num_shared:  # nothing shared anywhere: every block is its table's own
+            return [len(table) for table in tables]
+        ref_counts = pool.ref_counts
+        exclusive = []
+        for table in tables:
+            # A sum of the reference counts equal to the length means no block of it is shared.
+            if sum(map(ref_counts.__getitem__, table)) == len(table):
+                exclusive.append(len(table))
+            else:
+                exclusive.append(sum(1 for block in table if ref_counts[block] == 1))
+        return exclusive
+
+    def num_held(self, blocks: list[int]) -> int:
+        ref_counts = self.pool.ref_counts
+        return sum(1 for block in blocks if ref_counts[block])
 
     # Prefix cache -----------------------------------------------------------------------------
 
@@ -93,28 +109,10 @@ class KVCacheManager:
             extend_block_hashes(
                 hashes, seq.token_ids, max_blocks * self.block_size, self.block_size, seq.request.cache_salt
             )
-        lookup = self.pool.lookup
-        blocks = []
-        store = self.store
-        if store is None:
-            for index in range(max_blocks):
-                block = lookup(hashes[index])
-                if block is None:
-                    break
-                blocks.append(block)
-            return CacheHit(blocks, len(blocks) * self.block_size)
-        store_hits = []
-        for index in range(max_blocks):
-            block = lookup(hashes[index])
-            if block is not None:
-                blocks.append(block)
-                continue
-            slot = store.lookup(hashes[index])
-            if slot is None:
-                break
-            store_hits.append((index, slot))
-        num_tokens = (len(blocks) + len(store_hits)) * self.block_size
-        return CacheHit(blocks, num_tokens, store_hits, max_blocks * self.block_size - num_tokens)
+        if self.store_tier is not None:
+            return self.store_tier.probe(hashes, max_blocks)
+        blocks = self.pool.cached_run(hashes[:max_blocks])
+        return CacheHit(blocks, len(blocks) * self.block_size)
 
     def match_prefix(self, token_ids: list[int], cache_salt: str | None) -> int:
         """Tokens of this prompt the cache would serve (for routing); hashes only until the first miss."""
@@ -125,10 +123,14 @@ class KVCacheManager:
         matched = 0
         for start in range(0, (len(token_ids) - 1) // size * size, size):
             parent = hash_block(parent, token_ids[start : start + size], cache_salt)
-            if self.pool.lookup(parent) is None and (self.store is None or self.store.lookup(parent) is None):
+            if self.pool.lookup(parent) is None and (self.store_tier is None or not self.store_tier.has(parent)):
                 break
             matched += size
         return matched
+
+    def num_cached(self, block_hashes: list[BlockHash]) -> int:
+        """How many leading blocks of a chain the pool caches (what a transfer here would not send)."""
+        return len(self.pool.cached_run(block_hashes))
 
     def evict_cached_free(self) -> int:
         return self.pool.evict_cached_free()
@@ -160,43 +162,20 @@ class KVCacheManager:
         leaves at least `reserve_blocks` free. Children of n > 1 share the table later (fork)."""
         num_slots = hit.num_tokens + num_new_tokens
         num_new_blocks = self._blocks_for(num_slots) - len(hit.blocks)
-        ref_counts = self.pool.ref_counts
-        num_revived = sum(1 for block in hit.blocks if ref_counts[block] == 0)
-        if self.pool.num_free - num_new_blocks - num_revived < reserve_blocks:
+        if not self.pool.has_room(num_new_blocks, hit.blocks, reserve_blocks):
             return False
+        if self.enable_prefix_caching:
+            self.pool.count_refetches(seq.block_hashes[hit.num_tokens // self.block_size :])
         self.pool.reuse(hit.blocks)
         if hit.store_hits:
-            table = self._load_from_store(seq, hit, num_new_blocks)
+            assert self.store_tier is not None  # store hits come from it
+            table = self.store_tier.load(hit, seq.block_hashes, num_new_blocks)
         else:
             table = hit.blocks + self.pool.allocate(num_new_blocks)
         record = SeqBlocks(table, hit.num_tokens, num_registered=hit.num_tokens // self.block_size)
         self.seqs[seq.seq_id] = record
         self._fill(record, num_slots)
         return True
-
-    def _load_from_store(self, seq: Sequence, hit: CacheHit, num_new_blocks: int) -> list[int]:
-        """The table of an admitted sequence whose chain the store partly holds: each store link gets
-        a new block, loaded in this step and findable in the pool at once."""
-        store = self.store
-        assert store is not None
-        for _, slot in hit.store_hits:  # pinned first: the evictions of the allocation below save into the store
-            store.pin(slot)
-        fresh = iter(self.pool.allocate(num_new_blocks))
-        pooled = iter(hit.blocks)
-        from_store = dict(hit.store_hits)
-        hashes = seq.block_hashes
-        table = []
-        for index in range(len(hit.blocks) + len(hit.store_hits)):
-            slot = from_store.get(index)
-            if slot is None:
-                table.append(next(pooled))
-                continue
-            block = next(fresh)
-            store.load(slot, block)
-            self.pool.register(block, hashes[index], hashes[index - 1] if index else None, index)
-            table.append(block)
-        table.extend(fresh)
-        return table
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> list[BlockCopy] | None:
         """Slots for the sequence's next `num_new_tokens` tokens. Returns the copy-on-write copies
@@ -265,22 +244,6 @@ class KVCacheManager:
         num_registered = min(source_record.num_registered, num_blocks)
         self.seqs[seq.seq_id] = SeqBlocks(table, num_blocks * self.block_size, num_registered=num_registered)
 
-    def take_table_delta(self, seq: Sequence) -> tuple[int, list[int]]:
-        """(table_from, new_blocks) the worker needs to bring its table up to date."""
-        record = self.seqs[seq.seq_id]
-        table_from = record.num_sent
-        num_blocks = len(record.table)
-        if table_from == num_blocks:
-            return table_from, []
-        record.num_sent = num_blocks
-        return table_from, record.table[table_from:]
-
-    def block_table(self, seq_id: int) -> list[int]:
-        return list(self.seqs[seq_id].table)
-
-    def holds(self, seq: Sequence) -> bool:
-        return seq.seq_id in self.seqs
-
     def free(self, seq: Sequence) -> None:
         """Release a sequence's blocks (device or host), tail first so the tail is evicted first."""
         record = self.seqs.pop(seq.seq_id, None)
@@ -328,6 +291,29 @@ class KVCacheManager:
             dst_pool.touch([block] * (count - 1))
         return [BlockCopy(src, dst) for src, dst in mapping.items()]
 
+    # Incoming KV transfers -----------------------------------------------------------------------
+
+    def hold_for_transfer(
+        self, transfer_id: int, block_hashes: list[BlockHash], num_blocks: int, reserve_blocks: int
+    ) -> TransferHold | None:
+        """Hold a table of `num_blocks` for a sequence whose KV another worker sends: the leading
+        blocks this pool already caches (`block_hashes`: the full ones' hashes; at least the last
+        block always travels), then fresh blocks for the rest, if that leaves `reserve_blocks` free.
+        Nothing is registered in the prefix cache until the pages are in (adopt_transfer)."""
+        hits = self.pool.cached_run(block_hashes[: num_blocks - 1]) if self.enable_prefix_caching else []
+        return self.incoming.hold(transfer_id, hits, num_blocks - len(hits), reserve_blocks)
+
+    def adopt_transfer(self, transfer_id: int, seqs: list[Sequence], num_slots: int) -> None:
+        """The pages are in: the held table becomes the block table of each of `seqs` (n > 1 share
+        it, copy-on-write as after a fork), holding `num_slots` computed tokens; the worker learns
+        the whole table with each sequence's first step. Its full blocks join the prefix cache."""
+        hold = self.incoming.take(transfer_id)
+        self.pool.touch(hold.table * (len(seqs) - 1))
+        for seq in seqs:
+            self.seqs[seq.seq_id] = SeqBlocks(list(hold.table), 0, num_registered=hold.num_hits)
+            self._fill(self.seqs[seq.seq_id], num_slots)
+        self.cache_computed(seqs[0], num_slots)
+
     # Views ------------------------------------------------------------------------------------
 
     def stats(self) -> PoolStats:
@@ -343,6 +329,7 @@ class KVCacheManager:
             slots_reserved=used * self.block_size,
             slots_filled=pool.num_filled_slots,
             evictions=pool.num_evictions,
+            refetched_blocks=pool.num_refetched,
             host_blocks=self.host_pool.num_blocks,
             host_free_blocks=self.host_pool.num_free,
         )
@@ -350,6 +337,7 @@ class KVCacheManager:
     def describe(self, names: Mapping[int, str]) -> list[BlockInfo]:
         pool = self.pool
         holders = holders_by_block(self.seqs, names)
+        self.incoming.name_holders(holders)
         lru = {block: rank for rank, block in enumerate(pool.free_queue()) if pool.block_hashes[block] is not None}
         now = time.monotonic()
         blocks = []
@@ -367,6 +355,7 @@ class KVCacheManager:
     def audit(self) -> AccountingReport:
         report = AccountingReport()
         device = [record.table for record in self.seqs.values() if not record.swapped]
+        device += self.incoming.tables()
         host = [record.table for record in self.seqs.values() if record.swapped]
         audit_pool(self.pool, device, report, "device")
         host_report = AccountingReport()

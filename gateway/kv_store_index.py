@@ -25,11 +25,9 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import msgspec
-
 from paged.gateway.block_hash import BlockHash
 from paged.gateway.eviction_policy import EvictionPolicy, make_policy
-from paged.gateway.stats import Histogram, KVStoreStats
+from paged.gateway.stats import STORE_SECONDS_BUCKETS, Histogram, KVStoreStats
 from paged.shared.config import EvictionPolicyName
 
 if TYPE_CHECKING:
@@ -55,8 +53,8 @@ class KVStoreIndex:
         self._free = list(range(num_slots - 1, -1, -1))  # a stack: slot 0 first
         self._quarantine: dict[str, list[int]] = {}  # by the worker that may still write them
         self.saves = self.loads = self.evictions = self.dropped_saves = 0
-        self.save_seconds = Histogram()
-        self.load_seconds = Histogram()
+        self.save_seconds = Histogram(STORE_SECONDS_BUCKETS)
+        self.load_seconds = Histogram(STORE_SECONDS_BUCKETS)
         # The worker sessions using this store (a session dropped without being lost leaves by itself).
         self.sessions: weakref.WeakSet[KVStoreSession] = weakref.WeakSet()
 
@@ -169,8 +167,8 @@ class KVStoreIndex:
             loads=self.loads,
             evictions=self.evictions,
             dropped_saves=self.dropped_saves,
-            save_seconds=msgspec.structs.replace(self.save_seconds, counts=list(self.save_seconds.counts)),
-            load_seconds=msgspec.structs.replace(self.load_seconds, counts=list(self.load_seconds.counts)),
+            save_seconds=self.save_seconds.copy(),
+            load_seconds=self.load_seconds.copy(),
         )
 
     def audit(self) -> list[str]:

@@ -169,7 +169,7 @@ class SeqInfo(msgspec.Struct):
 class RequestInfo(msgspec.Struct):
     id: str
     worker: str
-    state: str  # "waiting", "running" or "swapped"
+    state: str  # "waiting", "running", "transferring" or "swapped"
     priority: int
     prompt_tokens: int
     generated_tokens: int  # summed over the request's sequences
@@ -182,7 +182,7 @@ class RequestInfo(msgspec.Struct):
 
 def _request_state(request: Request) -> str:
     statuses = {seq.status for seq in request.live_seqs()}
-    for status in (SequenceStatus.RUNNING, SequenceStatus.SWAPPED):
+    for status in (SequenceStatus.RUNNING, SequenceStatus.TRANSFERRING, SequenceStatus.SWAPPED):
         if status in statuses:
             return status.value
     return SequenceStatus.WAITING.value

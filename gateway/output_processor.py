@@ -18,6 +18,9 @@ from paged.gateway.step_builder import is_stale
 from paged.shared.protocol import StepInput, StepOutput
 
 
+HOLDING_COMPUTED = (SequenceStatus.RUNNING, SequenceStatus.TRANSFERRING)
+
+
 def stop_reason(seq: Sequence, token: int) -> str | None:
     """Why `seq` ends with `token` just appended: "stop" (eos or a stop token), "length" (max_tokens
     or the context window), or None while it runs on."""
@@ -36,7 +39,8 @@ def register_computed_blocks(step: StepInput, seqs: dict[int, Sequence], allocat
         end = scheduled.start + scheduled.num_tokens
         if end // size != scheduled.start // size:
             seq = seqs.get(scheduled.seq_id)
-            if seq is not None and seq.status is SequenceStatus.RUNNING and not is_stale(seq, step_id):
+            # A sequence handed off to a decode worker in this step registers its prompt here too.
+            if seq is not None and seq.status in HOLDING_COMPUTED and not is_stale(seq, step_id):
                 allocator.cache_computed(seq, end)
 
 

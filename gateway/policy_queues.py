@@ -56,10 +56,14 @@ class PolicyQueues:
         self.waiting_tokens += request.waiting_tokens
         bisect.insort(self.waiting, request, key=request_order)
 
-    def pop_waiting(self) -> Request:
-        request = self.waiting.pop(0)
+    def take_waiting(self, request: Request) -> None:
+        """Take a request out of the waiting queue to run it: the head, or one backfilled past it."""
+        waiting = self.waiting
+        if waiting[0] is request:
+            waiting.pop(0)
+        else:
+            waiting.remove(request)
         self.waiting_tokens -= request.waiting_tokens
-        return request
 
     def remove(self, request: Request, was: SequenceStatus) -> None:
         """Take out a request that ended while waiting or swapped (`was`: its sequences' state then)."""

@@ -1,6 +1,7 @@
 """One worker as the engine holds it: its link, its scheduler while registered, the event that
 wakes its step loop, and its step-loop statistics. The engine runs one Replica per worker
-(data-parallel replicas, each with its own page pool); the router picks among them."""
+(data-parallel replicas, each with its own page pool); the router picks among them, and the KV
+hand-off (gateway/handoff.py) moves requests from prefill to decode replicas."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from paged.gateway.scheduler import Scheduler
 from paged.gateway.stats import WorkerStats, extend
 from paged.gateway.worker_link import ChildProcess, WorkerLink
+from paged.shared.config import WorkerRole
 from paged.shared.protocol import WorkerRegistration
 
 
@@ -21,6 +23,7 @@ class WorkerSpec:
 
     endpoint: str
     spawn: Callable[[], ChildProcess] | None = None
+    role: WorkerRole | None = None  # the gateway's layout (--workers-layout); None: the role the worker registers with
 
 
 @dataclass(slots=True)
@@ -60,6 +63,23 @@ class Replica:
         return self.scheduler is not None and self.link.connected
 
     @property
+    def role(self) -> WorkerRole:
+        if self.spec.role is not None:
+            return self.spec.role
+        return self.registration.role if self.registration is not None else "mixed"
+
+    @property
+    def transfer_endpoint(self) -> str:
+        return self.registration.transfer_endpoint if self.registration is not None else ""
+
+    @property
+    def page_bytes(self) -> int:
+        return self.registration.page_bytes if self.registration is not None else 0
+
+    def wake(self) -> None:
+        self.wakeup.set()
+
+    @property
     def load(self) -> int:
         """Running sequences plus waiting requests: what the router balances."""
         assert self.scheduler is not None
@@ -86,6 +106,7 @@ class Replica:
                 name=self.name,
                 state="registering",
                 endpoint=self.spec.endpoint,
+                role=self.role,
                 steps=self.step_stats.steps,
                 num_blocks=registration.num_blocks if registration else 0,
                 block_size=registration.block_size if registration else 0,
@@ -97,5 +118,6 @@ class Replica:
             name=self.name,
             state="ready" if self.ready else "disconnected",
             endpoint=self.spec.endpoint,
+            role=self.role,
             steps=self.step_stats.steps,
         )

@@ -23,6 +23,9 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # not holding device blocks: new, or preempted by recompute
     RUNNING = "running"  # holding device blocks, in the running batch
     SWAPPED = "swapped"  # blocks in the host pool; the worker keeps its state
+    # On a prefill worker, its KV on the way to a decode worker: it keeps its blocks (they are
+    # being read) but is not scheduled; gateway/handoff.py moves it on, or back to waiting.
+    TRANSFERRING = "transferring"
     FINISHED = "finished"
 
 
@@ -40,6 +43,7 @@ class Sequence:
     num_tokens: int
     max_num_tokens: int = 0  # min(prompt + max_tokens, max_model_len); set on admission to a scheduler
     num_computed: int = 0  # tokens whose KV is in the cache or being computed by a step in flight
+    computed_high_water: int = 0  # most tokens computed before its last recompute preemption: below it, work is done again
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     on_worker: bool = False  # the worker holds state for it (a NewSequence or fork was sent)
@@ -74,6 +78,8 @@ class Request:
     # wait for the first to recompute the full prompt blocks and then share them (sequence_groups.py).
     awaiting_shared_prompt: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
+    kv_transfer_failed: bool = False  # a hand-off to a decode worker failed: it finishes where it is
+    times_bypassed: int = 0  # requests admitted past it while it headed the waiting queue (backfill)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first scheduling
     waiting_tokens: int = 0  # tokens it adds to the waiting queue's total while it waits
     order: tuple[int, int] = (0, 0)  # (priority under the priority policy else 0, arrival number)

@@ -2,7 +2,9 @@
 results back in as RequestOutputs.
 
 It owns the requests and composes the parts, one job each:
-- admission.py: whether a request may enter (refusal kinds) and may take running seats;
+- admission.py: whether a request may enter (refusal kinds), may take running seats, and (under
+  predictive admission) is expected to fit the pool for its whole run: demand_forecast.py over
+  the output lengths learned from finished sequences (output_lengths.py);
 - policy_queues.py: the waiting, swapped and running queues in the policy's order;
 - step_planner.py: each step's decisions: token budget, swap-in, admission, preemption
   (preemption.py chooses the victim and swaps or recomputes it);
@@ -10,7 +12,13 @@ It owns the requests and composes the parts, one job each:
 - step_builder.py: the StepInput deltas, the mirror of what the worker holds, placeholders and
   result fencing;
 - output_processor.py: results applied in step order, the stop check, prefix-cache registration;
-- stats.py: the snapshot read by metrics, the admin API and the simulator.
+- scheduler_stats.py: what it counts and learns over its whole life (counters, output lengths, the
+  admission margin, the thrash detector's window of recompute share, preemption and eviction rates:
+  while the pool thrashes, admission tightens), and the snapshot (stats.py) read by metrics, the
+  admin API and the simulator;
+- handoff_moves.py: its part in the KV hand-offs between prefill and decode workers, which
+  gateway/handoff.py coordinates through its `HandoffHooks` and these moves; transfer_items.py: the
+  KV transfer items of its next step.
 The block allocator (block_allocator.py: paged or contiguous) holds the block tables; with a host
 KV store (docs/kv-store.md), a KVStoreSession (kv_store_session.py) orders the step's saves to and
 loads from it, over the store's index that every worker of the host shares (kv_store_index.py).
@@ -26,10 +34,15 @@ whole pool and finish: admitted work finishes, it is never stuck waiting or pree
 
 from __future__ import annotations
 
-from paged.gateway.admission import check_arrival
+import time
+from collections.abc import Callable
+
+from paged.gateway.admission import PredictiveAdmission, check_arrival
 from paged.gateway.block_accounting import AccountingReport
 from paged.gateway.block_allocator import BlockAllocator
 from paged.gateway.contiguous_allocator import ContiguousAllocator
+from paged.gateway.demand_forecast import DemandForecast
+from paged.gateway.handoff_moves import HandoffHooks, HandoffMoves
 from paged.gateway.kv_cache_manager import KVCacheManager
 from paged.gateway.kv_store_index import KVStoreIndex
 from paged.gateway.kv_store_session import KVStoreSession
@@ -39,14 +52,17 @@ from paged.gateway.policy_queues import PolicyQueues, request_order
 from paged.gateway.preemption import Preemption
 from paged.gateway.request import Request, Sequence, SequenceStatus
 from paged.gateway.sequence_groups import SequenceGroups, fork_again_if_nothing_sampled, reset_for_recompute
-from paged.gateway.stats import SchedulerCounters, SchedulerStats, extend
+from paged.gateway.scheduler_stats import SchedulerFigures
+from paged.gateway.stats import SchedulerStats
 from paged.gateway.step_builder import WorkerMirror, is_empty
 from paged.gateway.step_planner import StepPlanner
+from paged.gateway.transfer_items import TransferItems
 from paged.shared.config import CacheConfig, SchedulerConfig
 from paged.shared.protocol import StepInput, StepOutput
 
 RUNNING = SequenceStatus.RUNNING
 FINISHED = SequenceStatus.FINISHED
+TRANSFERRING = SequenceStatus.TRANSFERRING
 
 
 def uses_kv_store(cache_config: CacheConfig) -> bool:
@@ -82,34 +98,43 @@ class Scheduler:
         store_index: KVStoreIndex | None = None,
         worker_name: str = "0",
         context_cost: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`store_index`: the host KV store this worker attached (None: none); `worker_name` names the
         replica to it; `context_cost` weighs depth in the depth eviction policy (from the registration)."""
         self.config = scheduler_config
         self.cache_config = cache_config
         self.max_model_len = max_model_len
-        self.counters = SchedulerCounters()
+        self.name = worker_name  # the worker's replica: its log events and its KV store session name it
         self._num_blocks = num_blocks
         self._num_host_blocks = num_host_blocks
         self._store_index = store_index if uses_kv_store(cache_config) else None
-        self._worker_name = worker_name
         self._context_cost = context_cost
+        self.handoff: HandoffHooks | None = None
+        self.figures = SchedulerFigures(worker_name, clock)  # outlives a lost worker's session
         self._start_empty()
 
     def _start_empty(self) -> None:
-        """Fresh parts: an empty allocator, queues and worker mirror (the counters carry on)."""
+        """Fresh parts: an empty allocator, queues and worker mirror (what `figures` counts and learns carries on)."""
         index = self._store_index
-        self.store = KVStoreSession(index, self._worker_name) if index is not None else None
+        self.store = KVStoreSession(index, self.name) if index is not None else None
         self.kv = make_allocator(self.cache_config, self._num_blocks, self._num_host_blocks, self.store, self._context_cost)
         self.requests: dict[str, Request] = {}  # every unfinished request
         self._seqs: dict[int, Sequence] = {}  # live sequences by id
         self.queues = PolicyQueues(self.config.scheduling_policy == "priority")
         self.groups = SequenceGroups(self.kv, self.queues)
         self.mirror = WorkerMirror()
-        preemption = Preemption(self.kv, self.queues, self.groups, self.mirror, self.counters)
+        figures = self.figures
+        preemption = Preemption(self.kv, self.queues, self.groups, self.mirror, figures.counters)
         watermark_blocks = int(self.config.kv_watermark * self._num_blocks)
-        self.planner = StepPlanner(self.kv, self.queues, self.groups, preemption, self.counters, watermark_blocks)
+        forecast = DemandForecast(figures.lengths, self.kv.block_size)
+        self.predictive = PredictiveAdmission(self.kv, forecast, figures.margin)
+        self.planner = StepPlanner(
+            self.kv, self.queues, self.groups, preemption, figures.counters, watermark_blocks, self.predictive
+        )
         self.processor = OutputProcessor(self._seqs, self._end_seq, self._finish_request)
+        self.transfers = TransferItems()
+        self.handoff_moves = HandoffMoves(self.requests, self._seqs, self.kv, self.queues, self.mirror)
 
     # Requests in and out ------------------------------------------------------------------------
 
@@ -163,6 +188,8 @@ class Scheduler:
     def _end_seq(self, seq: Sequence, reason: str) -> SequenceStatus:
         """A sequence stopped (output processing); its request ends with its last sequence."""
         was = seq.status
+        prompt_len = seq.request.num_prompt_tokens
+        self.figures.lengths.observe(seq.num_output_tokens, seq.max_num_tokens - prompt_len)
         self._finish_seq(seq, reason)
         if seq.request.finished:
             self._forget_request(seq.request, was)
@@ -179,10 +206,13 @@ class Scheduler:
         """Drop a request that has ended; `was` is the state of its sequences before the end."""
         self.requests.pop(request.request_id, None)
         self.queues.remove(request, was)
+        if self.handoff is not None:
+            self.handoff.request_ended(self, request)
 
     def reconfigure(self, scheduler_config: SchedulerConfig) -> None:
-        """Apply a reloaded configuration (SIGHUP) to a running scheduler: the admission caps and the
-        policy. Queued requests stay; a switch to or from the priority policy re-orders them."""
+        """Apply a reloaded configuration (SIGHUP) to a running scheduler: the admission caps and
+        policies, the thrash detector's settings. Queued requests stay; a switch to or from the
+        priority policy re-orders them."""
         self.config = scheduler_config
         self.queues.set_policy(scheduler_config.scheduling_policy == "priority")
 
@@ -196,7 +226,7 @@ class Scheduler:
                 seq.ignore_results_until = -1
             fork_again_if_nothing_sampled(request)
         self.groups.forget_all()
-        self.counters.evictions_before += self.kv.stats().evictions
+        self.figures.allocator_dropped(self.kv.stats())
         if self.store is not None:
             self.store.lost()
         self._start_empty()
@@ -209,8 +239,9 @@ class Scheduler:
         return bool(self.requests)
 
     def needs_step(self) -> bool:
-        """Unfinished requests, or frees the worker has not been told about yet."""
-        return bool(self.requests) or self.mirror.has_news
+        """Unfinished requests, frees the worker has not been told about yet, or KV transfer items
+        to send or to poll for."""
+        return bool(self.requests) or self.mirror.has_news or self.transfers.has_news
 
     @property
     def running(self) -> list[Sequence]:
@@ -238,7 +269,13 @@ class Scheduler:
 
     def schedule(self) -> StepInput:
         step = self.mirror.begin_step(self.config.max_num_batched_tokens)
+        figures = self.figures
+        self.predictive.tightened = figures.thrash.thrashing
         self.planner.plan(step, self.config)
+        counters = figures.counters
+        counters.computed_tokens += step.num_computed
+        counters.recomputed_tokens += step.num_recomputed
+        figures.watch_thrashing(self.kv, self.queues, self.config)
         if self.groups.awaiting:
             self.groups.attach_awaiting()
         for parent in step.forks:
@@ -247,9 +284,12 @@ class Scheduler:
             self.mirror.fork_copies += copies
             for child in children:
                 self._seqs[child.seq_id] = child
+        if self.handoff is not None:
+            self.handoff.plan(self, step)
         step_input = self.mirror.finish_step(step)
         if self.store is not None:
             step_input.store_saves, step_input.store_loads = self.store.take(step_input.step_id)
+        self.transfers.fill(step_input)
         return step_input
 
     def update(self, step: StepInput, output: StepOutput) -> list[RequestOutput]:
@@ -257,35 +297,19 @@ class Scheduler:
         if self.store is not None:
             failed_loads = self.store.step_done(step, output, sent=not is_empty(step))
             if failed_loads:
-                assert isinstance(self.kv, KVCacheManager)  # only the paged allocator has a store
                 self.kv.forget_blocks(failed_loads)
         outputs, running_finished = self.processor.process(step, output, self.kv)
         if running_finished:
             self.queues.drop_finished_running()
+        if self.handoff is not None:
+            self.handoff.after_update(self, step, output)
         return outputs
 
-    # Statistics and audit -----------------------------------------------------------------------
+    # Statistics (scheduler_stats.py) and audit -------------------------------------------------
 
     def stats(self) -> SchedulerStats:
-        pool = self.kv.stats()
-        counters = self.counters
-        queues = self.queues
-        return extend(
-            pool,
-            SchedulerStats,
-            evictions=counters.evictions_before + pool.evictions,
-            running_seqs=len(queues.running),
-            running_requests=queues.num_running_requests,
-            waiting_requests=len(queues.waiting),
-            swapped_requests=len(queues.swapped),
-            prefix_queries_tokens=counters.prefix_queries_tokens,
-            prefix_hits_tokens=counters.prefix_hits_tokens,
-            store_hits_tokens=counters.store_hits_tokens,
-            store_misses_tokens=counters.store_misses_tokens,
-            preemptions=counters.preemptions,
-            swaps_out=counters.swaps_out,
-            swaps_in=counters.swaps_in,
-        )
+        self.figures.watch_thrashing(self.kv, self.queues, self.config)  # an idle scheduler's window slides on too
+        return self.figures.snapshot(self.kv.stats(), self.queues, len(self.transfers.open))
 
     def audit(self) -> AccountingReport:
         """The allocator's own invariants plus: exactly the running and swapped sequences hold
@@ -296,6 +320,7 @@ class Scheduler:
         queues = self.queues
         holding = {seq.seq_id for seq in queues.running}
         holding |= {seq.seq_id for request in queues.swapped for seq in request.live_seqs()}
+        holding |= {seq.seq_id for seq in self._seqs.values() if seq.status is TRANSFERRING}
         tables = self.kv.seqs
         if set(tables) != holding:
             report.problems.append(f"block tables for {sorted(tables)} but running/swapped are {sorted(holding)}")

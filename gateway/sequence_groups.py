@@ -23,7 +23,9 @@ from paged.shared.protocol import BlockCopy
 
 
 def reset_for_recompute(seq: Sequence) -> None:
-    """Back to waiting with only its known tokens; placeholders in flight are dropped."""
+    """Back to waiting with only its known tokens; placeholders in flight are dropped. What it had
+    computed (steps in flight included) is computed again later: its high-water mark remembers it."""
+    seq.computed_high_water = max(seq.computed_high_water, seq.num_computed)
     seq.status = SequenceStatus.WAITING
     seq.num_computed = 0
     seq.num_tokens = len(seq.token_ids)
@@ -43,13 +45,17 @@ class SequenceGroups:
         self.allocator = allocator
         self.queues = queues
         self.awaiting: list[Request] = []  # running requests with sequences awaiting a recomputed prompt
+        # Seats kept for requests in a KV hand-off (gateway/handoff.py): on a prefill worker, those it
+        # sends (they come back if the transfer fails); on a decode worker, those coming in.
+        self.transfer_seats = 0
 
     def seats_taken(self) -> int:
-        """Running sequences, counting the children that running n > 1 requests will fork and the
-        sequences waiting to share a recomputed prompt."""
+        """Running sequences, counting the children that running n > 1 requests will fork, the
+        sequences waiting to share a recomputed prompt and the ones in a KV hand-off."""
         running = self.queues.running
         return (
             len(running)
+            + self.transfer_seats
             + sum(seq.request.params.n - 1 for seq in running if seq.index == 0 and not seq.request.forked)
             + sum(len(request.awaiting_shared_prompt) for request in self.awaiting)
         )

@@ -38,6 +38,7 @@ def is_empty(step: StepInput) -> bool:
     return not (
         step.scheduled or step.new_seqs or step.freed_seq_ids or step.swap_out or step.swap_in or step.copies
         or step.store_saves or step.store_loads
+        or step.kv_sends or step.kv_receives or step.kv_cancels or step.transfer_wait_s
     )  # fmt: skip
 
 
@@ -55,12 +56,17 @@ class StepBuilder:
     swap_out: list[BlockCopy] = field(default_factory=list)
     swap_in: list[BlockCopy] = field(default_factory=list)
     preempted: bool = False
+    num_computed: int = 0  # tokens the worker computes in this step
+    num_recomputed: int = 0  # of which computed before, by a sequence since preempted by recompute
 
     def emit(self, allocator: BlockAllocator, seq: Sequence, num_new: int, copies: list[BlockCopy]) -> None:
         """Schedule `num_new` tokens of `seq` (its blocks already taken): the table delta, a
         NewSequence if the worker does not know it, and the placeholder of a sampled token."""
         start = seq.num_computed
         computed = seq.num_computed = start + num_new
+        self.num_computed += num_new
+        if start < seq.computed_high_water:
+            self.num_recomputed += min(computed, seq.computed_high_water) - start
         seq_id = seq.seq_id
         table_from, new_blocks = allocator.take_table_delta(seq)
         if computed != seq.num_tokens:  # a prefill chunk short of the known tokens: nothing to sample
@@ -89,6 +95,9 @@ class StepBuilder:
             return
         self.copies.pop(seq.seq_id, None)
         self.budget += scheduled.num_tokens
+        self.num_computed -= scheduled.num_tokens
+        if scheduled.start < seq.computed_high_water:
+            self.num_recomputed -= min(scheduled.start + scheduled.num_tokens, seq.computed_high_water) - scheduled.start
         seq.num_computed = scheduled.start
         if scheduled.sample:
             seq.num_tokens -= 1

@@ -6,9 +6,11 @@ so one step always waits in the worker's queue (overlapped scheduling: the sched
 placeholders let step N+1 decode the token step N samples). With depth 1 each step is applied
 before the next is scheduled.
 
-A step with nothing for the worker (no tokens to compute, nothing to free, swap or copy) is never
-sent: it stays in flight unsent and is answered with an empty output when its turn comes, so
-update() always follows step order.
+A step with nothing for the worker (no tokens to compute, nothing to free, swap, copy or transfer)
+is never sent: it stays in flight unsent and is answered with an empty output when its turn comes,
+so update() always follows step order. A step that only polls for KV transfers
+(gateway/transfer_items.py) is sent only when no other step is in flight: that one's output brings
+the transfer reports anyway.
 
 `StepPipeline` knows no transport and no event loop. The server's step loop
 (gateway/replica_step_loop.py) drives it over ZeroMQ with asyncio; `LocalStepLoop` below drives it
@@ -63,6 +65,8 @@ class StepPipeline:
         """Schedule the next step and put it in flight. The caller sends it to the worker unless
         it is empty (`is_empty`): an empty step is answered in its turn by answer_unsent()."""
         step = self.scheduler.schedule()
+        if step.transfer_wait_s and self._in_flight:
+            step.transfer_wait_s = 0.0
         self._in_flight.append((step, not is_empty(step)))
         return step
 

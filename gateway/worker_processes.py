@@ -1,5 +1,6 @@
 """`pagedd serve`'s worker processes: one per visible CUDA device (or `--workers N` on CPU), each on
-an ipc:// endpoint in a private runtime directory, started at the worker's entry point by its
+an ipc:// endpoint in a private runtime directory (its KV transfer endpoint beside it), with the role
+`--workers-layout` gives it, started at the worker's entry point by its
 qualified name (shared/entry_points.py: the gateway never imports the worker) with
 multiprocessing's spawn method (no fork: the gateway has threads and sockets a child must not
 inherit)."""
@@ -17,7 +18,7 @@ import msgspec
 
 from paged.gateway.replica import WorkerSpec
 from paged.gateway.stale_runtime_dirs import claim, remove_stale_runtime_dirs
-from paged.shared.config import CacheConfig, KVSharingConfig, ModelConfig, default_cpu_threads
+from paged.shared.config import CacheConfig, KVSharingConfig, ModelConfig, WorkerRole, default_cpu_threads
 from paged.shared.entry_points import spawn_entry_point
 
 WORKER_ENTRY_POINT = "paged.worker.server:run_worker"
@@ -77,10 +78,10 @@ def spawn_worker(
     worker_id: str,
     null_model: bool,
     null_step_s: float,
+    sharing: KVSharingConfig,
     on_gateway_loss: str,
     log_level: str,
     log_json: bool | None,
-    sharing: KVSharingConfig | None = None,
 ) -> BaseProcess:
     return spawn_entry_point(
         WORKER_ENTRY_POINT, endpoint, model_config, cache_config, max_num_batched_tokens,
@@ -101,12 +102,19 @@ def local_workers(
     log_json: bool | None,
     null_step_s: float = 0.0,
     sharing: KVSharingConfig | None = None,
+    roles: list[WorkerRole] | None = None,
 ) -> list[WorkerSpec]:
     """One WorkerSpec per device; the engine starts (and, after a crash, restarts) each process.
-    `sharing` names the host KV store they all attach (the first to start creates it)."""
+    `sharing` names the host KV store they all attach (the first to start creates it); `roles` (a
+    layout, shared/workers_layout.py) sets the number of workers and each one's role."""
+    if roles is not None:
+        if num_workers is not None and num_workers != len(roles):
+            raise ValueError(f"--workers {num_workers} but the workers layout has {len(roles)} workers")
+        num_workers = len(roles)
     devices = ["cpu"] * (num_workers or 1) if null_model else worker_devices(model_config.device, num_workers)
     specs = []
     for index, device in enumerate(devices):
+        role = roles[index] if roles is not None else "mixed"
         endpoint = runtime_dir.endpoint(f"worker-{index}.sock")
         config = msgspec.structs.replace(model_config, device=device)
         if device == "cpu" and config.cpu_threads is None:
@@ -114,7 +122,7 @@ def local_workers(
         spawn = functools.partial(
             spawn_worker, endpoint, config, cache_config, max_num_batched_tokens,
             worker_id=str(index), null_model=null_model, null_step_s=null_step_s, on_gateway_loss="exit", log_level=log_level, log_json=log_json,
-            sharing=sharing,
+            sharing=msgspec.structs.replace(sharing or KVSharingConfig(), role=role),
         )  # fmt: skip
-        specs.append(WorkerSpec(endpoint, spawn))
+        specs.append(WorkerSpec(endpoint, spawn, role))
     return specs

@@ -14,7 +14,16 @@ from rich.text import Text
 
 from paged.ops.admin_client import AdminClient, admin_command
 from paged.ops.admin_output import Columns, Output, Part
-from paged.ops.admin_tables import pool_tier_table, requests_table, store_tier_table, workers_table
+from paged.ops.admin_tables import (
+    pool_tier_table,
+    pressure_table,
+    requests_table,
+    service_state,
+    store_tier_table,
+    thrashing_workers,
+    transfers_line,
+    workers_table,
+)
 from paged.ops.memmap_render import render_memmap, write_png
 from paged.shared.logging import LEVELS
 
@@ -26,17 +35,23 @@ def _print_json(payload: Any) -> None:
 @click.command()
 @admin_command
 def status(client: AdminClient, as_json: bool) -> None:
-    """Version, model, uptime, workers, queues and policy."""
+    """Version, model, uptime, workers (and their roles), queues, KV transfers and policy."""
     payload = client.get("/status")
     if as_json:
         return _print_json(payload)
-    state = "draining" if payload["draining"] else "ready" if payload["ready"] else "not ready"
     policy = {**payload["policy"]["scheduler"], **payload["policy"]["cache"]}
+    transfers = transfers_line(payload.get("transfers"))
+    thrashing = thrashing_workers(payload["workers"])
     Output().print(
         Text.assemble((f"paged {payload['version']}", "bold"), f" · {payload['served_model_name']} ({payload['model']})"
-                      f" · {state} · up {payload['uptime_s']:.0f}s"),
+                      f" · {service_state(payload)} · up {payload['uptime_s']:.0f}s"),
         f"running {payload['running_seqs']} sequences · waiting {payload['waiting_requests']} · swapped {payload['swapped_requests']} requests",
         workers_table(payload["workers"]),
+        *([transfers] if transfers else []),
+        Text(f"KV thrashing on worker {', '.join(thrashing)}" + (
+            ": predictive admission is tightened until it clears" if policy.get("admission_policy") == "predictive" else ""
+        ), style="bold red") if thrashing else "KV pool not thrashing",
+        pressure_table(payload["workers"]),
         "policy: " + ", ".join(f"{key}={value}" for key, value in policy.items()),
     )  # fmt: skip
 

@@ -12,15 +12,61 @@ def pct(value: float) -> str:
     return f"{value:.1%}"
 
 
+def service_state(status: dict[str, Any]) -> str:
+    """What the daemon does with new requests: draining, ready or not ready."""
+    return "draining" if status["draining"] else "ready" if status["ready"] else "not ready"
+
+
 def workers_table(workers: list[dict[str, Any]]) -> Columns:
-    table = Columns(["worker", "state", "run", "wait", "KV used", "cached", "free", "slots", "hits", "preempt", "steps"])
-    for w in workers:
-        table.rows.append([
+    """One row per worker; with prefill or decode workers, a `role` column after the name and the
+    KV transfers each one sends or receives now (`xfer`)."""
+    roles = [w.get("role", "mixed") for w in workers]
+    disaggregated = any(role != "mixed" for role in roles)
+    headers = ["worker", "state", "run", "wait", "KV used", "cached", "free", "slots", "hits", "preempt", "steps"]
+    table = Columns(["worker", "role", *headers[1:], "xfer"] if disaggregated else headers)
+    for w, role in zip(workers, roles, strict=True):
+        row = [
             w["name"], w["state"], str(w["running_seqs"]), str(w["waiting_requests"]),
             f"{w['used_blocks']}/{w['num_blocks']}", str(w["cached_blocks"]), str(w["free_blocks"]),
             pct(w["kv_utilization"]), pct(w["prefix_hit_rate"]), str(w["preemptions"]), str(w["steps"]),
+        ]  # fmt: skip
+        table.rows.append([row[0], role, *row[1:], str(w.get("kv_transfers_in_flight", 0))] if disaggregated else row)
+    return table
+
+
+def transfers_line(transfers: dict[str, Any] | None) -> str | None:
+    """The KV hand-offs in one line (None when there were none and none are in flight)."""
+    if not transfers or not (transfers["started"] or transfers["in_flight"]):
+        return None
+    failed = sum(transfers["failures"].values())
+    reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(transfers["failures"].items()))
+    completed = transfers["completed"]
+    mean_ms = transfers["latency"]["sum"] / completed * 1e3 if completed else None
+    return (
+        f"KV transfers: {transfers['in_flight']} in flight · {completed} done · {transfers['cancelled']} cancelled"
+        f" · {failed} failed{f' ({reasons})' if reasons else ''} · {transfers['blocks']} blocks"
+        f" ({transfers['bytes'] / 2**20:.1f} MiB, {transfers['blocks_skipped']} cached on the decode side)"
+        + (f" · mean {mean_ms:.1f} ms" if mean_ms is not None else "")
+    )
+
+
+def pressure_table(workers: list[dict[str, Any]]) -> Columns:
+    """Is the pool thrashing: per worker, over the thrash detector's sliding window, the share of
+    computed tokens computed for the first time (goodput), preemptions and cached-block evictions
+    per second, the share of evicted blocks needed again (refetch), the prefix-cache hit rate; the
+    recomputed-token total and the admission margin."""
+    table = Columns(["worker", "thrashing", "goodput", "recomputed", "preempt/s", "evict/s", "refetch", "hits", "window", "margin"])
+    for w in workers:
+        table.rows.append([
+            w["name"], "YES" if w.get("kv_thrashing") else "no", pct(w.get("goodput", 1.0)), str(w.get("recomputed_tokens", 0)),
+            f"{w.get('preemptions_per_s', 0.0):.2f}", f"{w.get('evictions_per_s', 0.0):.1f}", pct(w.get("refetch_share", 0.0)),
+            pct(w.get("window_prefix_hit_rate", 0.0)), f"{w.get('window_s', 0.0):.0f}s", f"{w.get('admission_margin', 0.0):.2f}",
         ])  # fmt: skip
     return table
+
+
+def thrashing_workers(workers: list[dict[str, Any]]) -> list[str]:
+    return [w["name"] for w in workers if w.get("kv_thrashing")]
 
 
 def requests_table(requests: list[dict[str, Any]]) -> Columns:

@@ -1,6 +1,7 @@
 """`pagedctl top`: a live view of a daemon, refreshed every --interval seconds: running and waiting,
 generated tokens per second (from the daemon's token counter, which counts tokens as they are
-produced, between two refreshes), KV use and prefix-cache hit rate per worker, and the longest-lived
+produced, between two refreshes), KV use and prefix-cache hit rate per worker, whether the pool
+thrashes (goodput, preemption and eviction rates over the daemon's window), and the longest-lived
 requests. On a terminal it redraws in place; into a pipe it prints one plain snapshot per refresh."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from rich.text import Text
 
 from paged.ops.admin_client import AdminClient, admin_command
 from paged.ops.admin_output import Output, Part
-from paged.ops.admin_tables import pct, requests_table, workers_table
+from paged.ops.admin_tables import pct, pressure_table, requests_table, service_state, thrashing_workers, transfers_line, workers_table
 
 TOP_REQUESTS = 20
 
@@ -40,15 +41,20 @@ def _view(status: dict[str, Any], requests: list[dict[str, Any]], rate: float | 
     workers = status["workers"]
     used = sum(w["used_blocks"] for w in workers)
     total = sum(w["num_blocks"] for w in workers)
-    state = "draining" if status["draining"] else "ready" if status["ready"] else "not ready"
     header = Text.assemble(
         (f"paged {status['served_model_name']}", "bold"),
-        f" · {state} · {'-' if rate is None else f'{rate:.1f}'} tokens/s",
+        f" · {service_state(status)} · {'-' if rate is None else f'{rate:.1f}'} tokens/s",
         f" · running {status['running_seqs']} · waiting {status['waiting_requests']} · swapped {status['swapped_requests']}",
         f" · KV {used}/{total} blocks ({pct(used / total if total else 0.0)})",
     )
+    thrashing = thrashing_workers(workers)
+    if thrashing:
+        header.append(f" · KV THRASHING on worker {', '.join(thrashing)}", style="bold red")
     shown = requests[:TOP_REQUESTS]
-    parts: list[Part] = [header, workers_table(workers)]
+    parts: list[Part] = [header, workers_table(workers), pressure_table(workers)]
+    transfers = transfers_line(status.get("transfers"))
+    if transfers:
+        parts.append(transfers)
     parts.append(requests_table(shown) if shown else "no unfinished requests")
     if len(requests) > len(shown):
         parts.append(Text(f"{len(requests) - len(shown)} more requests", style="dim"))

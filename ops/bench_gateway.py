@@ -9,6 +9,10 @@ dispatch (handing outputs to the request streams), the CPU time of the gateway's
 thread per step all included (step loop, request streams consumed by a trivial client, heartbeats),
 and the worker's idle fraction while it had work, with overlapped scheduling (two steps in flight) and without (one). `--model` runs a real
 worker instead of the null one.
+
+Then, in this process, what predictive admission adds to a schedule() in which a request waits
+(nothing waits in the runs above, and then it adds nothing): the running set's demand curve and the
+first candidate's, built once per step, and each further candidate's, added to it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from rich.table import Table
 
 from paged.gateway.engine import AsyncEngine
 from paged.gateway.replica import StepLoopStats
+from paged.gateway.request import Request
+from paged.gateway.scheduler import Scheduler
+from paged.ops.sim_worker import SimulatedWorker, StepLoop
 from paged.gateway.worker_processes import RuntimeDir, local_workers
 from paged.shared.config import GiB, MiB, CacheConfig, ModelConfig, SchedulerConfig
 from paged.shared.logging import configure_logging
@@ -107,6 +114,46 @@ async def run(seq_counts: list[int], step_ms: list[float], num_steps: int, model
     return rows
 
 
+def forecast_cost(num_seqs: int, repeats: int = 100) -> tuple[float, float]:
+    """Microseconds of CPU of predictive admission's first decision in a step (the running set's
+    curve and one candidate's) and of each further one, with `num_seqs` decoding sequences of mixed
+    ages and a learned output-length model; the best of `repeats`."""
+    block_size, max_tokens = 16, 1024
+    num_blocks = num_seqs * (PROMPT_LEN + max_tokens) // block_size + 64
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=num_seqs + 2), CacheConfig(block_size=block_size), num_blocks, 4096)
+    for length in range(1, 401):
+        scheduler.figures.lengths.observe(length, max_tokens)
+    loop = StepLoop(scheduler, SimulatedWorker(num_blocks, block_size, verify=False), overlapped=True)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    for index in range(num_seqs):  # admitted a few per step, so that their ages differ
+        scheduler.add_request(Request(f"run-{index}", [1 + (index + k) % 250 for k in range(PROMPT_LEN)], params))
+        if index % 4 == 3:
+            loop.step()
+    while scheduler.num_waiting:
+        loop.step()
+    for _ in range(20):
+        loop.step()
+    candidates = [Request(f"wait-{index}", [2 + (index + k) % 250 for k in range(PROMPT_LEN)], params) for index in range(2)]
+    for request in candidates:
+        for seq in request.seqs:
+            seq.max_num_tokens = PROMPT_LEN + max_tokens
+    predictive, running, config = scheduler.predictive, scheduler.running, scheduler.config
+    first = further = float("inf")  # the best of `repeats`, in thread CPU time: the box's other load only adds
+    for _ in range(repeats):
+        predictive.begin_step()
+        started = time.thread_time()
+        for index, request in enumerate(candidates):
+            seqs = request.live_seqs()
+            predictive.fits(request, seqs, [scheduler.kv.probe(seq) for seq in seqs], [], running, [], config)
+            now = time.thread_time()
+            if index == 0:
+                first = min(first, now - started)
+            else:
+                further = min(further, now - started)
+            started = now
+    return first * 1e6, further * 1e6
+
+
 @click.command()
 @click.option("--seqs", default="1,64,256", show_default=True, help="Running sequences, comma-separated.")
 @click.option("--steps", "num_steps", default=400, show_default=True, help="Steps measured per row.")
@@ -125,6 +172,13 @@ def main(seqs: str, num_steps: int, step_ms: str, model: str | None) -> None:
             f"{r.send_us:.0f}", f"{r.decode_us:.0f}", f"{r.update_us:.0f}", f"{r.dispatch_us:.0f}", f"{r.gateway_us:.0f}", f"{r.cpu_us:.0f}", f"{r.idle_fraction:.1%}",
         )  # fmt: skip
     Console(width=160).print(table)
+    cost = Table(title="predictive admission in a step where a request waits (in-process, CPU time, best of 100)")
+    for column in ("seqs", "first decision µs", "each further decision µs"):
+        cost.add_column(column, justify="right")
+    for num_seqs in seq_counts:
+        first, further = forecast_cost(num_seqs)
+        cost.add_row(str(num_seqs), f"{first:.0f}", f"{further:.0f}")
+    Console(width=160).print(cost)
 
 
 if __name__ == "__main__":

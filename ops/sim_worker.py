@@ -7,7 +7,9 @@ holds the right token, which catches wrong prefix-cache hits, missed copy-on-wri
 swaps, bad saves or loads of the KV store tier, and stale tables. Workers given one `store` (a list
 of slots) share it, as the workers of a host share its KV store arena. Sampled tokens come from a
 seeded generator, or `choose_token(seq_id, position)` when given. With `verify=False` (benchmarks)
-it keeps no state and only samples.
+it keeps no state and only samples. Workers given one `SimulatedKVLink` (ops/sim_kv_link.py) move
+KV pages to each other by the steps' transfer items; without one, every transfer fails as on a
+worker without a transfer endpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 
 from paged.gateway.scheduler import Scheduler
 from paged.gateway.step_pipeline import LocalStepLoop
-from paged.shared.protocol import SeqResult, StepInput, StepOutput
+from paged.ops.sim_kv_link import SimulatedKVLink
+from paged.shared.protocol import SeqResult, StepInput, StepOutput, TransferFailure
 
 
 class ProtocolViolation(AssertionError):
@@ -44,9 +47,11 @@ class SimulatedWorker:
         vocab_size: int = 100,
         choose_token: Callable[[int, int], int] | None = None,
         store: list[list[int | None]] | None = None,
+        kv_link: SimulatedKVLink | None = None,
     ) -> None:
         self.block_size = block_size
         self.store = store if store is not None else []
+        self.kv_link = kv_link
         self.verify = verify
         self.device: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)] if verify else []
         self.host: list[list[int | None]] = [[None] * block_size for _ in range(num_host_blocks)] if verify else []
@@ -62,8 +67,30 @@ class SimulatedWorker:
         return self._rng.randrange(self._vocab_size)
 
     def execute(self, step: StepInput) -> StepOutput:
-        if not self.verify:
-            return self._sample_only(step)
+        for transfer_id in step.kv_cancels:
+            if self.kv_link is not None:
+                self.kv_link.cancel(self, transfer_id)
+        output = self._sample_only(step) if not self.verify else self._execute(step)
+        self._transfer(step, output)
+        return output
+
+    def _transfer(self, step: StepInput, output: StepOutput) -> None:
+        """Receives are registered before the forward pass and sends start after it; as the simulated
+        forward is instant, both happen here, after the tokens are written."""
+        link = self.kv_link
+        if link is None:
+            output.transfers_failed = [
+                TransferFailure(item.transfer_id, "this worker has no KV transfer endpoint")
+                for item in (*step.kv_receives, *step.kv_sends)
+            ]
+            return
+        for receive in step.kv_receives:
+            link.receive(self, receive)
+        for send in step.kv_sends:
+            link.send(self, send)
+        output.transfers_done, output.transfers_failed = link.take_finished(self)
+
+    def _execute(self, step: StepInput) -> StepOutput:
         for seq_id in step.freed_seq_ids:
             self.seqs.pop(seq_id, None)
         for copy in step.store_saves:

@@ -9,6 +9,12 @@ pool. The workload is drawn from a fixed seed and shaped like ShareGPT: log-norm
 to 1024, which is what the contiguous allocator must reserve), a share of requests starting with
 one of a few long system prompts, and a share sampling n=4. All requests arrive at once (offline).
 Configurations run in parallel processes (--jobs); wall_s and cpu_s are per configuration.
+
+Besides memory (KV utilization: token slots holding tokens / slots reserved; pool used: blocks
+held / all blocks) and speed (steps to finish everything), it reports the work thrown away:
+preemptions and the tokens computed again after them (recomputed, and their share of all
+computed tokens). The scheduler's clock is virtual, SIMULATED_STEP_S per step, so rates and the
+thrash detector's window are in simulated seconds and a run is deterministic.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ from paged.gateway.request import Request
 from paged.gateway.scheduler import Scheduler
 from paged.ops.sim_worker import SimulatedWorker, StepLoop
 from paged.shared.config import CacheConfig, SchedulerConfig
+from paged.shared.logging import configure_logging
 from paged.shared.sampling_params import SamplingParams
 
 EOS = 0
 VOCAB = 32000
+SIMULATED_STEP_S = 0.02  # the scheduler's virtual seconds per step: a decode step of a large batch on a GPU
 CONFIGURATIONS = {
     "paged/prefix-on": ("paged", True),
     "paged/prefix-off": ("paged", False),
@@ -85,12 +93,14 @@ def simulate(
     scheduler_config: SchedulerConfig,
     num_host_blocks: int = 0,
 ) -> dict[str, float | int]:
+    steps_done = 0
     scheduler = Scheduler(
         scheduler_config,
         CacheConfig(block_size=block_size, kv_allocator=allocator, enable_prefix_caching=prefix_caching),
         num_blocks,
         max_model_len,
         num_host_blocks=num_host_blocks,
+        clock=lambda: steps_done * SIMULATED_STEP_S,
     )
     targets: dict[int, int] = {}  # seq id -> length (prompt + output) at which it samples EOS
     for index, prompt in enumerate(workload.prompts):
@@ -113,19 +123,26 @@ def simulate(
     utilization_sum = 0.0
     utilization_steps = 0
     utilization_peak = 0.0
+    used_sum = 0
+    running_sum = 0
+    thrashing_steps = 0
     peak_concurrency = 0
     kv = scheduler.kv
     started = time.perf_counter()
     started_cpu = time.process_time()
 
     def measure(_step: object) -> None:
-        nonlocal utilization_sum, utilization_steps, utilization_peak, peak_concurrency
+        nonlocal utilization_sum, utilization_steps, utilization_peak, peak_concurrency, steps_done
+        nonlocal used_sum, running_sum, thrashing_steps
+        steps_done += 1
         stats = kv.stats()
         if stats.slots_reserved:
-            utilization = stats.slots_filled / stats.slots_reserved
-            utilization_sum += utilization
+            utilization_sum += stats.kv_utilization
             utilization_steps += 1
-            utilization_peak = max(utilization_peak, utilization)
+            utilization_peak = max(utilization_peak, stats.kv_utilization)
+        used_sum += stats.used_blocks
+        running_sum += scheduler.num_running
+        thrashing_steps += scheduler.figures.thrash.thrashing
         peak_concurrency = max(peak_concurrency, scheduler.num_running)
 
     steps = loop.run(max_steps=10_000_000, after_step=measure)
@@ -133,13 +150,18 @@ def simulate(
     return {
         "kv_utilization_mean": utilization_sum / utilization_steps if utilization_steps else 0.0,
         "kv_utilization_peak": utilization_peak,
+        "pool_used_mean": used_sum / (steps_done * num_blocks) if steps_done else 0.0,
+        "running_mean": running_sum / steps_done if steps_done else 0.0,
         "peak_concurrency": peak_concurrency,
         "steps": steps,
-        "prefix_hit_rate": stats.prefix_hits_tokens / stats.prefix_queries_tokens if stats.prefix_queries_tokens else 0.0,
+        "prefix_hit_rate": stats.prefix_hit_rate,
         "preemptions": stats.preemptions,
         "evictions": stats.evictions,
         "swapped_out_blocks": stats.swaps_out,
         "tokens_computed": worker.num_tokens_computed,
+        "recomputed_tokens": stats.recomputed_tokens,
+        "recompute_share": stats.recomputed_tokens / stats.computed_tokens if stats.computed_tokens else 0.0,
+        "thrashing_steps": thrashing_steps,
         "wall_s": time.perf_counter() - started,
         "cpu_s": time.process_time() - started_cpu,
     }
@@ -174,8 +196,9 @@ def _print_table(workload_info: dict[str, object], results: dict[str, dict[str, 
 
     table = Table(title=f"paged simulate: {workload_info['num_requests']} requests, pool {workload_info['num_blocks']} "
                   f"blocks x {workload_info['block_size']} tokens")
-    for column in ("configuration", "KV util mean", "KV util peak", "peak seqs", "steps", "prefix hit rate",
-                   "preemptions", "tokens computed", "wall s", "cpu s"):
+    for column in ("configuration", "KV util mean", "KV util peak", "pool used mean", "peak seqs", "steps",
+                   "prefix hit rate", "preemptions", "tokens computed", "recomputed", "recompute share",
+                   "wall s", "cpu s"):
         if column == "configuration":
             table.add_column(column, no_wrap=True, min_width=16)
         else:
@@ -185,17 +208,20 @@ def _print_table(workload_info: dict[str, object], results: dict[str, dict[str, 
             name,
             f"{row['kv_utilization_mean']:.1%}",
             f"{row['kv_utilization_peak']:.1%}",
+            f"{row['pool_used_mean']:.1%}",
             str(row["peak_concurrency"]),
             str(row["steps"]),
             f"{row['prefix_hit_rate']:.1%}",
             str(row["preemptions"]),
             str(row["tokens_computed"]),
+            str(row["recomputed_tokens"]),
+            f"{row['recompute_share']:.2%}",
             f"{row['wall_s']:.1f}",
             f"{row['cpu_s']:.1f}",
         )
     console = Console()
-    if console.width < 132:  # pipes and narrow terminals: keep one row per configuration
-        console = Console(width=132)
+    if console.width < 180:  # pipes and narrow terminals: keep one row per configuration
+        console = Console(width=180)
     console.print(table)
 
 
@@ -209,7 +235,10 @@ def _print_table(workload_info: dict[str, object], results: dict[str, dict[str, 
 @click.option("--max-num-seqs", default=256, show_default=True)
 @click.option("--max-num-batched-tokens", default=4096, show_default=True)
 @click.option("--scheduling-policy", type=click.Choice(["prefill-first", "decode-first", "priority"]), default="decode-first")
-@click.option("--preemption-mode", type=click.Choice(["recompute", "swap"]), default="recompute")
+@click.option("--preemption-mode", type=click.Choice(["recompute", "swap", "auto"]), default="recompute")
+@click.option("--admission-policy", type=click.Choice(["predictive", "greedy"]), default="predictive", show_default=True)
+@click.option("--kv-admission-cap", default=SchedulerConfig().kv_admission_cap, show_default=True,
+              help="predictive admission: the share of the pool the expected peak may fill")
 @click.option("--num-host-blocks", default=0, show_default=True, help="host pool for --preemption-mode swap")
 @click.option("--config", "configs", multiple=True, type=click.Choice(list(CONFIGURATIONS)),
               help="run only these configurations (default: all)")
@@ -227,17 +256,22 @@ def main(
     max_num_batched_tokens: int,
     scheduling_policy: str,
     preemption_mode: str,
+    admission_policy: str,
+    kv_admission_cap: float,
     num_host_blocks: int,
     configs: tuple[str, ...],
     jobs: int,
     as_json: bool,
 ) -> None:
+    configure_logging("warning", json=False)  # to stderr: kv_thrashing episodes, never into --json's output
     workload = make_workload(num_requests, seed, max_tokens=max_tokens)
     scheduler_config = SchedulerConfig(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         scheduling_policy=scheduling_policy,
         preemption_mode=preemption_mode,
+        admission_policy=admission_policy,
+        kv_admission_cap=kv_admission_cap,
         max_waiting_requests=num_requests,
         max_waiting_tokens=sum(len(prompt) for prompt in workload.prompts),
     )

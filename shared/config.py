@@ -45,7 +45,8 @@ class CacheConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 SchedulingPolicy = Literal["prefill-first", "decode-first", "priority"]
-PreemptionMode = Literal["recompute", "swap"]
+PreemptionMode = Literal["recompute", "swap", "auto"]
+AdmissionPolicy = Literal["predictive", "greedy"]
 
 
 class KVSharingConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -71,7 +72,25 @@ class SchedulerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_waiting_requests: int = 4096
     max_waiting_tokens: int = 4 * 1024 * 1024
     kv_watermark: float = 0.01
-    preemption_mode: PreemptionMode = "recompute"
+    # predictive: admit only while the blocks the running sequences are expected to need (by the
+    # output lengths learned from finished requests) fit under kv_admission_cap; greedy: admit
+    # whatever fits now (over-commits the pool; kept for comparison).
+    admission_policy: AdmissionPolicy = "predictive"  # predictive, greedy: whatever fits now
+    kv_admission_cap: float = 0.99  # predictive admission: the share of the pool the expected peak may fill
+    preemption_mode: PreemptionMode = "recompute"  # recompute, swap, auto: per victim, whichever costs less
+    # The thrash detector (gateway/thrash_detector.py): over the last thrash_window seconds, the
+    # share of computed tokens that were computed again after a preemption, or of evicted cached
+    # blocks whose content was needed again soon after; while either is at its threshold admission tightens.
+    thrash_window: float = 10.0  # seconds the thrash detector looks back
+    thrash_recompute_share: float = 0.1  # recomputed / computed tokens at which the pool thrashes
+    thrash_refetch_share: float = 0.5  # evicted cached blocks needed again / evicted at which the pool thrashes
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.kv_admission_cap <= 1.0:
+            raise ValueError(f"kv_admission_cap must be in (0, 1], got {self.kv_admission_cap}")
+        for name in ("thrash_window", "thrash_recompute_share", "thrash_refetch_share"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 class HttpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

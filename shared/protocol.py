@@ -198,7 +198,8 @@ class WorkerRegistration(msgspec.Struct, array_like=True):
     transfer_endpoint: str = ""  # where other workers send it KV blocks ("": it takes no transfers)
     kv_store_id: str = ""  # the host KV store it attached ("": none); workers with equal ids share one store
     num_store_slots: int = 0
-    page_bytes: int = 0  # bytes of one KV page (a block's K and V in every layer): a store slot's size
+    # Bytes of one KV page (a block's K and V in every layer): a store slot's size, what a transfer moves per block.
+    page_bytes: int = 0
     # What one block of context adds to the cost of computing a token, relative to its cost without
     # context (from the model's shape): how the depth eviction policy weighs a block's depth.
     block_context_cost: float = 0.0

@@ -13,7 +13,8 @@ import click
 from paged.shared.cli_options import build_config, config_options, log_json_option, log_level_option, null_model_option
 from paged.shared.config import CacheConfig, KVSharingConfig, ModelConfig, SchedulerConfig
 from paged.shared.logging import configure_logging
-from paged.worker.server import GATEWAY_TIMEOUT_S, GatewayLossPolicy, run_worker
+from paged.worker.server import run_worker
+from paged.worker.session_io import GATEWAY_TIMEOUT_S, GatewayLossPolicy
 
 WORKER_CACHE_FIELDS = ("block_size", "kv_cache_memory", "gpu_memory_utilization", "swap_space")
 

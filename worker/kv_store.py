@@ -35,7 +35,6 @@ log = get_logger("worker.kv_store")
 __all__ = ["SHM_DIR", "KVStoreArena", "KVStoreError"]
 HEADER_BYTES = 4096  # one page: the slots start page-aligned
 MAGIC = b"PAGEDKV1"  # format version included: a future layout gets a new magic
-FORMAT_VERSION = 1
 
 
 class KVStoreError(ValueError):

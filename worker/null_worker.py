@@ -44,6 +44,7 @@ class NullWorker:
         self.block_size = cache_config.block_size
         self.num_blocks = cache_config.kv_cache_memory // (NULL_BYTES_PER_TOKEN * self.block_size)
         self.num_host_blocks = cache_config.swap_space // (NULL_BYTES_PER_TOKEN * self.block_size)
+        self.page_bytes = NULL_BYTES_PER_TOKEN * self.block_size
         self.max_model_len = model_config.max_model_len or NULL_MAX_MODEL_LEN
         self.device = "cpu"
         self.dtype = "float32"
@@ -51,7 +52,6 @@ class NullWorker:
         self.step_s = step_s
         sharing = sharing or KVSharingConfig()
         self.transfer_endpoint = sharing.kv_transfer_endpoint or ""
-        self.page_bytes = NULL_BYTES_PER_TOKEN * self.block_size
         self.num_store_slots = sharing.kv_offload_memory // self.page_bytes
         self.block_context_cost = 0.0  # no model: recomputing costs nothing more for depth
         self.kv_store_id = f"null:{sharing.kv_store_name}" if self.num_store_slots else ""

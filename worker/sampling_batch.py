@@ -89,8 +89,6 @@ class SamplingBatch:
         worker keeps one per penalized sequence); without them they are built from the token lists, which
         are otherwise left unread.
         """
-        num_rows = len(params)
-
         greedy_flags = [p.temperature <= 0.0 for p in params]
         temperatures = [1.0 if g else p.temperature for p, g in zip(params, greedy_flags)]
 

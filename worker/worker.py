@@ -5,8 +5,8 @@ Failures stay local: a malformed new sequence or scheduled entry fails only that
 forward pass or sampling fails the sequences scheduled in that step, a failed KV transfer fails only
 that transfer, and the worker keeps serving.
 
-KV beyond the pool: a KV transport (worker/kv_transfer.py) streams pages to and from other workers,
-and the host's shared KV store (worker/kv_store.py) takes saves and serves loads; both are optional.
+The step's page movements (swaps, copies, the host's KV store, KV transfers to and from other
+workers) are worker/page_movements.py's.
 """
 
 from __future__ import annotations
@@ -32,13 +32,11 @@ from paged.shared.protocol import (
 from paged.shared.sampling_params import SamplingParams
 from paged.worker.input_batch import check_scheduled, prepare_inputs
 from paged.worker.kv_cache import KVCache, cuda_kv_cache_budget, num_blocks_for_budget
-from paged.worker.kv_store import KVStoreArena
-from paged.worker.kv_transfer import KVTransport, NoTransport
 from paged.worker.model_loader import load_model
+from paged.worker.page_movements import PageMovements
 from paged.worker.sampler import Sampler, SamplerOutput
 from paged.worker.sampling_batch import SamplingBatch, check_sampling
 from paged.worker.sequence_state import SequenceState
-from paged.worker.zmq_transport import ZmqTransport
 
 log = get_logger("worker")
 
@@ -102,15 +100,7 @@ class Worker:
         self.kv_cache = KVCache(self.arch, num_blocks, self.block_size, self.dtype, self.device, num_host_blocks)
         self.sampler = Sampler()
         self.sequences: dict[int, SequenceState] = {}
-        sharing = sharing or KVSharingConfig()
-        self.transport: KVTransport = NoTransport()
-        if sharing.kv_transfer_endpoint:
-            self.transport = ZmqTransport(self.kv_cache, sharing.kv_transfer_endpoint, sharing.kv_transfer_timeout)
-        self.store: KVStoreArena | None = None
-        if sharing.kv_offload_memory:
-            self.store = KVStoreArena.open(
-                sharing.kv_store_name, sharing.kv_offload_memory, self.kv_cache.page_shape, self.dtype
-            )
+        self.pages = PageMovements(self.kv_cache, sharing or KVSharingConfig(), self.dtype)
         log.info(
             "kv_cache_allocated",
             progress=f"KV cache ready: {num_blocks} blocks of {self.block_size} tokens (+{num_host_blocks} host blocks for swapping)",
@@ -131,30 +121,27 @@ class Worker:
         return self.kv_cache.num_host_blocks
 
     @property
+    def page_bytes(self) -> int:
+        return self.kv_cache.page_nbytes
+
+    @property
     def transfer_endpoint(self) -> str:
-        return self.transport.endpoint
+        return self.pages.transfer_endpoint
 
     @property
     def kv_store_id(self) -> str:
-        return self.store.store_id if self.store else ""
+        return self.pages.kv_store_id
 
     @property
     def num_store_slots(self) -> int:
-        return self.store.num_slots if self.store else 0
-
-    @property
-    def page_bytes(self) -> int:
-        return self.kv_cache.page_nbytes
+        return self.pages.num_store_slots
 
     @property
     def block_context_cost(self) -> float:
         return self.arch.block_context_cost(self.block_size)
 
     def close(self) -> None:
-        """Stop the KV transport and unmap the KV store (the store itself stays for the host's other workers)."""
-        self.transport.close()
-        if self.store is not None:
-            self.store.close()
+        self.pages.close()
 
     def execute_step(self, step: StepInput) -> StepOutput:
         return self._execute(step, keep_logits=False)[0]
@@ -166,25 +153,20 @@ class Worker:
     def _execute(self, step: StepInput, keep_logits: bool) -> tuple[StepOutput, dict[int, torch.Tensor]]:
         started = time.perf_counter()
         errors: dict[int, str] = {}
-        for transfer_id in step.kv_cancels:
-            self.transport.cancel(transfer_id)
+        pages = self.pages
+        pages.cancel(step)
         for seq_id in step.freed_seq_ids:
             self.sequences.pop(seq_id, None)
         try:
-            store_s = self._move_pages(step)
+            store_s = pages.move(step)
         except Exception as exc:
             # Which sequences own the pages is the gateway's knowledge: fail everything this step runs.
             log.error("block_transfer_failed", step_id=step.step_id, error=repr(exc), traceback=traceback.format_exc())
             errors = {seq.seq_id: f"block copy/swap failed: {exc}" for seq in step.scheduled}
-            failed = [
-                TransferFailure(item.transfer_id, f"step {step.step_id} failed before the transfer started: {exc}")
-                for item in (*step.kv_receives, *step.kv_sends)
-            ]
-            output = self._output(step, [], errors, 0.0, started, failed)
+            output = self._output(step, [], errors, 0.0, started, pages.not_started(step, exc))
             output.page_moves_failed = True
             return output, {}
-        for receive in step.kv_receives:
-            self.transport.receive(receive.transfer_id, receive.blocks)
+        pages.receive(step)
 
         for new in step.new_seqs:
             try:
@@ -213,39 +195,10 @@ class Worker:
             forward_s = time.perf_counter() - forward_started
         for seq_id, message in errors.items():
             log.warning("sequence_failed", step_id=step.step_id, seq_id=seq_id, error=message)
-        failed: list[TransferFailure] = []
-        for send in step.kv_sends:
-            if send.seq_id in errors:  # its pages may hold garbage
-                failed.append(TransferFailure(send.transfer_id, f"sequence {send.seq_id} failed: {errors[send.seq_id]}"))
-            else:
-                self.transport.send(send.transfer_id, send.peer, send.blocks)
-        if step.transfer_wait_s and not step.scheduled:
-            self.transport.wait_finished(step.transfer_wait_s)
+        failed = pages.send(step, errors)
         output = self._output(step, results, errors, forward_s, started, failed)
         output.store_save_s, output.store_load_s = store_s
         return output, logits_by_seq
-
-    def _move_pages(self, step: StepInput) -> tuple[float, float]:
-        """The step's page movements in protocol order: store saves, swaps, store loads, copies.
-        Returns the seconds spent saving to and loading from the KV store."""
-        save_s = load_s = 0.0
-        if step.store_saves:
-            started = time.perf_counter()
-            self.kv_cache.save(self._store_pages(), step.store_saves, "store save")
-            save_s = time.perf_counter() - started
-        self.kv_cache.swap_out(step.swap_out)
-        self.kv_cache.swap_in(step.swap_in)
-        if step.store_loads:
-            started = time.perf_counter()
-            self.kv_cache.load(self._store_pages(), step.store_loads, "store load")
-            load_s = time.perf_counter() - started
-        self.kv_cache.copy_blocks(step.copies)
-        return save_s, load_s
-
-    def _store_pages(self) -> torch.Tensor:
-        if self.store is None:
-            raise ValueError("this worker has no KV store (--kv-offload-memory)")
-        return self.store.pages
 
     def _add_sequence(self, new: NewSequence) -> None:
         if not new.token_ids:
@@ -368,7 +321,7 @@ class Worker:
         failed_transfers: list[TransferFailure],
     ) -> StepOutput:
         """The step's output, with every transfer that ended since the previous one."""
-        done, failed = self.transport.take_finished()
+        done, failed = self.pages.take_finished()
         return StepOutput(
             step_id=step.step_id,
             results=results,

@@ -1,7 +1,7 @@
 """The admin API: a small starlette app, served only on the admin socket (or a loopback port with a
 token), never beside the public OpenAI API.
 
-GET  /v1/status                     version, model, uptime, workers, queues, policy
+GET  /v1/status                     version, model, uptime, workers (with roles), queues, policy, KV transfers
 GET  /v1/workers                    worker names
 GET  /v1/workers/{worker}/memmap    every block of that worker's pool, with the pool's figures
 GET  /v1/requests                   unfinished requests, longest-lived first

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from paged.gateway.engine_client import EngineAdmin, WorkerView
 from paged.gateway.memory_map import CacheSummary, MemoryMap, RequestInfo, cache_summary, memory_map, request_info
-from paged.gateway.stats import WorkerStats
+from paged.gateway.stats import TransferStats, WorkerStats
 
 
 class Status(msgspec.Struct):
@@ -28,6 +28,7 @@ class Status(msgspec.Struct):
     swapped_requests: int
     generation_tokens: float | None  # counter of generated tokens, for rates (None: no metrics)
     policy: dict[str, object]  # the scheduler and cache settings
+    transfers: TransferStats  # KV hand-offs between prefill and decode workers
 
 
 def package_version() -> str:
@@ -71,6 +72,7 @@ class AdminViews:
                 "scheduler": msgspec.to_builtins(engine.scheduler_config),
                 "cache": msgspec.to_builtins(engine.cache_config),
             },
+            transfers=engine.transfer_stats(),
         )
 
     def memory_map(self, name: str) -> MemoryMap | None:

@@ -80,8 +80,8 @@ def run_hf_static(model_dir: Path, specs: list[RequestSpec], shape: LoadShape, b
             for i, spec in zip(batch, batch_specs):
                 results.append(RequestResult(
                     outcome="completed", prompt_tokens=len(spec.prompt), output_tokens=spec.max_tokens * spec.n,
-                    sent_at=arrivals[i], ttft=clock - arrivals[i], latency=clock - arrivals[i], tpot=step,
-                    itls=[step] * ((spec.max_tokens - 1) * spec.n),
+                    ttft=clock - arrivals[i], latency=clock - arrivals[i], tpot=step,
+                    itls=[step] * ((spec.max_tokens - 1) * spec.n), kind=spec.kind,
                 ))
             utilization.append((seconds, _kv_utilization(batch_specs)))
             peak_sequences = max(peak_sequences, len(batch) * batch_specs[0].n)
@@ -91,6 +91,7 @@ def run_hf_static(model_dir: Path, specs: list[RequestSpec], shape: LoadShape, b
     stats = ServerStats(
         kv_utilization_mean=sum(seconds * u for seconds, u in utilization) / busy,
         kv_utilization_peak=max(u for _, u in utilization),
-        peak_running=peak_sequences, prefix_hit_rate=0.0, preemptions=0,
+        peak_concurrency=peak_sequences, prefix_hit_rate=0.0, preemptions=0, recomputed_tokens=0, recompute_share=0.0,
+        thrashing_share=0.0,
     )
     return results, clock - arrivals[0], stats

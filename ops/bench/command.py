@@ -19,6 +19,7 @@ from paged.ops.bench.report import markdown_table, sweep_table
 from paged.ops.bench.runner import BASELINES, BenchPlan, run_plan, systems_of
 from paged.ops.bench.servers import ServerStartError, split_server_args
 from paged.ops.bench.workloads import WORKLOADS
+from paged.shared.workers_layout import parse_workers_layout
 
 
 def _float_list(_: click.Context, __: click.Parameter, value: str | None) -> tuple[float, ...]:
@@ -34,6 +35,16 @@ def _baseline_list(_: click.Context, __: click.Parameter, value: str | None) -> 
     if unknown:
         raise click.BadParameter(f"unknown baseline {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
     return names
+
+
+def _layout_list(_: click.Context, __: click.Parameter, value: str | None) -> tuple[str, ...]:
+    layouts = tuple(item.strip() for item in value.split(",")) if value else ()
+    for layout in layouts:
+        try:
+            parse_workers_layout(layout)
+        except ValueError as error:
+            raise click.BadParameter(str(error)) from None
+    return layouts
 
 
 def write_report(document: dict, output_dir: Path) -> str:
@@ -68,6 +79,9 @@ def write_report(document: dict, output_dir: Path) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the workload and the arrivals.")
 @click.option("--max-model-len", type=click.IntRange(min=2), help="Context window of the workload and of the servers this tool starts (default: the server's or the checkpoint's).")
 @click.option("--baselines", callback=_baseline_list, help=f"Comma-separated, from: {', '.join(BASELINES)}.")
+@click.option("--workers-layout", "workers_layouts", callback=_layout_list,
+              help="Comma-separated workers layouts, e.g. 2,1p1d: start paged once with each (`pagedd serve --workers-layout`) "
+                   "and report them side by side, the first as the reference.")
 @click.option("--compare", "sweep_rates", callback=_float_list, help="Also sweep these request rates, e.g. 1,2,4,8.")
 @click.option("--kv-cache-memory", help="KV memory for every server this tool starts (e.g. 16MiB), so all compare at one budget.")
 @click.option("--kv-offload-memory", help="Host KV store for every server this tool starts (e.g. 64MiB); the no-kv-store baseline runs without.")
@@ -85,7 +99,7 @@ def write_report(document: dict, output_dir: Path) -> str:
               help="Where results.json, results.md, the PNG plots and the server logs go [default: bench-results/WORKLOAD-DATE-TIME].")
 @click.option("--output-json", type=click.Path(dir_okay=False, path_type=Path), help="The results JSON [default: OUTPUT_DIR/results.json].")
 def bench(url: str | None, model_dir: Path | None, workload: str, num_requests: int, request_rate: float,
-          concurrency: int | None, seed: int, max_model_len: int | None, baselines: tuple[str, ...],
+          concurrency: int | None, seed: int, max_model_len: int | None, baselines: tuple[str, ...], workers_layouts: tuple[str, ...],
           sweep_rates: tuple[float, ...], kv_cache_memory: str | None, kv_offload_memory: str | None, prefix_working_set: float | None,
           server_args: tuple[str, ...], server_port: int | None,
           hf_batch_size: int, stall_timeout: float, metrics_interval: float, output_dir: Path | None, output_json: Path | None) -> None:
@@ -94,6 +108,8 @@ def bench(url: str | None, model_dir: Path | None, workload: str, num_requests: 
         raise click.UsageError("give --request-rate or --concurrency, not both")
     if url is None and model_dir is None:
         raise click.UsageError("give --url of a running server, or --model to start one")
+    if url is not None and workers_layouts:
+        raise click.UsageError("--workers-layout starts a server per layout: give --model, not --url")
     try:
         argv, port_in_args = split_server_args(server_args)
     except ValueError as error:
@@ -117,6 +133,7 @@ def bench(url: str | None, model_dir: Path | None, workload: str, num_requests: 
         url=url.rstrip("/") if url else None, model_dir=model_dir, baselines=baselines, sweep_rates=sweep_rates,
         server_args=server_args, server_port=server_port or port_in_args, hf_batch_size=hf_batch_size,
         metrics_interval=metrics_interval, log_dir=output_dir / "logs", prefix_working_set=prefix_working_set,
+        workers_layouts=workers_layouts,
     )
     # SIGTERM unwinds like Ctrl-C, so the servers this tool started are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

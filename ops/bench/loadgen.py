@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
@@ -56,11 +57,23 @@ def _is_token_chunk(choice: dict) -> bool:
     return bool(choice.get("text")) or choice.get("finish_reason") is None
 
 
-async def stream_completion(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpec, t0: float,
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The lines of an event stream. Not httpx's aiter_lines: it splits like str.splitlines, also at
+    U+0085, U+2028 and U+2029, which JSON carries unescaped inside a chunk's text."""
+    pending = ""
+    async for text in response.aiter_text():
+        *lines, pending = (pending + text).split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending.removesuffix("\r")
+
+
+async def stream_completion(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpec,
                             cache_salt: str) -> RequestResult:
     """Send one streaming request; every outcome, including errors, comes back as a RequestResult."""
     start = time.perf_counter()
-    result = RequestResult(outcome="failed", prompt_tokens=len(spec.prompt), sent_at=start - t0)
+    result = RequestResult(outcome="failed", prompt_tokens=len(spec.prompt), kind=spec.kind)
     token_times: dict[int, list[float]] = defaultdict(list)
     usage_tokens: int | None = None
     try:
@@ -69,7 +82,7 @@ async def stream_completion(client: httpx.AsyncClient, url: str, model: str, spe
                 result.outcome, result.reason = "rejected", _error_reason(response.status_code, await response.aread())
                 return result
             finished = False
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response):
                 if not line.startswith("data:"):
                     continue
                 payload = line[len("data:"):].strip()
@@ -130,7 +143,7 @@ async def _run(url: str, model: str, specs: list[RequestSpec], shape: LoadShape,
 
             async def one(index: int) -> None:
                 nonlocal errors
-                results[index] = result = await stream_completion(client, url, model, specs[index], t0, cache_salt)
+                results[index] = result = await stream_completion(client, url, model, specs[index], cache_salt)
                 errors += result.outcome != "completed"
                 progress.update(task, advance=1, status=f"errors {errors}" if errors else "")
 
@@ -163,5 +176,5 @@ def warm_up(url: str, model: str, spec: RequestSpec) -> RequestResult:
     """One short request before measuring, so first-call costs (allocation, compilation) stay off the clock."""
     async def send() -> RequestResult:
         async with httpx.AsyncClient(timeout=httpx.Timeout(300)) as client:
-            return await stream_completion(client, url.rstrip("/"), model, spec, time.perf_counter(), uuid.uuid4().hex)
+            return await stream_completion(client, url.rstrip("/"), model, spec, uuid.uuid4().hex)
     return asyncio.run(send())

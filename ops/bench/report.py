@@ -1,5 +1,6 @@
-"""The human-readable side of the results: a Markdown table of every figure per system, each baseline's
-column carrying the ratio paged / baseline, and a table of the request-rate sweep."""
+"""The human-readable side of the results: a Markdown table of every figure per system (and, for
+workloads with classes of requests, each class's latencies), each other column carrying the ratio
+reference / that system, and a table of the request-rate sweep."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ def _field(key: str) -> Callable[[Summary], float | None]:
     return lambda summary: summary.get(key)
 
 
-# (row label, how to read it, format)
+# (row label, how to read it, format). A figure of the server's is a ServerStats field
+# (ops/bench/server_metrics.py), which results.summarize takes whole under its name: adding one is
+# that field, computed where the sampler stops, and a row here.
 FIGURES: list[tuple[str, Callable[[Summary], float | None], str]] = [
     ("request throughput (req/s)", _field("request_throughput"), "{:.2f}"),
     ("input tokens/s", _field("input_tokens_per_s"), "{:.0f}"),
@@ -39,7 +42,32 @@ FIGURES: list[tuple[str, Callable[[Summary], float | None], str]] = [
     ("prefix-cache hit rate", _field("prefix_hit_rate"), "{:.1%}"),
     ("of which KV store", _field("store_hit_rate"), "{:.1%}"),
     ("preemptions", _field("preemptions"), "{:.0f}"),
+    ("KV transfers (prefill → decode)", _field("kv_transfers"), "{:.0f}"),
+    ("KV transfer mean (ms)", _field("kv_transfer_mean_ms"), "{:.1f}"),
+    ("recomputed tokens", _field("recomputed_tokens"), "{:.0f}"),
+    ("recomputed / computed tokens", _field("recompute_share"), "{:.2%}"),
+    ("time thrashing", _field("thrashing_share"), "{:.0%}"),
 ]
+# Per class of request (RequestSpec.kind): (label, latency key, statistic, format)
+KIND_FIGURES = [
+    ("TTFT p50 (ms)", "ttft_ms", "p50", "{:.0f}"),
+    ("TTFT p99 (ms)", "ttft_ms", "p99", "{:.0f}"),
+    ("TPOT p50 (ms)", "tpot_ms", "p50", "{:.1f}"),
+    ("TPOT p99 (ms)", "tpot_ms", "p99", "{:.1f}"),
+    ("ITL p99 (ms)", "itl_ms", "p99", "{:.1f}"),
+]
+
+
+def _kind_stat(kind: str, key: str, stat: str) -> Callable[[Summary], float | None]:
+    return lambda summary: ((summary.get("by_kind") or {}).get(kind, {}).get(key) or {}).get(stat)
+
+
+def figures(systems: dict[str, Summary]) -> list[tuple[str, Callable[[Summary], float | None], str]]:
+    """Every figure of the table: FIGURES, then each class of request's latencies."""
+    kinds = sorted({kind for summary in systems.values() for kind in summary.get("by_kind") or {}})
+    return FIGURES + [
+        (f"{label} [{kind}]", _kind_stat(kind, key, stat), fmt) for kind in kinds for label, key, stat, fmt in KIND_FIGURES
+    ]
 
 
 def ratio(paged: float | None, baseline: float | None) -> float | None:
@@ -48,11 +76,11 @@ def ratio(paged: float | None, baseline: float | None) -> float | None:
     return paged / baseline
 
 
-def ratios(systems: dict[str, Summary], reference: str = "paged") -> dict[str, dict[str, float | None]]:
-    """For each baseline: figure label -> paged / baseline."""
+def ratios(systems: dict[str, Summary], reference: str) -> dict[str, dict[str, float | None]]:
+    """For each other system: figure label -> reference / that system."""
     paged = systems[reference]
     return {
-        name: {label: ratio(read(paged), read(summary)) for label, read, _ in FIGURES}
+        name: {label: ratio(read(paged), read(summary)) for label, read, _ in figures(systems)}
         for name, summary in systems.items() if name != reference
     }
 
@@ -61,13 +89,15 @@ def _cell(value: float | None, fmt: str) -> str:
     return "–" if value is None else fmt.format(value)
 
 
-def markdown_table(systems: dict[str, Summary], reference: str = "paged") -> str:
-    """Rows: figures; columns: systems. Baseline cells read `value (×ratio)` with ratio = paged / baseline."""
+def markdown_table(systems: dict[str, Summary]) -> str:
+    """Rows: figures; columns: systems, the reference first. Other cells read `value (×ratio)` with
+    ratio = reference / that system."""
     names = list(systems)
+    reference = names[0]
     lines = ["| figure | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     counts = [f"{systems[name]['requests_completed']} / {systems[name]['requests_sent']}" for name in names]
     lines.append("| requests completed / sent | " + " | ".join(counts) + " |")
-    for label, read, fmt in FIGURES:
+    for label, read, fmt in figures(systems):
         cells = []
         for name in names:
             value = read(systems[name])
@@ -75,7 +105,7 @@ def markdown_table(systems: dict[str, Summary], reference: str = "paged") -> str
             factor = ratio(read(systems[reference]), value) if name != reference else None
             cells.append(f"{cell} (×{factor:.2f})" if factor is not None else cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + ("\n\n(×r: paged / baseline)\n" if len(names) > 1 else "\n")
+    return "\n".join(lines) + (f"\n\n(×r: {reference} / that column)\n" if len(names) > 1 else "\n")
 
 
 def sweep_table(sweep: dict[str, list[Summary]]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -19,11 +19,11 @@ class RequestResult:
     reason: str | None = None  # why it was rejected or failed
     prompt_tokens: int = 0
     output_tokens: int = 0  # over all n choices
-    sent_at: float = 0.0  # seconds from the start of the run
     ttft: float | None = None  # seconds to the first token of any choice
     latency: float | None = None  # seconds to the end of the last choice
     tpot: float | None = None  # mean seconds per output token after the first, per choice
     itls: list[float] = field(default_factory=list)  # gaps between consecutive tokens of each choice
+    kind: str = ""  # the workload's class of this request (RequestSpec.kind)
 
 
 def latency_stats(seconds: list[float]) -> dict[str, float | None]:
@@ -39,15 +39,28 @@ def _rounded_ms(seconds: list[float]) -> list[float]:
     return [round(s * 1000.0, 3) for s in seconds]
 
 
+def _latencies(done: list[RequestResult]) -> tuple[list[float], list[float], list[float]]:
+    """TTFTs, TPOTs and inter-token gaps of completed requests, in seconds."""
+    ttfts = [r.ttft for r in done if r.ttft is not None]
+    tpots = [r.tpot for r in done if r.tpot is not None]
+    return ttfts, tpots, [gap for r in done for gap in r.itls]
+
+
+def by_kind(done: list[RequestResult]) -> dict[str, dict[str, Any]]:
+    """Per class of request (workloads that have them): how many completed, and their latencies."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for kind in sorted({r.kind for r in done if r.kind}):
+        ttfts, tpots, itls = _latencies([r for r in done if r.kind == kind])
+        kinds[kind] = {"completed": len(ttfts), "ttft_ms": latency_stats(ttfts), "tpot_ms": latency_stats(tpots), "itl_ms": latency_stats(itls)}
+    return kinds
+
+
 def summarize(results: list[RequestResult], duration_s: float, server: ServerStats | None) -> dict[str, Any]:
     """The run's figures. Every request sent is accounted for: sent = completed + rejected + failed."""
     done = [r for r in results if r.outcome == "completed"]
-    ttfts = [r.ttft for r in done if r.ttft is not None]
-    tpots = [r.tpot for r in done if r.tpot is not None]
-    itls = [gap for r in done for gap in r.itls]
+    ttfts, tpots, itls = _latencies(done)
     latencies = [r.latency for r in done if r.latency is not None]
     duration_s = max(duration_s, 1e-9)
-    server = server or ServerStats()
     return {
         "requests_sent": len(results),
         "requests_completed": len(done),
@@ -63,13 +76,7 @@ def summarize(results: list[RequestResult], duration_s: float, server: ServerSta
         "tpot_ms": latency_stats(tpots),
         "itl_ms": latency_stats(itls),
         "e2e_latency_ms": latency_stats(latencies),
-        "kv_utilization_mean": server.kv_utilization_mean,
-        "kv_utilization_peak": server.kv_utilization_peak,
-        "kv_memory_used_peak": server.kv_memory_used_peak,
-        "peak_concurrency": server.peak_running,
-        "prefix_hit_rate": server.prefix_hit_rate,
-        "store_hit_rate": server.store_hit_rate,
-        "preemptions": server.preemptions,
-        "kv_timeline": server.timeline,
+        **asdict(server or ServerStats()),
+        "by_kind": by_kind(done),
         "samples_ms": {"ttft": _rounded_ms(ttfts), "tpot": _rounded_ms(tpots), "itl": _rounded_ms(itls)},
     }

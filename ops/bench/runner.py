@@ -1,5 +1,6 @@
-"""Runs one workload against every system of a comparison — paged under test, paged baselines started
-as subprocesses, the transformers static-batch baseline — at the main load and at each swept rate."""
+"""Runs one workload against every system of a comparison — paged under test (once per workers
+layout when given: `paged:2`, `paged:1p1d`, the first the reference), paged baselines started as
+subprocesses, the transformers static-batch baseline — at the main load and at each swept rate."""
 
 from __future__ import annotations
 
@@ -40,6 +41,21 @@ class BenchPlan:
     # shared-prefix: distinct system prompts adding up to this many times the KV pool of the paged
     # server under test (read from its /metrics); None: one shared system prompt
     prefix_working_set: float | None = None
+    workers_layouts: tuple[str, ...] = ()  # --workers-layout: paged under test once per layout, side by side
+
+    def paged_systems(self) -> list[str]:
+        """The systems under test, the reference first."""
+        return [f"{LAYOUT_SYSTEM}{layout}" for layout in self.workers_layouts] or ["paged"]
+
+
+LAYOUT_SYSTEM = "paged:"
+
+
+def server_options(system: str) -> list[str]:
+    """The `pagedd serve` options that make a system."""
+    if system.startswith(LAYOUT_SYSTEM):
+        return ["--workers-layout", system.removeprefix(LAYOUT_SYSTEM)]
+    return SERVER_CONFIGS[system]
 
 
 def _shape_fields(plan: BenchPlan, system: str, shape: LoadShape) -> dict[str, Any]:
@@ -57,7 +73,8 @@ def _server_url(plan: BenchPlan, system: str) -> Iterator[str | None]:
     else:
         if plan.model_dir is None:
             raise ValueError(f"--model is needed to start the {system!r} server")
-        with running_server(plan.model_dir, system, list(plan.server_args), plan.log_dir, plan.server_port) as url:
+        args = [*plan.server_args, *server_options(system)]  # a baseline's own options win
+        with running_server(plan.model_dir, system, args, plan.log_dir, plan.server_port) as url:
             yield url
 
 
@@ -83,13 +100,15 @@ def _working_set(plan: BenchPlan, url: str | None) -> tuple[int, int | None]:
 
 
 def run_plan(plan: BenchPlan, model: ModelInfo) -> dict[str, Any]:
-    """The results document: the paged run's figures at the top level, then baselines, ratios and sweep.
-    The workload is built once the paged server is up (a shared-prefix working set is sized by its pool)."""
+    """The results document: the reference run's figures at the top level (its `system` names it),
+    then the other systems (`baselines`), ratios and sweep. The workload is built once the first
+    server is up (a shared-prefix working set is sized by its pool)."""
     specs: list[RequestSpec] = []
     workload: dict[str, Any] = {}
     systems: dict[str, dict[str, Any]] = {}
     sweep: dict[str, list[dict[str, Any]]] = {}
-    for system in ("paged", *plan.baselines):
+    reference, *others = plan.paged_systems()
+    for system in (reference, *others, *plan.baselines):
         with _server_url(plan, system) as url:
             if not specs:
                 working_set, pool = _working_set(plan, url)
@@ -111,14 +130,14 @@ def run_plan(plan: BenchPlan, model: ModelInfo) -> dict[str, Any]:
                 point.pop("samples_ms")
                 point.pop("kv_timeline")
                 sweep.setdefault(system, []).append(point)
-    return systems["paged"] | workload | {
-        "baselines": {name: summary for name, summary in systems.items() if name != "paged"},
-        "ratios": ratios(systems) if len(systems) > 1 else {},
+    return systems[reference] | workload | {
+        "baselines": {name: summary for name, summary in systems.items() if name != reference},
+        "ratios": ratios(systems, reference) if len(systems) > 1 else {},
         "sweep": sweep,
     }
 
 
 def systems_of(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The per-system summaries of a results document, paged first."""
-    paged = {key: value for key, value in document.items() if key not in ("baselines", "ratios", "sweep", *WORKLOAD_KEYS)}
-    return {"paged": paged, **document["baselines"]}
+    """The per-system summaries of a results document, the reference first."""
+    reference = {key: value for key, value in document.items() if key not in ("baselines", "ratios", "sweep", *WORKLOAD_KEYS)}
+    return {reference.get("system", "paged"): reference, **document["baselines"]}

@@ -1,6 +1,8 @@
-"""Samples the server's Prometheus /metrics during a run: KV utilization over time and peak running
-sequences from the gauges, prefix-cache hit rate and preemptions from counter deltas over this run
-(the counters are cumulative since the server started, so only differences describe the run)."""
+"""Samples the server's Prometheus /metrics during a run: KV utilization over time, peak running
+sequences and the share of samples in which the pool thrashed from the gauges; prefix-cache hit
+rate, preemptions, recomputed tokens (and their share of computed tokens) and KV hand-offs between
+prefill and decode workers from counter deltas over this run (the counters are cumulative since the
+server started, so only differences describe the run)."""
 
 from __future__ import annotations
 
@@ -16,20 +18,30 @@ from prometheus_client.parser import text_string_to_metric_families
 COUNTERS = (
     "paged_prefix_cache_queries_tokens_total", "paged_prefix_cache_hits_tokens_total", "paged_preemptions_total",
     "paged_kv_store_hits_tokens_total",
+    "paged_kv_transfers_completed_total", "paged_kv_transfer_seconds_sum",
+    "paged_computed_tokens_total", "paged_recomputed_tokens_total",
 )  # fmt: skip
 
 
 @dataclass
 class ServerStats:
+    """The server's figures of a run, each under the name it has in the results (results.summarize
+    takes them whole; ops/bench/report.py's FIGURES says which ones the table shows)."""
+
     kv_utilization_mean: float | None = None
     kv_utilization_peak: float | None = None
     kv_memory_used_peak: float | None = None  # peak fraction of KV blocks held by live requests
-    peak_running: int | None = None
+    peak_concurrency: int | None = None  # most sequences running at once
     prefix_hit_rate: float | None = None  # prompt tokens served by either tier of the prefix cache
     store_hit_rate: float | None = None  # of which by the host KV store (its share of all prompt tokens)
     preemptions: int | None = None
-    # [seconds from start, KV utilization, fraction of blocks used, running, waiting] per sample
-    timeline: list[list[float]] = field(default_factory=list)
+    kv_transfers: int | None = None  # hand-offs from prefill to decode workers completed
+    kv_transfer_mean_ms: float | None = None  # their mean latency (None without any)
+    recomputed_tokens: int | None = None
+    recompute_share: float | None = None  # recomputed / computed tokens
+    thrashing_share: float | None = None  # share of samples with paged_kv_thrashing at 1 on some worker
+    # [seconds from start, KV utilization, fraction of blocks used, running, waiting, thrashing] per sample
+    kv_timeline: list[list[float]] = field(default_factory=list)
 
 
 def parse_metrics(text: str) -> dict[str, list[float]]:
@@ -86,6 +98,7 @@ class MetricsSampler:
             _total(values, "paged_kv_blocks_used") / blocks_total if blocks_total else 0.0,
             _total(values, "paged_requests_running"),
             _total(values, "paged_requests_waiting"),
+            max(values.get("paged_kv_thrashing", [0.0]), default=0.0),
         ])
 
     async def _poll(self) -> None:
@@ -109,6 +122,9 @@ class MetricsSampler:
         self._record(last)
         delta = {name: _total(last, name) - _total(self._first, name) for name in COUNTERS}
         queries = delta["paged_prefix_cache_queries_tokens_total"]
+        transfers = delta["paged_kv_transfers_completed_total"]
+        computed = delta["paged_computed_tokens_total"]
+        recomputed = delta["paged_recomputed_tokens_total"]
         # Mean while serving: idle samples (nothing running) would only measure the gaps between arrivals.
         busy = [sample for sample in self._timeline if sample[3] > 0] or self._timeline
         utilization = [sample[1] for sample in busy]
@@ -116,9 +132,14 @@ class MetricsSampler:
             kv_utilization_mean=sum(utilization) / len(utilization),
             kv_utilization_peak=max(utilization),
             kv_memory_used_peak=max(sample[2] for sample in self._timeline),
-            peak_running=int(max(sample[3] for sample in self._timeline)),
+            peak_concurrency=int(max(sample[3] for sample in self._timeline)),
             prefix_hit_rate=delta["paged_prefix_cache_hits_tokens_total"] / queries if queries else 0.0,
             store_hit_rate=delta["paged_kv_store_hits_tokens_total"] / queries if queries else 0.0,
             preemptions=int(delta["paged_preemptions_total"]),
-            timeline=self._timeline,
+            kv_transfers=int(transfers),
+            kv_transfer_mean_ms=delta["paged_kv_transfer_seconds_sum"] / transfers * 1e3 if transfers else None,
+            recomputed_tokens=int(recomputed),
+            recompute_share=recomputed / computed if computed else 0.0,
+            thrashing_share=sum(sample[5] > 0 for sample in busy) / len(busy),
+            kv_timeline=self._timeline,
         )

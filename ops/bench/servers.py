@@ -20,8 +20,9 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-# Baseline name -> the `pagedd serve` options that make it; "paged" is the system under test. They
-# come after --server-arg's, so a baseline's own setting wins (no-kv-store drops a store the run gave).
+# Baseline name -> the `pagedd serve` options that make it; "paged" is the system under test, or
+# "paged:LAYOUT" once per `--workers-layout` (runner.py). A baseline's options come after
+# --server-arg's, so its own setting wins (no-kv-store drops a store the run gave).
 SERVER_CONFIGS: dict[str, list[str]] = {
     "paged": [],
     "contiguous": ["--kv-allocator", "contiguous"],
@@ -29,6 +30,7 @@ SERVER_CONFIGS: dict[str, list[str]] = {
     "no-kv-store": ["--kv-offload-memory", "0"],
     "lfu": ["--kv-eviction-policy", "lfu", "--kv-store-eviction-policy", "lfu"],
     "depth": ["--kv-eviction-policy", "depth", "--kv-store-eviction-policy", "depth"],
+    "greedy-admission": ["--admission-policy", "greedy"],  # paged as before predictive admission
 }
 STARTUP_TIMEOUT_S = 300.0
 PROGRESS_LINE_EVERY_S = 10.0  # without a terminal (a log file, CI), a line this often while a server starts
@@ -118,19 +120,19 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def running_server(model_dir: Path, config: str, extra_args: list[str], log_dir: Path, port: int | None = None) -> Iterator[str]:
-    """Run `pagedd serve` with `extra_args` and the baseline's options on `port` (default: a free one);
-    yields its URL once healthy, showing on stderr what the server is doing until then."""
+def running_server(model_dir: Path, system: str, args: list[str], log_dir: Path, port: int | None = None) -> Iterator[str]:
+    """Run `pagedd serve` for `system` with `args` on `port` (default: a free one); yields its URL once
+    healthy, showing on stderr what the server is doing until then."""
     port = port or free_port()
     command = [sys.executable, "-m", "paged.ops.pagedd", "serve", "--model", str(model_dir),
-               "--host", "127.0.0.1", "--port", str(port), *extra_args, *SERVER_CONFIGS[config]]  # fmt: skip
+               "--host", "127.0.0.1", "--port", str(port), *args]  # fmt: skip
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"server-{config}.log"
+    log_path = log_dir / f"server-{system.replace(':', '-')}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
-            with _StartProgress(f"pagedd serve ({config}) on port {port}", log_path) as progress:
+            with _StartProgress(f"pagedd serve ({system}) on port {port}", log_path) as progress:
                 wait_healthy(url, process, log_path, progress=progress)
             yield url
         finally:

@@ -17,6 +17,7 @@ class RequestSpec:
     max_tokens: int  # with ignore_eos every choice generates exactly this many tokens
     n: int = 1
     system_tokens: int = 0  # leading prompt tokens that are a system prompt other requests share
+    kind: str = ""  # a class of requests the report also shows apart (long-prompt-mix: long-prompt, decode)
 
 
 def system_prompts(specs: list[RequestSpec]) -> tuple[int, int]:
@@ -102,11 +103,31 @@ def long(rng: np.random.Generator, model: ModelInfo, num_requests: int) -> list[
     return specs
 
 
+LONG_PROMPT_EVERY = 4  # long-prompt-mix: every fourth request
+
+
+def long_prompt_mix(rng: np.random.Generator, model: ModelInfo, num_requests: int) -> list[RequestSpec]:
+    """Prefill bursts among steady decodes, the load prefill/decode disaggregation is for
+    (docs/disaggregation.md): every fourth request a long prompt (1400-1600 tokens) with a short
+    answer (8-16 tokens), the others short prompts (32-128) that decode 96-192 tokens. On a mixed
+    worker each long prompt's prefill step stalls every decode of its batch."""
+    specs = []
+    for index in range(num_requests):
+        if index % LONG_PROMPT_EVERY == LONG_PROMPT_EVERY - 1:
+            kind, prompt_len, output_len = "long-prompt", int(rng.integers(1400, 1601)), int(rng.integers(8, 17))
+        else:
+            kind, prompt_len, output_len = "decode", int(rng.integers(32, 129)), int(rng.integers(96, 193))
+        prompt_len, output_len = _fit_to_context(prompt_len, output_len, model.max_model_len)
+        specs.append(RequestSpec(_tokens(rng, model, prompt_len), output_len, kind=kind))
+    return specs
+
+
 WORKLOADS: dict[str, Callable[[np.random.Generator, ModelInfo, int], list[RequestSpec]]] = {
     "mixed": mixed,
     "shared-prefix": shared_prefix,
     "parallel": parallel,
     "long": long,
+    "long-prompt-mix": long_prompt_mix,
 }
 
 

@@ -19,8 +19,9 @@ BS = 4
 
 
 def make(num_blocks: int = 32, prefix_caching: bool = True, allocator: str = "paged") -> Scheduler:
+    # Greedy admission: the layouts below pack the pool with requests admitted at once.
     return Scheduler(
-        SchedulerConfig(kv_watermark=0.0),
+        SchedulerConfig(kv_watermark=0.0, admission_policy="greedy"),
         CacheConfig(block_size=BS, enable_prefix_caching=prefix_caching, kv_allocator=allocator),
         num_blocks,
         max_model_len=256,

@@ -134,3 +134,18 @@ def test_unregistering_forgets_content_held_or_cached() -> None:
     assert pool.audit_policy() == []
     pool.free([a])
     assert sorted(pool.free_queue()) == [a, b]
+
+
+def test_content_asked_for_again_soon_after_its_eviction_counts_once_as_refetched() -> None:
+    pool = BlockPool(2)
+    first, second = pool.allocate(2)
+    pool.register(first, 101)
+    pool.register(second, 102)
+    pool.free([second, first])
+    pool.allocate(2)  # evicts both
+    assert pool.num_evictions == 2
+    pool.count_refetches([101, 102, 103])
+    pool.count_refetches([101])  # counted already
+    assert pool.num_refetched == 2
+    pool.count_refetches([999, 101])  # only a leading run of evicted content is about to be computed
+    assert pool.num_refetched == 2

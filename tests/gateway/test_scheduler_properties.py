@@ -1,5 +1,6 @@
 """Property-based scheduler tests: random arrivals (shared prefixes, n > 1, priorities, salts),
-eos, aborts and both call orders on a small pool, for every policy, preemption mode and allocator.
+eos, aborts and both call orders on a small pool, for every policy, admission policy, preemption
+mode and allocator.
 After every step: the block accounting holds, the token budget and max_num_seqs hold, and the
 verifying worker reads back exactly the tokens each sequence should see (so prefix hits, copy-on-
 write and swaps moved the right data). At the end: no block leaks, every request that was not
@@ -56,7 +57,8 @@ EXAMPLES = int(os.environ.get("PAGED_HYPOTHESIS_EXAMPLES", "60"))
 @given(
     actions=st.lists(action, min_size=5, max_size=40),
     policy=st.sampled_from(["decode-first", "prefill-first", "priority"]),
-    preemption=st.sampled_from(["recompute", "swap"]),
+    admission=st.sampled_from(["predictive", "greedy"]),
+    preemption=st.sampled_from(["recompute", "swap", "auto"]),
     allocator=st.sampled_from(["paged", "paged", "contiguous"]),
     prefix_caching=st.booleans(),
     overlapped=st.booleans(),
@@ -68,6 +70,7 @@ EXAMPLES = int(os.environ.get("PAGED_HYPOTHESIS_EXAMPLES", "60"))
 def test_random_workloads_keep_every_invariant(
     actions: list,
     policy: str,
+    admission: str,
     preemption: str,
     allocator: str,
     prefix_caching: bool,
@@ -82,6 +85,7 @@ def test_random_workloads_keep_every_invariant(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=budget,
             scheduling_policy=policy,
+            admission_policy=admission,
             preemption_mode=preemption,
             kv_watermark=0.05,
             max_waiting_requests=20,
@@ -105,6 +109,11 @@ def test_random_workloads_keep_every_invariant(
 
     def check(step: StepInput) -> None:
         assert_block_accounting(scheduler)
+        # The work counters: what the worker computed, of which what it computed before.
+        stats = scheduler.stats()
+        assert stats.computed_tokens == worker.num_tokens_computed
+        assert 0 <= stats.recomputed_tokens <= stats.computed_tokens
+        assert stats.recomputed_tokens == 0 or stats.preemptions > 0
         assert sum(s.num_tokens for s in step.scheduled) <= budget
         assert len(step.scheduled) <= max_num_seqs
         assert scheduler.num_running <= max_num_seqs
@@ -184,6 +193,7 @@ tight_arrival = st.fixed_dictionaries(
 @given(
     arrivals=st.lists(tight_arrival, min_size=2, max_size=10),
     policy=st.sampled_from(["decode-first", "prefill-first", "priority"]),
+    admission=st.sampled_from(["predictive", "greedy"]),
     allocator=st.sampled_from(["paged", "paged", "contiguous"]),
     prefix_caching=st.booleans(),
     overlapped=st.booleans(),
@@ -193,6 +203,7 @@ tight_arrival = st.fixed_dictionaries(
 def test_every_accepted_request_finishes_on_a_tight_pool(
     arrivals: list,
     policy: str,
+    admission: str,
     allocator: str,
     prefix_caching: bool,
     overlapped: bool,
@@ -200,7 +211,7 @@ def test_every_accepted_request_finishes_on_a_tight_pool(
     budget: int,
 ) -> None:
     scheduler = Scheduler(
-        SchedulerConfig(max_num_batched_tokens=budget, scheduling_policy=policy, kv_watermark=0.0),
+        SchedulerConfig(max_num_batched_tokens=budget, scheduling_policy=policy, admission_policy=admission, kv_watermark=0.0),
         CacheConfig(block_size=BS, enable_prefix_caching=prefix_caching, kv_allocator=allocator),
         num_blocks,
         max_model_len=48,

@@ -96,6 +96,10 @@ async def test_read_endpoints_report_the_scheduler(engine: AsyncEngine) -> None:
         assert (status["model"], status["served_model_name"], status["draining"]) == ("test-model", "test-served", False)
         assert status["workers"][0]["state"] == "disconnected"  # attached by hand: no live link
         assert status["workers"][0]["used_blocks"] == 3 and status["running_seqs"] == 1
+        worker = status["workers"][0]
+        assert worker["kv_thrashing"] is False and worker["goodput"] == 1.0 and worker["recomputed_tokens"] == 0
+        assert {"preemptions_per_s", "evictions_per_s", "window_prefix_hit_rate", "admission_margin"} <= set(worker)
+        assert status["policy"]["scheduler"]["admission_policy"] == "predictive"
         assert status["policy"]["cache"]["block_size"] == BS
         memmap = (await http.get("/v1/workers/0/memmap")).json()
         assert memmap == msgspec.to_builtins(memory_map(scheduler, "0"))
@@ -198,6 +202,7 @@ async def test_pagedctl_over_the_unix_socket(engine: AsyncEngine, admin: AdminSe
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     for command, expected in (
         (["status"], "test-served"),
+        (["status"], "KV pool not thrashing"),
         (["requests"], "req-a"),
         (["request", "req-a"], "blocks: ["),
         (["cache"], "hit rate"),

@@ -71,3 +71,49 @@ def test_a_pipe_gets_plain_aligned_columns() -> None:
     assert row.index("ready") == header.index("state")  # aligned under its header
     assert any(line.startswith(REQUEST["id"] + "  ") for line in lines)
 
+
+
+TRANSFERS = {
+    "in_flight": 2, "started": 120, "completed": 115, "cancelled": 2, "failures": {"decode_lost": 1}, "blocks": 9000,
+    "bytes": 9000 * 16384, "blocks_skipped": 310,
+    "latency": {"bounds": [0.01, 0.1], "counts": [100, 15, 0], "sum": 0.92, "count": 115},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("width", [60, 100, 200])
+def test_roles_and_kv_transfers_show_whole_within_the_width(width: int) -> None:
+    status = {**STATUS, "transfers": TRANSFERS,
+              "workers": [{**WORKER, "role": "prefill", "kv_transfers_in_flight": 2}, {**WORKER, "name": "1", "role": "decode"}]}  # fmt: skip
+    output, buffer = terminal(width)
+    output.print(*_view(status, [REQUEST], None))
+    lines = buffer.getvalue().splitlines()
+    assert all(len(line) <= width for line in lines), "\n".join(lines)
+    text = " ".join(buffer.getvalue().split())
+    for value in ("prefill", "decode", "2 in flight", "115 done", "1 failed (decode_lost 1)", "9000 blocks", "140.6 MiB", "mean 8.0 ms"):
+        assert value in text, (value, text)
+
+
+def test_without_prefill_or_decode_workers_status_looks_as_before() -> None:
+    assert workers_table([WORKER]).headers[:2] == ["worker", "state"] and "xfer" not in workers_table([WORKER]).headers
+    assert workers_table([{**WORKER, "role": "decode"}]).headers[:3] == ["worker", "role", "state"]
+    output, buffer = terminal(200)
+    output.print(*_view({**STATUS, "transfers": {**TRANSFERS, "started": 0, "in_flight": 0}}, [], None))
+    assert "KV transfers" not in buffer.getvalue()
+
+
+def test_top_shows_a_thrashing_pool_and_its_rates_within_the_width() -> None:
+    thrashing = {**WORKER, "name": "1", "kv_thrashing": True, "goodput": 0.62, "recomputed_tokens": 91234,
+                 "preemptions_per_s": 3.25, "evictions_per_s": 120.5, "window_prefix_hit_rate": 0.12, "window_s": 10.0,
+                 "admission_margin": 2.5}  # fmt: skip
+    status = {**STATUS, "workers": [WORKER, thrashing]}
+    for width in (60, 200):
+        output, buffer = terminal(width)
+        output.print(*_view(status, [REQUEST], None))
+        text = buffer.getvalue()
+        assert all(len(line) <= width for line in text.splitlines()), text
+        assert "KV THRASHING on worker 1" in text
+        for value in ("62.0%", "91234", "3.25", "120.5", "12.0%", "2.50", "YES"):
+            assert value in text, (value, text)
+    output, buffer = terminal(200)
+    output.print(*_view(STATUS, [REQUEST], None))
+    assert "THRASHING" not in buffer.getvalue() and "goodput" in buffer.getvalue()

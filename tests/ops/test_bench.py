@@ -22,7 +22,7 @@ LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms")
 TOP_LEVEL_KEYS = (
     "requests_sent", "requests_completed", "requests_failed", "requests_rejected", "request_throughput",
     "input_tokens_per_s", "output_tokens_per_s", *LATENCY_KEYS, "kv_utilization_mean", "kv_utilization_peak",
-    "peak_concurrency", "prefix_hit_rate", "store_hit_rate", "preemptions",
+    "peak_concurrency", "prefix_hit_rate", "store_hit_rate", "preemptions", "recomputed_tokens", "recompute_share", "thrashing_share",
 )
 MODEL = ModelInfo(name="m", token_ids=tuple(range(3, 500)), max_model_len=512)
 
@@ -52,6 +52,8 @@ def assert_sane(summary: dict[str, Any], server_side: bool = True) -> None:
         assert summary["peak_concurrency"] >= 1
         assert 0 <= summary["prefix_hit_rate"] <= 1
         assert summary["preemptions"] >= 0
+        assert summary["recomputed_tokens"] >= 0 and 0 <= summary["recompute_share"] <= 1
+        assert 0 <= summary["thrashing_share"] <= 1
 
 
 @pytest.mark.parametrize("name", list(WORKLOADS))
@@ -209,3 +211,58 @@ def test_live_store_comparison(tmp_path: Path, stories_dir: Path) -> None:
     assert document["system_prompt_tokens"] > document["pool_tokens"]  # of the 3x built, 40 requests ask fewer
     assert document["store_hit_rate"] > 0 and without["store_hit_rate"] == 0
     assert document["prefix_hit_rate"] > without["prefix_hit_rate"]
+
+
+def test_long_prompt_mix_puts_long_prompts_among_steady_decodes() -> None:
+    model = ModelInfo(name="m", token_ids=tuple(range(3, 500)), max_model_len=2048)
+    specs = build_workload("long-prompt-mix", model, 40, seed=0)
+    long_prompts = [spec for spec in specs if spec.kind == "long-prompt"]
+    decodes = [spec for spec in specs if spec.kind == "decode"]
+    assert len(long_prompts) == 10 and len(decodes) == 30
+    assert all(1400 <= len(spec.prompt) <= 1600 and spec.max_tokens <= 16 for spec in long_prompts)
+    assert all(len(spec.prompt) <= 128 and spec.max_tokens >= 96 for spec in decodes)
+
+
+def test_the_report_shows_each_class_of_request_apart() -> None:
+    from paged.ops.bench.report import markdown_table
+    from paged.ops.bench.results import RequestResult, summarize
+
+    def result(kind: str, ttft: float, tpot: float) -> RequestResult:
+        return RequestResult("completed", prompt_tokens=10, output_tokens=5, ttft=ttft, latency=ttft + 4 * tpot, tpot=tpot, itls=[tpot] * 4, kind=kind)
+
+    one = summarize([result("decode", 0.1, 0.02), result("long-prompt", 0.9, 0.05)], 1.0, None) | {"system": "paged:2"}
+    two = summarize([result("decode", 0.2, 0.01), result("long-prompt", 1.5, 0.04)], 1.0, None) | {"system": "paged:1p1d"}
+    assert one["by_kind"]["decode"]["tpot_ms"]["p99"] == pytest.approx(20.0) and one["by_kind"]["decode"]["completed"] == 1
+    table = markdown_table({"paged:2": one, "paged:1p1d": two})
+    assert "| TPOT p99 (ms) [decode] | 20.0 | 10.0 (×2.00) |" in table
+    assert "| TTFT p50 (ms) [long-prompt] | 900 | 1500 (×0.60) |" in table
+    assert "(×r: paged:2 / that column)" in table
+
+
+@pytest.mark.slow
+def test_workers_layouts_side_by_side(tmp_path: Path, stories_dir: Path) -> None:
+    """`--workers-layout 2,1p1d`: paged started once per layout, the first the reference; the 1p1d run
+    hands every request over from its prefill worker to its decode worker."""
+    document = run_bench(tmp_path, "--model", str(stories_dir), "--workers-layout", "2,1p1d", "--workload", "long-prompt-mix",
+                         "--num-requests", "8", "--request-rate", "4", "--max-model-len", "512", "--kv-cache-memory", "4MiB")
+    assert document["system"] == "paged:2" and list(document["baselines"]) == ["paged:1p1d"]
+    one_p_one_d = document["baselines"]["paged:1p1d"]
+    for summary in (document, one_p_one_d):
+        assert_sane(summary)
+        assert summary["requests_completed"] == 8 and set(summary["by_kind"]) == {"decode", "long-prompt"}
+    assert document["kv_transfers"] == 0 and one_p_one_d["kv_transfers"] == 8
+    assert "TPOT p99 (ms) [decode]" in (tmp_path / "report" / "results.md").read_text()
+    assert {path.name for path in (tmp_path / "report" / "logs").iterdir()} == {"server-paged-2.log", "server-paged-1p1d.log"}
+
+
+async def test_event_stream_lines_split_only_at_line_feeds() -> None:
+    """A chunk's text may hold U+0085 or U+2028 unescaped (valid JSON), which str.splitlines and
+    httpx's aiter_lines would cut the chunk at."""
+    import httpx
+
+    from paged.ops.bench.loadgen import sse_lines
+
+    body = 'data: {"text": "a\u2028b\x85c"}\r\n\ndata: [DONE]\n\n'.encode()
+    response = httpx.Response(200, content=body)
+    lines = [line async for line in sse_lines(response)]
+    assert lines == ['data: {"text": "a\u2028b\x85c"}', "", "data: [DONE]", ""]

@@ -89,3 +89,13 @@ def test_the_http_limits_are_options_and_keys(tmp_path: Path) -> None:
     path.write_text("max_request_choices = 0\n")
     result = CliRunner().invoke(main, ["--config", str(path), "serve", "--null-model"])
     assert result.exit_code == 2 and "max_request_choices must be positive" in result.output
+
+
+def test_workers_layout_is_a_key_checked_like_the_flag(tmp_path: Path) -> None:
+    path = tmp_path / "paged.toml"
+    path.write_text('[gateway]\nendpoints = ["ipc:///a", "ipc:///b"]\nworkers_layout = "1p1d"\n[serve]\nworkers_layout = "2"\n')
+    default_map = read_config_file(path, main)
+    assert default_map["gateway"]["workers_layout"] == "1p1d" and default_map["serve"]["workers_layout"] == "2"
+    path.write_text('[serve]\nworkers_layout = "1p1x"\n')
+    result = CliRunner().invoke(main, ["--check-config", str(path)])
+    assert result.exit_code == 1 and "serve.workers_layout" in result.stderr and "not a workers layout" in result.stderr

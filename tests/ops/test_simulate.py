@@ -10,7 +10,10 @@ from click.testing import CliRunner
 
 from paged.ops.simulate import main, make_workload
 
-KEYS = {"kv_utilization_mean", "kv_utilization_peak", "peak_concurrency", "steps", "prefix_hit_rate", "preemptions"}
+KEYS = {
+    "kv_utilization_mean", "kv_utilization_peak", "pool_used_mean", "running_mean", "peak_concurrency", "steps",
+    "prefix_hit_rate", "preemptions", "recomputed_tokens", "recompute_share", "thrashing_steps",
+}  # fmt: skip
 
 
 def test_json_has_every_figure_for_every_configuration() -> None:
@@ -29,6 +32,22 @@ def test_json_has_every_figure_for_every_configuration() -> None:
     assert paged["kv_utilization_mean"] > contiguous["kv_utilization_mean"]
     assert paged["peak_concurrency"] > contiguous["peak_concurrency"]
     assert report["workload"]["num_requests"] == 60
+    for figures in configs.values():
+        assert 0.0 <= figures["recompute_share"] < 1.0 and figures["recomputed_tokens"] >= 0
+
+
+def test_greedy_admission_preempts_where_predictive_does_not() -> None:
+    """A pool far smaller than the offline workload: greedy admission over-commits it."""
+    reports = {}
+    for policy in ("greedy", "predictive"):
+        args = ["--num-requests", "150", "--num-blocks", "400", "--config", "paged/prefix-on", "--jobs", "1", "--json"]
+        result = CliRunner().invoke(main, [*args, "--admission-policy", policy])
+        assert result.exit_code == 0, result.output
+        reports[policy] = json.loads(result.stdout)["configs"]["paged/prefix-on"]
+    greedy, predictive = reports["greedy"], reports["predictive"]
+    assert greedy["preemptions"] > 10 * max(predictive["preemptions"], 1)
+    assert greedy["recomputed_tokens"] > predictive["recomputed_tokens"]
+    assert predictive["kv_utilization_mean"] > 0.95
 
 
 def test_table_output() -> None:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from paged.gateway.engine_client import AdmissionError
-from paged.gateway.stats import KVStoreStats, WorkerStats
+from paged.gateway.stats import KVStoreStats, TransferStats, WorkerStats
 from paged.gateway.outputs import RequestOutput, SequenceDelta
 from paged.shared.protocol import TokenLogprob
 from paged.shared.sampling_params import SamplingParams
@@ -154,6 +154,10 @@ class FakeEngine:
                 name="0", state="ready" if self.ready else "registering", endpoint="fake", running_requests=len(self.live),
                 num_blocks=64, block_size=16, used_blocks=used, free_blocks=64 - used - 3, cached_blocks=3,
                 slots_reserved=used * 16, slots_filled=used * 12, prefix_queries_tokens=100, prefix_hits_tokens=40,
-                preemptions=1, evictions=2,
+                preemptions=1, evictions=2, computed_tokens=1000, recomputed_tokens=250, window_s=10.0, goodput=0.75,
+                preemptions_per_s=0.5, evictions_per_s=3.0, window_prefix_hit_rate=0.4, kv_thrashing=True,
             )
         ]
+
+    def transfer_stats(self) -> TransferStats:
+        return TransferStats()

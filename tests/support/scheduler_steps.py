@@ -36,6 +36,9 @@ def make(
     **config: object,
 ) -> Scheduler:
     config.setdefault("kv_watermark", 0.0)
+    # These tests drive preemption, swapping and recompute on purpose: they need a pool that
+    # admission over-commits. Predictive admission has its own tests (test_admission_predictive.py).
+    config.setdefault("admission_policy", "greedy")
     cache_config = CacheConfig(
         block_size=BS, enable_prefix_caching=prefix_caching, kv_allocator=allocator, kv_eviction_policy=eviction_policy
     )
