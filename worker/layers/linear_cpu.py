@@ -4,8 +4,8 @@ load (worker/native/linear.cpp), in place of torch's MKL sgemm, which repacks ea
 The native CPU backend (worker/attention/cpu_ops.py) builds the library with its attention kernel and
 the model loader swaps the decoder layers' nn.Linear modules for PackedLinear (float32 models only; the
 LM head stays on torch: it runs once a step on the sampled rows). Measured on the 24M benchmark Llama's
-layer shapes, one thread (docs/benchmarks.md): 1.2x MKL at a decode batch of 64, ~2x at 8-16, level
-at a 2048-token prefill.
+layer shapes, one thread (docs/benchmarks.md): 1.2x MKL at a decode batch of 64, 1.3x at 8, level at a
+2048-token prefill and at a single row (bound by reading the weights either way).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 // worker/layers/linear_cpu.py). Why not torch's MKL sgemm: at decode batch sizes (M = 1..128) MKL
 // repacks the weight on every call and waits on memory for it, so a 24M-parameter model's step spent
 // 27 ms in it at M = 64; here the packing is done once and the next panel is prefetched while the
-// current one is multiplied (measured in docs/benchmarks.md: 1.2-2x faster at M <= 128, even at 2048).
+// current one is multiplied (docs/benchmarks.md: ~1.2-1.3x faster at M = 8-64, level at M = 2048 and at M = 1).
 //
 // Each output element is one sum over k = 0..K-1 in order, whatever M, the panel split between threads
 // or the row's place in a block: a row's result does not depend on the other rows of the batch.
