@@ -89,7 +89,7 @@ def load_model(
     if model_dir is None:
         torch_dtype = resolve_dtype(dtype, BUILTIN_ARCH.torch_dtype, torch_device)
         model = build_builtin_model(ops, seed).to(device=torch_device, dtype=torch_dtype)
-        _use_native_layers(model, ops, torch_device)
+        _use_native_layers(model, ops, torch_device, torch_dtype)
         log.info("model_loaded", progress=f"model loaded ({str(torch_dtype).removeprefix('torch.')})", model="builtin", seed=seed, dtype=str(torch_dtype), device=str(torch_device))
         return LoadedModel(model.requires_grad_(False).eval(), BUILTIN_ARCH, torch_dtype, torch_device, None)
 
@@ -107,7 +107,7 @@ def load_model(
     tensors = read_checkpoint(root, expected, torch_dtype, torch_device)
     model.load_state_dict(tensors, strict=True, assign=True)
     model = model.to(torch_device)  # moves the rotary tables, which are built on the CPU
-    _use_native_layers(model, ops, torch_device)
+    _use_native_layers(model, ops, torch_device, torch_dtype)
     log.info(
         "model_loaded", progress=f"model loaded ({arch.architecture}, {str(torch_dtype).removeprefix('torch.')})",
         model=str(root), architecture=arch.architecture, dtype=str(torch_dtype), device=str(torch_device),
@@ -115,10 +115,13 @@ def load_model(
     return LoadedModel(model.requires_grad_(False).eval(), arch, torch_dtype, torch_device, root)
 
 
-def _use_native_layers(model: LlamaForCausalLM, ops: AttentionOps, device: torch.device) -> None:
-    """The native CPU backend brings fused element-wise layers with its attention kernel."""
+def _use_native_layers(model: LlamaForCausalLM, ops: AttentionOps, device: torch.device, dtype: torch.dtype) -> None:
+    """The native CPU backend brings fused element-wise layers with its attention kernel, and in float32
+    linear layers over packed weights."""
     if ops is cpu_ops and device.type == "cpu":
         model.use_fused_ops(cpu_ops.fused_ops())
+        if dtype == torch.float32:
+            model.use_native_linear(cpu_ops.native_linear())
 
 
 def shard_files(root: Path) -> dict[Path, list[str] | None]:

@@ -43,9 +43,15 @@ def make_batch(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     write_kv: WriteKV = torch_ops.write_kv,
+    shares: dict[int, tuple[int, int]] | None = None,
 ) -> PagedBatch:
     """Sequences with cached prefixes (written by plain indexing) and new tokens written by `write_kv`
-    (the kernel under test, when it has one)."""
+    (the kernel under test, when it has one).
+
+    shares[b] = (a, n): sequence b's first n blocks are sequence a's (a < b), the same physical blocks
+    holding the same keys, as the gateway's prefix cache hands them out. Both must hold tokens in all n
+    blocks, and b's cached prefix must cover them (b never writes into a shared block)."""
+    shares = shares or {}
     generator = torch.Generator().manual_seed(seed)
     seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
@@ -59,12 +65,22 @@ def make_batch(
 
     dense_keys, dense_values, new_keys, new_values, slots = [], [], [], [], []
     next_block = 0
+    tables: list[torch.Tensor] = []
     for b, (context_len, seq_len) in enumerate(zip(context_lens, seq_lens)):
-        table = physical[next_block : next_block + blocks_per_seq[b]]
-        next_block += blocks_per_seq[b]
-        block_tables[b, : len(table)] = table.int()
         keys = torch.randn(seq_len, num_kv_heads, head_dim, generator=generator).to(dtype)
         values = torch.randn(seq_len, num_kv_heads, head_dim, generator=generator).to(dtype)
+        owner, num_shared = shares.get(b, (b, 0))
+        shared_len = num_shared * block_size
+        if num_shared:
+            if not (owner < b and shared_len <= min(context_len, seq_lens[owner])):
+                raise ValueError(f"sequence {b} cannot share {num_shared} blocks of sequence {owner}")
+            keys[:shared_len] = dense_keys[owner][:shared_len]
+            values[:shared_len] = dense_values[owner][:shared_len]
+        own = physical[next_block : next_block + blocks_per_seq[b] - num_shared]
+        next_block += len(own)
+        table = torch.cat([tables[owner][:num_shared], own]) if num_shared else own
+        tables.append(table)
+        block_tables[b, : len(table)] = table.int()
         positions = torch.arange(seq_len)
         seq_slots = table[positions // block_size] * block_size + positions % block_size
         # The cached prefix goes in by plain indexing; the new tokens go through the kernel under test.

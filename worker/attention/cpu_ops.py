@@ -1,8 +1,9 @@
 """The native CPU backend: paged attention through worker/native/paged_attention.cpp, which reads K/V
 pages in place through the block tables instead of gathering every sequence's context each layer, and
-the fused element-wise layers that come with it (worker/layers/fused_cpu.py).
+the layers that come with it: fused element-wise layers (worker/layers/fused_cpu.py) and linear layers
+over packed weights (worker/layers/linear_cpu.py).
 
-Both libraries are built at first use (worker/native/compiler.py) by `load()`, which raises if they
+The libraries are built at first use (worker/native/compiler.py) by `load()`, which raises if they
 cannot be; backend.get_attention_ops then falls back to the torch path. Decode rows and prefill chunks,
 GQA, any block size and float32/bfloat16/float16 are all served by the one attention kernel.
 """
@@ -18,6 +19,7 @@ import torch
 from paged.worker.attention import torch_ops
 from paged.worker.attention.metadata import AttentionMetadata
 from paged.worker.layers.fused_cpu import FusedOps
+from paged.worker.layers.linear_cpu import NativeLinear
 from paged.worker.native.compiler import load_library
 
 SOURCE = Path(__file__).resolve().parent.parent / "native" / "paged_attention.cpp"
@@ -29,10 +31,21 @@ write_kv = torch_ops.write_kv
 
 @functools.cache
 def load() -> ctypes.CDLL:
-    """The attention library, built on the first call with the fused layers' (raises NativeBuildError if
-    either cannot be built)."""
+    """The attention library, built on the first call with the fused and linear layers' (raises
+    NativeBuildError if any cannot be built)."""
     fused_ops()
-    library = load_library(SOURCE)
+    native_linear()
+    library = load_kernel(SOURCE)
+    groups = library.paged_attention_shared_groups
+    groups.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2
+    groups.restype = ctypes.c_int
+    return library
+
+
+def load_kernel(source: Path) -> ctypes.CDLL:
+    """A build of an attention kernel source with its entry point bound: this package's, or another
+    version of it that a benchmark compares (the C ABI of `paged_attention` is the contract)."""
+    library = load_library(source)
     function = library.paged_attention
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [pointer] * 7 + [i64] * 10 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
@@ -46,14 +59,23 @@ def fused_ops() -> FusedOps:
     return FusedOps.build()
 
 
+@functools.cache
+def native_linear() -> NativeLinear:
+    """The packed-weight linear layers the model loader gives a float32 model running on this backend."""
+    return NativeLinear.build()
+
+
 def paged_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    *,
+    library: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the new tokens ([T, Hq, D]) over their sequences' cached K/V; returns [T, Hq, D]."""
+    """Causal attention of the new tokens ([T, Hq, D]) over their sequences' cached K/V; returns [T, Hq, D].
+    `library`: another build of the kernel (load_kernel) instead of this package's."""
     if query.dtype != k_cache.dtype or k_cache.dtype not in DTYPE_CODES or query.device.type != "cpu":
         raise TypeError(f"query {query.dtype} and cache {k_cache.dtype} must be CPU tensors of one float32/bfloat16/float16 dtype")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and query.stride(-1) == 1 and k_cache.shape == v_cache.shape):
@@ -61,7 +83,7 @@ def paged_attention(
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     block_tables, query_start_loc, seq_lens = _checked_tables(meta, num_blocks, block_size, query.shape[0])
     out = torch.empty_like(query)
-    status = load().paged_attention(
+    status = (library or load()).paged_attention(
         query.data_ptr(),
         out.data_ptr(),
         k_cache.data_ptr(),
@@ -86,6 +108,22 @@ def paged_attention(
     if status != 0:
         raise ValueError(f"unsupported attention shape: {query.shape[1]} query heads over {num_kv_heads} KV heads")
     return out
+
+
+def shared_prefix_groups(meta: AttentionMetadata, num_q_heads: int, k_cache: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The groups the kernel's shared-prefix (cascade) pass forms for this batch: per sequence, the index
+    of its group or -1, and the number of leading keys the group attends together (0 outside a group)."""
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    block_tables, query_start_loc, seq_lens = _checked_tables(meta, num_blocks, block_size, int(meta.query_start_loc[-1]))
+    group_of = torch.empty(len(seq_lens), dtype=torch.int32)
+    shared_keys = torch.empty(len(seq_lens), dtype=torch.int64)
+    status = load().paged_attention_shared_groups(
+        block_tables.data_ptr(), query_start_loc.data_ptr(), seq_lens.data_ptr(), len(seq_lens), num_q_heads,
+        num_kv_heads, block_size, block_tables.stride(0), group_of.data_ptr(), shared_keys.data_ptr(),
+    )
+    if status != 0:
+        raise ValueError(f"unsupported attention shape: {num_q_heads} query heads over {num_kv_heads} KV heads")
+    return group_of.tolist(), shared_keys.tolist()
 
 
 def _checked_tables(meta: AttentionMetadata, num_blocks: int, block_size: int, num_tokens: int) -> tuple[torch.Tensor, ...]:

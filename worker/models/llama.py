@@ -13,6 +13,7 @@ from paged.worker.attention.backend import AttentionOps
 from paged.worker.attention.metadata import AttentionMetadata
 from paged.worker.layers.attention import PagedSelfAttention
 from paged.worker.layers.fused_cpu import FusedOps
+from paged.worker.layers.linear_cpu import NativeLinear, pack_linear_layers
 from paged.worker.layers.mlp import GatedMLP
 from paged.worker.layers.rms_norm import RMSNorm
 from paged.worker.layers.rotary import RotaryEmbedding
@@ -84,6 +85,10 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (RMSNorm, RotaryEmbedding, GatedMLP)):
                 module.fused = fused
+
+    def use_native_linear(self, native: NativeLinear) -> None:
+        """Run the decoder layers' projections over packed weights (CPU, float32); the LM head stays on torch."""
+        pack_linear_layers(self.model.layers, native)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for the rows the caller samples from."""

@@ -10,19 +10,21 @@
 // Sequence b's new tokens are rows query_start_loc[b] .. query_start_loc[b + 1] - 1 and sit at positions
 // seq_lens[b] - query_len .. seq_lens[b] - 1; each attends causally to positions 0 .. its own.
 //
-// A work item is (sequence, tile of query positions, range of KV heads). Its rows are every (query
-// position, query head) pair of the tile, grouped by the KV head they share (GQA), so each key read from
-// a page serves all the query heads of its group. Keys are taken KEY_TILE positions at a time whatever
-// the page size (block_size 1 runs at full tile width), and for each key tile the item's KV heads are
-// visited in order, so a slot's heads, adjacent in the page, are read front to back. Softmax is online,
-// in fp32.
+// A work item is a set of rows (every (query position, query head) pair of some query positions, grouped
+// by the KV head they share: GQA) attending a range of keys read through one block table. Keys are taken
+// KEY_TILE positions at a time whatever the page size (block_size 1 runs at full tile width), and for
+// each key tile the item's KV heads are visited in order, so a slot's heads, adjacent in the page, are
+// read front to back. Softmax is online, in fp32 (attention_tiles.h has the tile math).
 //
-// Scores come two ways. Decode tiles (a few rows per KV head) take dot products straight from the key
-// rows: sixteen keys' partial sums in sixteen registers, then one transposing reduction. Prefill tiles
-// (many rows) transpose the key tile once ([D][KEY_TILE]) and give every row KEY_TILE scores in
-// D broadcast multiply-adds. Values are read in place (fp32) or converted once per tile (bf16/fp16).
-//
-// The vector helpers (vector_math.h) are shared with fused_ops.cpp.
+// Two passes (cascade attention, as FlashInfer and SGLang do on GPUs):
+//   1. Shared prefix: decode rows of sequences whose tables start with the same blocks (the gateway's
+//      prefix cache hands out the same blocks for the same leading tokens; shared_prefix.h finds them)
+//      attend those keys together, every member's rows in one item, so a shared page is read once per
+//      step and its scores are a small matrix product instead of one dot product per row and key. The
+//      items leave their running max, sum and unnormalized output per row in a state buffer.
+//   2. Per sequence: each (sequence, query tile) attends the keys after its shared prefix, from the
+//      state pass 1 left (or from scratch), and writes the normalized output. Prefill chunks run here:
+//      their rows are many, so their scores take the transposed path too.
 
 #include <algorithm>
 #include <cmath>
@@ -30,142 +32,15 @@
 #include <cstring>
 #include <vector>
 
+#include "attention_tiles.h"
+#include "shared_prefix.h"
 #include "vector_math.h"
 
 namespace {
 
-constexpr int KEY_VECTORS = 4;                // score vectors per row and key tile
-constexpr int KEY_TILE = LANES * KEY_VECTORS; // key positions per tile
-constexpr int MAX_GROUP_ROWS = 64;            // rows (positions x query heads) per KV head in a work item
-constexpr int DOT_ROWS = 8;                   // at most this many rows per KV head: the dot-product path
-constexpr int ROW_BLOCK = 4;                  // rows whose scores the transposed path computes together
-constexpr int MAX_VECTORS = 16;               // padded head_dim / 16 with unrolled kernels (up to 256)
-
-// Reductions of one vector to a scalar, as a tree of halvings.
-inline float reduce_max(f32x16 v) {
-    auto h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-    auto l8 = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    auto m8 = h8 > l8 ? h8 : l8;
-    auto h4 = __builtin_shufflevector(m8, m8, 0, 1, 2, 3);
-    auto l4 = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
-    auto m4 = h4 > l4 ? h4 : l4;
-    return std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
-}
-
-inline float reduce_sum(f32x16 v) {
-    auto s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    auto s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
-    return (s4[0] + s4[1]) + (s4[2] + s4[3]);
-}
-
-// Lane j of the result is the sum of the lanes of v[j]: four rounds that each halve the number of
-// vectors by adding the matching halves of two of them (a transpose folded into the reduction).
-inline f32x16 sum_each(const f32x16 v[LANES]) {
-    f32x16 h[8], q[4], e[2];
-    for (int i = 0; i < 8; ++i)
-        h[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (int i = 0; i < 4; ++i)
-        q[i] = __builtin_shufflevector(h[2 * i], h[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-               __builtin_shufflevector(h[2 * i], h[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    for (int i = 0; i < 2; ++i)
-        e[i] = __builtin_shufflevector(q[2 * i], q[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-               __builtin_shufflevector(q[2 * i], q[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    return __builtin_shufflevector(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-           __builtin_shufflevector(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-
-// The scores of a row against a key tile: KEY_VECTORS vectors of LANES keys.
-struct TileScores {
-    f32x16 v[KEY_VECTORS];
-};
-
-// Rows of head_dim floats are padded with zeros to a whole number of vectors, `nv` of them. The
-// templates below take NV = nv as a constant for nv <= MAX_VECTORS (loops fully unrolled, accumulators in
-// registers) and NV = 0 for larger head dims, where `nv` is read at run time.
-
-// Decode path: the scores of a few rows against the first `num_vectors_used` sixteens of the tile, each
-// a dot product taken straight from the key rows. Sixteen accumulators (one per key) keep the
-// multiply-adds pipelined; one transposing reduction turns them into a score vector.
-template <int NV>
-void dot_scores(const float* q, int rows, const float* const* key_rows, int num_vectors_used, TileScores* scores, int nv) {
-    if constexpr (NV > 0) nv = NV;
-    const int64_t width = int64_t(LANES) * nv;
-    for (int r = 0; r < rows; ++r) {
-        for (int kv = 0; kv < num_vectors_used; ++kv) {
-            const float* const* keys = key_rows + kv * LANES;
-            f32x16 partial[LANES] = {};
-            for (int c = 0; c < nv; ++c) {
-                const f32x16 qc = load16(q + r * width + LANES * c);
-                for (int j = 0; j < LANES; ++j) partial[j] += qc * load16(keys[j] + LANES * c);
-            }
-            scores[r].v[kv] = sum_each(partial);
-        }
-    }
-}
-
-// acc = acc * rescale + sum_j probs[j] * value_rows[j], the row's nv accumulators in registers.
-template <int NV>
-void accumulate_values(float* acc, float rescale, const float* probs, const float* const* value_rows, int num_keys, int nv) {
-    if constexpr (NV > 0) {
-        f32x16 a[NV];
-        for (int c = 0; c < NV; ++c) a[c] = load16(acc + LANES * c) * rescale;
-        for (int j = 0; j < num_keys; ++j) {
-            const float p = probs[j];
-            for (int c = 0; c < NV; ++c) a[c] += p * load16(value_rows[j] + LANES * c);
-        }
-        for (int c = 0; c < NV; ++c) store16(acc + LANES * c, a[c]);
-    } else {
-        for (int c = 0; c < nv; ++c) {
-            f32x16 a = load16(acc + LANES * c) * rescale;
-            for (int j = 0; j < num_keys; ++j) a += probs[j] * load16(value_rows[j] + LANES * c);
-            store16(acc + LANES * c, a);
-        }
-    }
-}
-
-// The same for two rows over the same keys (two query heads of a GQA group at one position): each value
-// vector loaded once serves both. (Scores stay one row at a time: pairing them, eight keys per round,
-// was 13% faster on keys already in cache but 6% slower on keys streamed from memory.)
-template <int NV>
-void accumulate_values_pair(float* acc0, float* acc1, float rescale0, float rescale1, const float* probs0,
-                            const float* probs1, const float* const* value_rows, int num_keys, int nv) {
-    if constexpr (NV > 0) {
-        f32x16 a0[NV], a1[NV];
-        for (int c = 0; c < NV; ++c) {
-            a0[c] = load16(acc0 + LANES * c) * rescale0;
-            a1[c] = load16(acc1 + LANES * c) * rescale1;
-        }
-        for (int j = 0; j < num_keys; ++j) {
-            const float p0 = probs0[j], p1 = probs1[j];
-            for (int c = 0; c < NV; ++c) {
-                const f32x16 v = load16(value_rows[j] + LANES * c);
-                a0[c] += p0 * v;
-                a1[c] += p1 * v;
-            }
-        }
-        for (int c = 0; c < NV; ++c) {
-            store16(acc0 + LANES * c, a0[c]);
-            store16(acc1 + LANES * c, a1[c]);
-        }
-    } else {
-        accumulate_values<0>(acc0, rescale0, probs0, value_rows, num_keys, nv);
-        accumulate_values<0>(acc1, rescale1, probs1, value_rows, num_keys, nv);
-    }
-}
-
-using DotScores = void (*)(const float*, int, const float* const*, int, TileScores*, int);
-using Accumulate = void (*)(float*, float, const float*, const float* const*, int, int);
-using AccumulatePair = void (*)(float*, float*, float, float, const float*, const float*, const float* const*, int, int);
-
-// Function tables indexed by nv (entry 0: the run-time nv versions, for head dims above 16 * MAX_VECTORS).
-template <int... NV>
-struct VectorKernels {
-    static constexpr DotScores dot[] = {dot_scores<0>, dot_scores<NV>...};
-    static constexpr Accumulate accumulate[] = {accumulate_values<0>, accumulate_values<NV>...};
-    static constexpr AccumulatePair accumulate_pair[] = {accumulate_values_pair<0>, accumulate_values_pair<NV>...};
-};
-using Kernels = VectorKernels<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
+constexpr int MAX_ITEM_ROWS = 128;      // rows (positions x query heads) per KV head in a work item
+constexpr int DOT_ROWS = 8;             // at most this many rows per KV head: the dot-product path
+constexpr int64_t MIN_SHARED_KEYS = 16; // a shared prefix shorter than this is left to the per-sequence pass
 
 struct Problem {
     const void* query;
@@ -186,33 +61,65 @@ struct Problem {
     int64_t out_stride_token;
     int64_t out_stride_head;
     float scale;
+
+    int64_t group() const { return num_q_heads / num_kv_heads; }
+    int64_t query_len(int64_t seq) const { return query_start_loc[seq + 1] - query_start_loc[seq]; }
+    int64_t context(int64_t seq) const { return seq_lens[seq] - query_len(seq); }
+};
+
+// Query positions first_query .. first_query + num_queries - 1 of a sequence's new tokens.
+struct Span {
+    int32_t seq;
+    int32_t first_query;
+    int32_t num_queries;
 };
 
 struct WorkItem {
-    int32_t seq;
-    int32_t first_query;  // index of the tile's first query position within the sequence's new tokens
-    int32_t num_queries;
-    int32_t kv_head_begin;  // the KV heads [begin, end) this item attends for
-    int32_t kv_head_end;
+    int32_t span_begin, span_end;  // its spans in Plan::spans
+    int32_t table_seq;             // whose block table the keys are read through
+    int32_t kv_head_begin, kv_head_end;
+    int64_t key_begin, key_end;
+    bool shared_pass;  // pass 1: leave the partial state; pass 2: start from it (if any), write the output
+};
+
+// The running softmax of the rows that take part in pass 1, handed to pass 2: per (state row, query
+// head), the max, the sum and `width` unnormalized output floats. A sequence's state rows are its tokens.
+struct PartialState {
+    std::vector<int64_t> first_row;  // per sequence: its first token's state row, or -1 (no shared pass)
+    std::vector<float> max, sum, acc;
+};
+
+struct Plan {
+    std::vector<Span> spans;
+    std::vector<WorkItem> shared_items, items;
+    PartialState state;
 };
 
 // Per-thread scratch, sized for the largest work item. Row widths are the padded head_dim.
 struct Scratch {
-    std::vector<float> query;        // [rows][width], pre-scaled
-    std::vector<float> acc;          // [rows][width]
-    std::vector<float> row_max;      // [rows]
-    std::vector<float> row_sum;      // [rows]
-    std::vector<TileScores> scores;  // [MAX_GROUP_ROWS]: one KV head's rows against the current key tile
+    std::vector<float> query;        // [heads][rows][width], pre-scaled
+    std::vector<float> acc;          // [heads][rows][width]
+    std::vector<float> row_max;      // [heads][rows]
+    std::vector<float> row_sum;      // [heads][rows]
+    std::vector<TileScores> scores;  // [rows]: one KV head's rows against the current key tile
+    std::vector<float> rescale;      // [rows]
+    std::vector<int64_t> row_token;  // [rows]: the token of each row (its query head: the row's place in its group)
+    std::vector<int64_t> row_limit;  // [rows]: keys before this position are visible to the row
+    std::vector<int64_t> row_state;  // [rows]: its state row, or -1
     std::vector<float> keys_t;       // [width][KEY_TILE], the transposed path only
     std::vector<float> keys;         // [KEY_TILE + 1][width]: keys copied/converted when they must be, then zeros
     std::vector<float> values;       // [KEY_TILE][width]
     int64_t width;
-    Scratch(int64_t max_rows, int64_t width)
-        : query(max_rows * width, 0.0f),
-          acc(max_rows * width),
-          row_max(max_rows),
-          row_sum(max_rows),
-          scores(MAX_GROUP_ROWS),
+    Scratch(int64_t max_rows, int64_t num_heads, int64_t width)
+        : query(num_heads * max_rows * width, 0.0f),
+          acc(num_heads * max_rows * width),
+          row_max(num_heads * max_rows),
+          row_sum(num_heads * max_rows),
+          scores(max_rows),
+          rescale(max_rows),
+          row_token(max_rows),
+          row_limit(max_rows),
+          row_state(max_rows),
           keys_t(width * KEY_TILE),
           keys((KEY_TILE + 1) * width, 0.0f),
           values(KEY_TILE * width, 0.0f),
@@ -220,67 +127,13 @@ struct Scratch {
     const float* zero_row() const { return keys.data() + KEY_TILE * width; }
 };
 
-// Prefill path: transpose the key tile once, then every row's KEY_TILE scores are `width` vector
-// multiply-adds, ROW_BLOCK rows at a time so that each loaded key vector serves several rows.
-void transposed_scores(const float* q, int rows, int64_t width, const float* const* key_rows, Scratch& scratch) {
-    float* keys_t = scratch.keys_t.data();
-    for (int j = 0; j < KEY_TILE; ++j)
-        for (int64_t d = 0; d < width; ++d) keys_t[d * KEY_TILE + j] = key_rows[j][d];
-    const int last = rows - 1;
-    for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
-        TileScores block[ROW_BLOCK] = {};
-        for (int64_t d = 0; d < width; ++d) {
-            f32x16 k[KEY_VECTORS];
-            for (int kv = 0; kv < KEY_VECTORS; ++kv) k[kv] = load16(keys_t + d * KEY_TILE + kv * LANES);
-            for (int b = 0; b < ROW_BLOCK; ++b) {
-                // Past the last row, recompute the last one rather than branch in the inner loop.
-                const float qd = q[std::min(r0 + b, last) * width + d];
-                for (int kv = 0; kv < KEY_VECTORS; ++kv) block[b].v[kv] += qd * k[kv];
-            }
-        }
-        for (int b = 0; b < ROW_BLOCK && r0 + b < rows; ++b) scratch.scores[r0 + b] = block[b];
-    }
-}
-
-// Fold one row's scores for the tile (its first `visible` keys count) into its running max and sum;
-// returns the factor its accumulator must be rescaled by, and the tile's weights in `probs`.
-inline float online_softmax(const TileScores& scores, int visible, float& row_max, float& row_sum, float* probs) {
-    const int used = (visible + LANES - 1) / LANES;  // score vectors holding visible keys
-    const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const f32x16 zero = {};
-    const f32x16 minus_infinity = zero - INFINITY;
-    f32x16 s[KEY_VECTORS];
-    f32x16 tile_max = minus_infinity;
-    for (int kv = 0; kv < used; ++kv) {
-        const i32x16 masked = lane + kv * LANES >= visible;
-        s[kv] = masked ? minus_infinity : scores.v[kv];
-        tile_max = s[kv] > tile_max ? s[kv] : tile_max;
-    }
-    const float new_max = std::max(row_max, reduce_max(tile_max));
-    const float rescale = row_max == new_max ? 1.0f : std::exp(row_max - new_max);  // exp(-inf) = 0 at first
-    f32x16 total = zero;
-    for (int kv = 0; kv < used; ++kv) {
-        const i32x16 masked = lane + kv * LANES >= visible;
-        const f32x16 p = exp_nonpositive(s[kv] - new_max);
-        const f32x16 kept = masked ? zero : p;
-        total += kept;
-        store16(probs + kv * LANES, kept);
-    }
-    row_sum = row_sum * rescale + reduce_sum(total);
-    row_max = new_max;
-    return rescale;
-}
-
 template <typename T>
-void attend(const Problem& pb, const WorkItem& item, Scratch& scratch) {
+void attend(const Problem& pb, const Plan& plan, const WorkItem& item, PartialState& state, Scratch& scratch) {
     const int64_t D = pb.head_dim;
     const int64_t width = scratch.width;
     const int nv = int(width / LANES);
-    const int64_t group = pb.num_q_heads / pb.num_kv_heads;
-    const int64_t token0 = pb.query_start_loc[item.seq];
-    const int64_t query_len = pb.query_start_loc[item.seq + 1] - token0;
-    const int64_t context = pb.seq_lens[item.seq] - query_len;
-    const int32_t* table = pb.block_tables + item.seq * pb.block_table_stride;
+    const int64_t group = pb.group();
+    const int32_t* table = pb.block_tables + item.table_seq * pb.block_table_stride;
     const T* query = static_cast<const T*>(pb.query);
     T* out = static_cast<T*>(pb.out);
     const T* k_cache = static_cast<const T*>(pb.k_cache);
@@ -290,12 +143,25 @@ void attend(const Problem& pb, const WorkItem& item, Scratch& scratch) {
     // fp32 rows whose head_dim fills whole vectors are read in the pages; others are copied, widened and padded.
     const bool in_place = sizeof(T) == sizeof(float) && D == width;
     const int table_index = nv <= MAX_VECTORS ? nv : 0;
-    const Accumulate accumulate = Kernels::accumulate[table_index];
-    const AccumulatePair accumulate_pair = Kernels::accumulate_pair[table_index];
-    const DotScores dot = DOT_ROWS >= item.num_queries * group ? Kernels::dot[table_index] : nullptr;
+    const AccumulateRows accumulate = Kernels::accumulate[table_index];
 
-    // Each KV head has `rows` rows, position-major (row = i * group + g); head h's start at (h - begin) * rows.
-    const int rows = int(item.num_queries * group);
+    // The rows of one KV head, span by span, position-major within a span (row = i * group + g); the
+    // same for every head, whose rows start at (h - begin) * rows in the per-head arrays.
+    int rows = 0;
+    for (int32_t s = item.span_begin; s < item.span_end; ++s) {
+        const Span& span = plan.spans[s];
+        const int64_t token0 = pb.query_start_loc[span.seq] + span.first_query;
+        const int64_t position0 = pb.context(span.seq) + span.first_query;
+        const int64_t state0 = state.first_row.empty() ? -1 : state.first_row[span.seq];
+        for (int64_t i = 0; i < span.num_queries; ++i) {
+            for (int64_t g = 0; g < group; ++g, ++rows) {
+                scratch.row_token[rows] = token0 + i;
+                scratch.row_limit[rows] = position0 + i + 1;
+                scratch.row_state[rows] = state0 < 0 ? -1 : (state0 + span.first_query + i) * pb.num_q_heads;
+            }
+        }
+    }
+    const DotScores dot = rows <= DOT_ROWS ? Kernels::dot[table_index] : nullptr;
     const int num_heads = item.kv_head_end - item.kv_head_begin;
     float* q = scratch.query.data();
     float* acc = scratch.acc.data();
@@ -304,23 +170,30 @@ void attend(const Problem& pb, const WorkItem& item, Scratch& scratch) {
     for (int h = 0; h < num_heads; ++h) {
         for (int r = 0; r < rows; ++r) {
             const int64_t row = int64_t(h) * rows + r;
-            const int64_t i = item.first_query + r / group;
             const int64_t head = (item.kv_head_begin + h) * group + r % group;
-            const T* src = query + (token0 + i) * pb.query_stride_token + head * pb.query_stride_head;
+            const T* src = query + scratch.row_token[r] * pb.query_stride_token + head * pb.query_stride_head;
             for (int64_t d = 0; d < D; ++d) q[row * width + d] = to_float(src[d]) * pb.scale;  // padding stays 0
-            std::fill(acc + row * width, acc + (row + 1) * width, 0.0f);
-            row_max[row] = -INFINITY;
-            row_sum[row] = 0.0f;
+            const int64_t carried = item.shared_pass ? -1 : scratch.row_state[r];
+            if (carried >= 0) {  // pass 1 attended this row's shared prefix
+                const int64_t at = carried + head;
+                std::memcpy(acc + row * width, state.acc.data() + at * width, width * sizeof(float));
+                row_max[row] = state.max[at];
+                row_sum[row] = state.sum[at];
+            } else {
+                std::fill(acc + row * width, acc + (row + 1) * width, 0.0f);
+                row_max[row] = -INFINITY;
+                row_sum[row] = 0.0f;
+            }
         }
     }
 
-    // Row r sees keys [0, context + its position + 1); the last position sees the most.
-    const int64_t key_end = context + item.first_query + item.num_queries;
     int64_t slot_offsets[KEY_TILE];
     const float* key_rows[KEY_TILE];
     const float* value_rows[KEY_TILE];
-    for (int64_t key0 = 0; key0 < key_end; key0 += KEY_TILE) {
-        const int num_keys = int(std::min<int64_t>(KEY_TILE, key_end - key0));
+    TileScores* scores = scratch.scores.data();
+    float* rescale = scratch.rescale.data();
+    for (int64_t key0 = item.key_begin; key0 < item.key_end; key0 += KEY_TILE) {
+        const int num_keys = int(std::min<int64_t>(KEY_TILE, item.key_end - key0));
         for (int j = 0; j < num_keys; ++j) {
             const int64_t pos = key0 + j;
             slot_offsets[j] = int64_t(table[pos / pb.block_size]) * block_stride + (pos % pb.block_size) * slot_stride;
@@ -342,86 +215,156 @@ void attend(const Problem& pb, const WorkItem& item, Scratch& scratch) {
                     value_rows[j] = v;
                 }
             }
-            const float* head_q = q + int64_t(h) * rows * width;
-            if (dot != nullptr)
-                dot(head_q, rows, key_rows, (num_keys + LANES - 1) / LANES, scratch.scores.data(), nv);
-            else
-                transposed_scores(head_q, rows, width, key_rows, scratch);
-            alignas(64) float probs[2][KEY_TILE];
-            for (int r = 0; r < rows;) {
-                const int64_t visible = std::min<int64_t>(num_keys, context + item.first_query + r / group + 1 - key0);
-                const int64_t row = int64_t(h) * rows + r;
-                const bool pair = r + 1 < rows && (r + 1) / group == r / group;  // the next row: same position
-                if (visible <= 0) {  // the tile lies past this row's position (later rows may see it)
-                    r += 1;
-                    continue;
-                }
-                const float rescale0 = online_softmax(scratch.scores[r], int(visible), row_max[row], row_sum[row], probs[0]);
-                if (pair) {
-                    const float rescale1 = online_softmax(scratch.scores[r + 1], int(visible), row_max[row + 1], row_sum[row + 1], probs[1]);
-                    accumulate_pair(acc + row * width, acc + (row + 1) * width, rescale0, rescale1, probs[0], probs[1], value_rows,
-                                    int(visible), nv);
-                    r += 2;
-                } else {
-                    accumulate(acc + row * width, rescale0, probs[0], value_rows, int(visible), nv);
-                    r += 1;
+            const int64_t first_row = int64_t(h) * rows;
+            const float* head_q = q + first_row * width;
+            if (dot != nullptr) {
+                dot(head_q, rows, key_rows, (num_keys + LANES - 1) / LANES, scores, nv);
+            } else {
+                transpose_keys(key_rows, width, scratch.keys_t.data());
+                transposed_scores(head_q, rows, width, scratch.keys_t.data(), scores);
+                if (in_place) {
+                    // Every block of rows reads the tile's values again: pack them first. In the pages a
+                    // head's rows lie a slot apart (Hkv * D floats, 1 KiB at 4 x 64), so a tile's rows fall
+                    // in a few L1 sets and evict each other; packed, they stay in L1.
+                    for (int j = 0; j < num_keys; ++j)
+                        std::memcpy(scratch.values.data() + j * width, value_rows[j], width * sizeof(float));
+                    for (int j = 0; j < num_keys; ++j) value_rows[j] = scratch.values.data() + j * width;
                 }
             }
+            for (int r = 0; r < rows; ++r) {
+                const int64_t visible = std::min<int64_t>(num_keys, scratch.row_limit[r] - key0);
+                if (visible > 0) {
+                    rescale[r] = online_softmax(scores[r], int(visible), row_max[first_row + r], row_sum[first_row + r]);
+                } else {  // the tile lies past this row's position (later rows of a prefill chunk see it)
+                    scores[r] = TileScores{};
+                    rescale[r] = 1.0f;
+                }
+            }
+            accumulate(acc + first_row * width, rescale, scores, value_rows, num_keys, rows, nv);
         }
     }
 
     for (int h = 0; h < num_heads; ++h) {
         for (int r = 0; r < rows; ++r) {
             const int64_t row = int64_t(h) * rows + r;
-            const int64_t i = item.first_query + r / group;
             const int64_t head = (item.kv_head_begin + h) * group + r % group;
-            T* dst = out + (token0 + i) * pb.out_stride_token + head * pb.out_stride_head;
+            if (item.shared_pass) {
+                const int64_t at = scratch.row_state[r] + head;
+                std::memcpy(state.acc.data() + at * width, acc + row * width, width * sizeof(float));
+                state.max[at] = row_max[row];
+                state.sum[at] = row_sum[row];
+                continue;
+            }
+            T* dst = out + scratch.row_token[r] * pb.out_stride_token + head * pb.out_stride_head;
             const float inv = 1.0f / row_sum[row];  // every row sees at least its own key
             for (int64_t d = 0; d < D; ++d) store(acc[row * width + d] * inv, dst + d);
         }
     }
 }
 
-// Items cover all KV heads of a (sequence, query tile) so that pages are read whole, unless that leaves
-// too few items to keep every thread busy: then the heads are split between items.
-std::vector<WorkItem> work_items(const Problem& pb, int num_threads) {
-    const int64_t group = pb.num_q_heads / pb.num_kv_heads;
-    const int64_t queries_per_item = std::max<int64_t>(1, MAX_GROUP_ROWS / group);
-    int64_t num_tiles = 0;
-    for (int64_t seq = 0; seq < pb.num_seqs; ++seq) {
-        const int64_t query_len = pb.query_start_loc[seq + 1] - pb.query_start_loc[seq];
-        num_tiles += (query_len + queries_per_item - 1) / queries_per_item;
-    }
-    int64_t head_splits = 1;
-    while (num_threads > 1 && num_tiles * head_splits < 4 * num_threads && head_splits < pb.num_kv_heads) ++head_splits;
-    std::vector<WorkItem> items;
-    items.reserve(num_tiles * head_splits);
-    for (int64_t seq = 0; seq < pb.num_seqs; ++seq) {
-        const int64_t query_len = pb.query_start_loc[seq + 1] - pb.query_start_loc[seq];
-        for (int64_t first = 0; first < query_len; first += queries_per_item) {
-            const int64_t count = std::min(queries_per_item, query_len - first);
-            for (int64_t split = 0; split < head_splits; ++split) {
-                const int64_t begin = pb.num_kv_heads * split / head_splits;
-                const int64_t end = pb.num_kv_heads * (split + 1) / head_splits;
-                items.push_back({int32_t(seq), int32_t(first), int32_t(count), int32_t(begin), int32_t(end)});
-            }
+// Copies of `items` covering the KV heads in `splits` parts (one part: the items themselves).
+std::vector<WorkItem> split_heads(const std::vector<WorkItem>& items, int64_t splits, int64_t num_kv_heads) {
+    std::vector<WorkItem> split;
+    split.reserve(items.size() * splits);
+    for (const WorkItem& item : items) {
+        for (int64_t part = 0; part < splits; ++part) {
+            WorkItem copy = item;
+            copy.kv_head_begin = int32_t(num_kv_heads * part / splits);
+            copy.kv_head_end = int32_t(num_kv_heads * (part + 1) / splits);
+            split.push_back(copy);
         }
     }
-    return items;
+    return split;
+}
+
+// Items cover all KV heads so that pages are read whole, unless that leaves too few items to keep every
+// thread busy: then the heads are split between items.
+std::vector<WorkItem> spread(const std::vector<WorkItem>& items, int64_t num_kv_heads, int num_threads) {
+    int64_t splits = 1;
+    while (num_threads > 1 && int64_t(items.size()) * splits < 4 * num_threads && splits < num_kv_heads) ++splits;
+    return split_heads(items, splits, num_kv_heads);
+}
+
+// Pass 1's groups: decode rows (few per KV head) of sequences that share leading blocks.
+std::vector<SharedGroup> find_groups(const Problem& pb) {
+    std::vector<int64_t> context(pb.num_seqs);
+    std::vector<int32_t> candidates;
+    for (int64_t seq = 0; seq < pb.num_seqs; ++seq) {
+        context[seq] = pb.context(seq);
+        const int64_t query_len = pb.query_len(seq);
+        if (query_len > 0 && query_len * pb.group() <= DOT_ROWS && context[seq] >= MIN_SHARED_KEYS) candidates.push_back(int32_t(seq));
+    }
+    const TableView view{pb.block_tables, pb.block_table_stride, pb.block_size, context.data()};
+    return shared_prefix_groups(std::move(candidates), view, MIN_SHARED_KEYS);
+}
+
+Plan make_plan(const Problem& pb, int num_threads) {
+    Plan plan;
+    const int64_t group = pb.group();
+    const int32_t all_heads = int32_t(pb.num_kv_heads);
+
+    // Pass 1: each group's rows, in items of at most MAX_ITEM_ROWS rows per KV head.
+    const std::vector<SharedGroup> groups = find_groups(pb);
+    std::vector<int64_t> shared_keys(pb.num_seqs, 0);
+    std::vector<WorkItem> shared_items;
+    int64_t state_rows = 0;
+    if (!groups.empty()) plan.state.first_row.assign(pb.num_seqs, -1);
+    for (const SharedGroup& shared : groups) {
+        WorkItem item{int32_t(plan.spans.size()), int32_t(plan.spans.size()), shared.members.front(), 0, all_heads, 0, shared.shared_keys, true};
+        int64_t item_rows = 0;
+        for (const int32_t seq : shared.members) {
+            const int64_t query_len = pb.query_len(seq);
+            if (item_rows + query_len * group > MAX_ITEM_ROWS) {
+                shared_items.push_back(item);
+                item.span_begin = item.span_end;
+                item_rows = 0;
+            }
+            plan.spans.push_back({seq, 0, int32_t(query_len)});
+            item.span_end += 1;
+            item_rows += query_len * group;
+            shared_keys[seq] = shared.shared_keys;
+            plan.state.first_row[seq] = state_rows;
+            state_rows += query_len;
+        }
+        shared_items.push_back(item);
+    }
+    const int64_t width = (pb.head_dim + LANES - 1) / LANES * LANES;
+    plan.state.max.resize(state_rows * pb.num_q_heads);
+    plan.state.sum.resize(state_rows * pb.num_q_heads);
+    plan.state.acc.resize(state_rows * pb.num_q_heads * width);
+
+    // Pass 2: every sequence's query tiles, over the keys after its shared prefix.
+    const int64_t queries_per_item = std::max<int64_t>(1, MAX_ITEM_ROWS / group);
+    std::vector<WorkItem> items;
+    for (int64_t seq = 0; seq < pb.num_seqs; ++seq) {
+        const int64_t query_len = pb.query_len(seq);
+        for (int64_t first = 0; first < query_len; first += queries_per_item) {
+            const int64_t count = std::min(queries_per_item, query_len - first);
+            const int32_t span = int32_t(plan.spans.size());
+            plan.spans.push_back({int32_t(seq), int32_t(first), int32_t(count)});
+            items.push_back({span, span + 1, int32_t(seq), 0, all_heads, shared_keys[seq], pb.context(seq) + first + count, false});
+        }
+    }
+    plan.shared_items = spread(shared_items, pb.num_kv_heads, num_threads);
+    plan.items = spread(items, pb.num_kv_heads, num_threads);
+    return plan;
 }
 
 template <typename T>
 void run(const Problem& pb, int num_threads) {
-    const std::vector<WorkItem> items = work_items(pb, num_threads);
-    const int64_t num_items = int64_t(items.size());
-    const int64_t max_rows = pb.num_kv_heads * MAX_GROUP_ROWS;
+    Plan plan = make_plan(pb, num_threads);
+    const int64_t num_shared = int64_t(plan.shared_items.size());
+    const int64_t num_items = int64_t(plan.items.size());
     const int64_t width = (pb.head_dim + LANES - 1) / LANES * LANES;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_items > 1)
     {
-        Scratch scratch(max_rows, width);
-        // Prefill tiles late in a long chunk cost more than early ones: hand items out dynamically.
+        Scratch scratch(MAX_ITEM_ROWS, pb.num_kv_heads, width);
+        // Items differ in cost (prefill tiles late in a long chunk, long contexts): hand them out dynamically.
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t n = 0; n < num_items; ++n) attend<T>(pb, items[n], scratch);
+        for (int64_t n = 0; n < num_shared; ++n) attend<T>(pb, plan, plan.shared_items[n], plan.state, scratch);
+        // (the implicit barrier: pass 2 starts from the states pass 1 left)
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t n = 0; n < num_items; ++n) attend<T>(pb, plan, plan.items[n], plan.state, scratch);
     }
 }
 
@@ -436,17 +379,45 @@ int paged_attention(const void* query, void* out, const void* k_cache, const voi
                     int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t block_table_stride,
                     int64_t query_stride_token, int64_t query_stride_head, int64_t out_stride_token,
                     int64_t out_stride_head, float scale, int dtype, int num_threads) {
-    if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || num_q_heads / num_kv_heads > MAX_GROUP_ROWS) return -1;
+    if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || num_q_heads / num_kv_heads > MAX_ITEM_ROWS) return -1;
+    if (dtype < 0 || dtype > 2) return -1;
     const Problem pb{query,           out,      k_cache,     v_cache,      block_tables,       query_start_loc,
                      seq_lens,        num_seqs, num_q_heads, num_kv_heads, head_dim,           block_size,
                      block_table_stride, query_stride_token, query_stride_head, out_stride_token, out_stride_head,
                      scale};
     switch (dtype) {
-        case 0: run<float>(pb, num_threads); return 0;
-        case 1: run<bf16>(pb, num_threads); return 0;
-        case 2: run<_Float16>(pb, num_threads); return 0;
-        default: return -1;
+        case 0: run<float>(pb, num_threads); break;
+        case 1: run<bf16>(pb, num_threads); break;
+        default: run<_Float16>(pb, num_threads); break;
     }
+    return 0;
+}
+
+// The groups paged_attention's shared-prefix pass forms for these tables (for tests and benchmarks):
+// group_of[b] is the index of sequence b's group or -1, shared_keys[b] the keys the group shares (or 0).
+int paged_attention_shared_groups(const int32_t* block_tables, const int32_t* query_start_loc, const int32_t* seq_lens,
+                                  int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads, int64_t block_size,
+                                  int64_t block_table_stride, int32_t* group_of, int64_t* shared_keys) {
+    if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0) return -1;
+    Problem pb{};
+    pb.block_tables = block_tables;
+    pb.query_start_loc = query_start_loc;
+    pb.seq_lens = seq_lens;
+    pb.num_seqs = num_seqs;
+    pb.num_q_heads = num_q_heads;
+    pb.num_kv_heads = num_kv_heads;
+    pb.block_size = block_size;
+    pb.block_table_stride = block_table_stride;
+    std::fill(group_of, group_of + num_seqs, -1);
+    std::fill(shared_keys, shared_keys + num_seqs, 0);
+    const std::vector<SharedGroup> groups = find_groups(pb);
+    for (size_t g = 0; g < groups.size(); ++g) {
+        for (const int32_t seq : groups[g].members) {
+            group_of[seq] = int32_t(g);
+            shared_keys[seq] = groups[g].shared_keys;
+        }
+    }
+    return 0;
 }
 
 }  // extern "C"
