@@ -19,6 +19,7 @@ from paged.ops.admin_tables import (
     pressure_table,
     requests_table,
     service_state,
+    store_lines,
     store_tier_table,
     thrashing_workers,
     transfers_line,
@@ -48,6 +49,7 @@ def status(client: AdminClient, as_json: bool) -> None:
         f"running {payload['running_seqs']} sequences · waiting {payload['waiting_requests']} · swapped {payload['swapped_requests']} requests",
         workers_table(payload["workers"]),
         *([transfers] if transfers else []),
+        *store_lines(payload),
         Text(f"KV thrashing on worker {', '.join(thrashing)}" + (
             ": predictive admission is tightened until it clears" if policy.get("admission_policy") == "predictive" else ""
         ), style="bold red") if thrashing else "KV pool not thrashing",

@@ -50,6 +50,25 @@ def transfers_line(transfers: dict[str, Any] | None) -> str | None:
     )
 
 
+def store_lines(status: dict[str, Any]) -> list[str]:
+    """The host KV stores (docs/kv-store.md), a line each, then the share of all prompt tokens loaded from
+    them; [] without one."""
+    stores = status.get("stores") or []
+    if not stores:
+        return []
+    lines = [
+        f"KV store {store['store_id'][:12]} ({store['policy']}): {store['ready_slots']}/{store['num_slots']} slots ready"
+        f" · {_bytes(store['bytes_used'])} of {_bytes(store['num_slots'] * store['page_bytes'])}"
+        f" · {store['loads']} loads · {store['evictions']} evictions"
+        for store in stores
+    ]
+    workers = status["workers"]
+    queries = sum(w.get("prefix_queries_tokens", 0) for w in workers)
+    hits = sum(w.get("store_hits_tokens", 0) for w in workers)
+    lines.append(f"prompt tokens loaded from the KV store: {pct(hits / queries if queries else 0.0)}")
+    return lines
+
+
 def pressure_table(workers: list[dict[str, Any]]) -> Columns:
     """Is the pool thrashing: per worker, over the thrash detector's sliding window, the share of
     computed tokens computed for the first time (goodput), preemptions and cached-block evictions

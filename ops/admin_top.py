@@ -17,7 +17,16 @@ from rich.text import Text
 
 from paged.ops.admin_client import AdminClient, admin_command
 from paged.ops.admin_output import Output, Part
-from paged.ops.admin_tables import pct, pressure_table, requests_table, service_state, thrashing_workers, transfers_line, workers_table
+from paged.ops.admin_tables import (
+    pct,
+    pressure_table,
+    requests_table,
+    service_state,
+    store_lines,
+    thrashing_workers,
+    transfers_line,
+    workers_table,
+)
 
 TOP_REQUESTS = 20
 
@@ -55,6 +64,7 @@ def _view(status: dict[str, Any], requests: list[dict[str, Any]], rate: float | 
     transfers = transfers_line(status.get("transfers"))
     if transfers:
         parts.append(transfers)
+    parts.extend(store_lines(status))
     parts.append(requests_table(shown) if shown else "no unfinished requests")
     if len(requests) > len(shown):
         parts.append(Text(f"{len(requests) - len(shown)} more requests", style="dim"))

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from paged.gateway.engine_client import EngineAdmin, WorkerView
 from paged.gateway.memory_map import CacheSummary, MemoryMap, RequestInfo, cache_summary, memory_map, request_info
-from paged.gateway.stats import TransferStats, WorkerStats
+from paged.gateway.stats import KVStoreStats, TransferStats, WorkerStats
 
 
 class Status(msgspec.Struct):
@@ -29,6 +29,7 @@ class Status(msgspec.Struct):
     generation_tokens: float | None  # counter of generated tokens, for rates (None: no metrics)
     policy: dict[str, object]  # the scheduler and cache settings
     transfers: TransferStats  # KV hand-offs between prefill and decode workers
+    stores: list[KVStoreStats] = []  # the host KV stores (docs/kv-store.md); empty without one
 
 
 def package_version() -> str:
@@ -73,6 +74,7 @@ class AdminViews:
                 "cache": msgspec.to_builtins(engine.cache_config),
             },
             transfers=engine.transfer_stats(),
+            stores=engine.store_stats(),
         )
 
     def memory_map(self, name: str) -> MemoryMap | None:

@@ -13,7 +13,10 @@ import httpx
 import pytest
 import torch
 
+from click.testing import CliRunner
+
 from paged.ops.bench.servers import stop_server
+from paged.ops.cli import main as pagedctl
 from paged.shared.kv_store_path import store_path
 from support.daemon_process import Daemon, scrape, start_daemon
 
@@ -67,6 +70,9 @@ def test_a_served_store_serves_evicted_prefixes_and_is_cleaned_up(tmp_path: Path
         assert total(metrics, "paged_kv_store_loads_total") > 0
         assert total(metrics, "paged_kv_store_hits_tokens_total") >= SYSTEM_PROMPTS * 64 // 2
         assert len([key for key in metrics if key.startswith("paged_kv_store_slots_total")]) == 1  # one store, two workers
+        status = CliRunner().invoke(pagedctl, ["status", "--socket", str(tmp_path / "first" / "admin.sock")])
+        assert status.exit_code == 0, status.output
+        assert "KV store" in status.output and "loads" in status.output and "prompt tokens loaded from the KV store" in status.output
     finally:
         stop_server(daemon.process)
     assert not store_path(store_name).exists()

@@ -117,3 +117,26 @@ def test_top_shows_a_thrashing_pool_and_its_rates_within_the_width() -> None:
     output, buffer = terminal(200)
     output.print(*_view(STATUS, [REQUEST], None))
     assert "THRASHING" not in buffer.getvalue() and "goodput" in buffer.getvalue()
+
+
+STORE = {
+    "store_id": "9c1b3f2a77e04d5e", "policy": "lfu", "num_slots": 4096, "page_bytes": 16384, "free_slots": 1000,
+    "saving_slots": 0, "ready_slots": 3090, "pinned_slots": 6, "quarantined_slots": 0, "saves": 5000, "loads": 812,
+    "evictions": 904, "dropped_saves": 0, "bytes_used": 3096 * 16384,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("width", [60, 200])
+def test_status_and_top_show_the_kv_store_tier_within_the_width(width: int) -> None:
+    workers = [{**WORKER, "prefix_queries_tokens": 10000, "store_hits_tokens": 2500}, {**WORKER, "name": "1"}]
+    status = {**STATUS, "workers": workers, "stores": [STORE]}
+    output, buffer = terminal(width)
+    output.print(*_view(status, [REQUEST], None))
+    assert all(len(line) <= width for line in buffer.getvalue().splitlines()), buffer.getvalue()
+    text = " ".join(buffer.getvalue().split())
+    for value in ("KV store 9c1b3f2a77e0 (lfu)", "3090/4096 slots ready", "48.4MiB of 64.0MiB", "812 loads", "904 evictions",
+                  "prompt tokens loaded from the KV store: 25.0%"):  # fmt: skip
+        assert value in text, (value, text)
+    output, buffer = terminal(width)
+    output.print(*_view({**STATUS, "stores": []}, [REQUEST], None))
+    assert "KV store" not in buffer.getvalue()
