@@ -20,7 +20,8 @@ from paged.ops.cli import main as pagedctl
 from paged.shared.config import ModelConfig
 from paged.shared.sampling_params import SamplingParams
 from support.daemon_process import scrape, start_daemon, stream_completion
-from support.layout_engine import assert_nothing_held, layout_engine, stream, wait_for
+from support.engine_processes import wait_for
+from support.layout_engine import assert_nothing_held, layout_engine, stream
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +41,7 @@ async def run_all(layout: str, model: Path, waves: list[list[tuple[list[int], Sa
             assert all(error is None for _, error in results)
             outputs += [tokens for tokens, _ in results]
         stats = engine.transfer_stats()
-        await wait_for(lambda: all(r.scheduler is not None and r.scheduler.stats().used_blocks == 0 for r in engine.replicas))
+        await wait_for(lambda: all(r.scheduler is not None and r.scheduler.stats().used_blocks == 0 for r in engine.replicas), timeout=30)
         assert_nothing_held(engine)
         page_bytes = engine.replicas[0].page_bytes
     if layout == "1p1d":
@@ -94,7 +95,7 @@ async def test_a_worker_killed_mid_transfer_leaves_no_hung_request_and_no_held_b
         lost = "prefill_lost" if victim == "prefill" else "decode_lost"
         assert stats.failures.get(lost, 0) + stats.failures.get("failed", 0) >= 1, stats
         await wait_for(lambda: target.ready, timeout=60)  # respawned, empty
-        await wait_for(lambda: all(r.scheduler is not None and r.scheduler.stats().used_blocks == 0 for r in engine.replicas))
+        await wait_for(lambda: all(r.scheduler is not None and r.scheduler.stats().used_blocks == 0 for r in engine.replicas), timeout=30)
         assert_nothing_held(engine)
         # And the pair works again.
         tokens, error = await stream(engine, "after", prompt_of(300, 9), params)

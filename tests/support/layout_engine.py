@@ -4,44 +4,28 @@ that nothing is left behind."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 from paged.gateway.block_accounting import assert_block_accounting
 from paged.gateway.engine import AsyncEngine
-from paged.gateway.worker_processes import RuntimeDir, local_workers
 from paged.shared.config import CacheConfig, MiB, ModelConfig, SchedulerConfig
 from paged.shared.sampling_params import SamplingParams
-from paged.shared.workers_layout import parse_workers_layout
-
-EOS = frozenset({2})
+from support.engine_processes import EOS, running_engine
 
 
-@contextlib.asynccontextmanager
-async def layout_engine(
+def layout_engine(
     layout: str,
     model_config: ModelConfig | None = None,
     *,
     null_model: bool = False,
     kv_cache_memory: int = 16 * MiB,
     scheduler_config: SchedulerConfig | None = None,
-) -> AsyncIterator[AsyncEngine]:
-    runtime = RuntimeDir()
-    cache_config = CacheConfig(kv_cache_memory=kv_cache_memory, swap_space=0)
-    scheduler_config = scheduler_config or SchedulerConfig()
-    specs = local_workers(
-        runtime, model_config or ModelConfig(device="cpu"), cache_config, scheduler_config.max_num_batched_tokens,
-        num_workers=None, null_model=null_model, log_level="warning", log_json=False, roles=parse_workers_layout(layout),
+) -> AbstractAsyncContextManager[AsyncEngine]:
+    """The workers of `layout`, running the real model on the CPU unless asked for the null one."""
+    return running_engine(
+        layout=layout, model_config=model_config or ModelConfig(device="cpu"), null_model=null_model,
+        cache_config=CacheConfig(kv_cache_memory=kv_cache_memory, swap_space=0), scheduler_config=scheduler_config,
     )  # fmt: skip
-    engine = AsyncEngine(specs, scheduler_config, cache_config, registration_timeout=120)
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.shutdown()
-        runtime.close()
 
 
 async def stream(engine: AsyncEngine, request_id: str, prompt: list[int], params: SamplingParams) -> tuple[dict[int, list[int]], str | None]:
@@ -53,13 +37,6 @@ async def stream(engine: AsyncEngine, request_id: str, prompt: list[int], params
         for delta in output.deltas:
             tokens.setdefault(delta.index, []).extend(delta.token_ids)
     return tokens, error
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def assert_nothing_held(engine: AsyncEngine) -> None:
