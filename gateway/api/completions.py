@@ -91,14 +91,17 @@ class _Formatter:
         self._head = {
             "id": request_id, "object": "text_completion", "created": int(time.time()), "model": state.served_model_name
         }
-        self._text_offsets: dict[int, int] = {}  # per choice: characters emitted so far
+        self._text_offsets: dict[int, int] = {}  # per choice: characters of the tokens so far
 
     def _logprobs(self, update: ChoiceUpdate) -> dict[str, Any] | None:
         if update.logprobs is None:
             return None
+        # Offsets follow the tokens, not the text sent so far: text held back (a possible stop string,
+        # half a character) arrives in a later chunk than its token's logprobs.
         offset = self._text_offsets.get(update.index, 0)
-        self._text_offsets[update.index] = offset + len(update.text)
-        return completion_logprobs(self._state.token_strings, update.token_ids, update.logprobs, update.top_logprobs, offset)
+        logprobs = completion_logprobs(self._state.token_strings, update.token_ids, update.logprobs, update.top_logprobs, offset)
+        self._text_offsets[update.index] = offset + sum(len(token) for token in logprobs["tokens"])
+        return logprobs
 
     async def chunks(self, generation: Generation) -> AsyncIterator[dict[str, Any]]:
         include_usage = self._body.include_usage

@@ -162,4 +162,4 @@ def _default(value: T | None, default: T) -> T:
 
 def _require(ok: bool, param: str, message: str) -> None:
     if not ok:
-        raise APIError(400, message, param=param)
+        raise APIError(400, message, param=param, code="invalid_value")

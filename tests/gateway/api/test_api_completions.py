@@ -124,3 +124,17 @@ async def test_stop_string_per_choice(client: httpx.AsyncClient, engine: FakeEng
     expected_second = second[: second.index(stop)] if stop in second else second
     assert choices[1]["text"] == expected_second
     assert choices[1]["finish_reason"] == ("stop" if stop in second else "length")
+
+
+async def test_logprobs_text_offsets_count_held_back_text(client: httpx.AsyncClient) -> None:
+    """Text held back as the possible start of a stop string still has its offsets: each token's
+    offset is where its text starts in the choice's text, whatever the chunks were."""
+    request = {"prompt": "Hello", "max_tokens": 16, "logprobs": 1, "stop": "little girl named Bob"}
+    body = (await client.post("/v1/completions", json=request)).json()
+    logprobs = body["choices"][0]["logprobs"]
+    tokens = logprobs["tokens"]
+    assert "".join(tokens) == body["choices"][0]["text"]
+    assert logprobs["text_offset"] == [len("".join(tokens[:i])) for i in range(len(tokens))]
+    payloads = await sse_payloads(client, "/v1/completions", request)
+    streamed = [p["choices"][0]["logprobs"] for p in payloads[:-1]]
+    assert [o for s in streamed for o in s["text_offset"]] == logprobs["text_offset"]

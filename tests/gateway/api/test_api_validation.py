@@ -158,3 +158,24 @@ async def test_stop_lists_are_bounded(client: httpx.AsyncClient, engine: FakeEng
     assert engine.submitted == []
     ok = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "stop": ["a"] * 16, "stop_token_ids": [5] * 256})
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"stop": [""]}, "stop"),
+        ({"stop_token_ids": [10**6]}, "stop_token_ids[0]"),
+    ],
+)
+async def test_out_of_range_values_have_code_invalid_value(
+    client: httpx.AsyncClient, engine: FakeEngine, fields: dict[str, Any], param: str
+) -> None:
+    """docs/http-api.md: a value of the right type but out of range is `code: invalid_value`, as msgspec's
+    own range checks (the wire's integer limits) already are."""
+    assert assert_400(await client.post("/v1/completions", json={"prompt": "x", **fields}), param)["code"] == "invalid_value"
+    assert engine.submitted == []
