@@ -109,6 +109,7 @@ async def _serve(
             log.info("serving", progress=f"serving {served_model_name} on {url}", host=host, port=port, model=served_model_name, workers=len(engine.replicas))
             informing = asyncio.create_task(follow_status(notifier, engine), name="systemd-status")
         await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
+        engine.begin_shutdown()
         notifier.stopping(draining_status(engine))
         await drain(engine, drain_timeout)
         if engine.exiting_now:  # the handlers write their streams' errors until gateway/signals.py exits

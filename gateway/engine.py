@@ -94,6 +94,10 @@ class AsyncEngine:
         await self.supervisor.close()
         log.info("engine_stopped")
 
+    def begin_shutdown(self) -> None:
+        """The daemon is going down (after its drain, shutdown()): lost workers are no longer replaced."""
+        self.supervisor.stop_replacing()
+
     def drain(self) -> None:
         """Stop admitting (new requests get 503); running requests finish."""
         self._draining = True

@@ -58,6 +58,7 @@ class Supervisor:
         self.model = ""  # what the first worker registered with; every other must serve the same
         self.kv_stores = KVStoreIndexes(cache_config.kv_store_eviction_policy)
         self.max_model_len = 0  # the smallest context window of the first registrations
+        self.replacing = True  # a lost worker is replaced by a fresh one, until shutdown begins
 
     async def start(self) -> None:
         """Spawn (where needed) and register every worker, then run their step loops; raises
@@ -76,10 +77,17 @@ class Supervisor:
 
     async def stop(self) -> None:
         """Stop the step loops, tell the workers to exit and wait for spawned processes."""
+        self.stop_replacing()
         tasks = [r.task for r in self.replicas if r.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop_replacing(self) -> None:
+        """Shutdown has begun: a worker lost from here on is not replaced. (A stop signal sent to the whole
+        process group ends the workers with the gateway; a fresh worker would only load the model to be
+        told to exit.)"""
+        self.replacing = False
 
     async def close(self) -> None:
         await asyncio.gather(*(r.link.close() for r in self.replicas))
@@ -133,6 +141,8 @@ class Supervisor:
             except Exception as exc:  # a gateway bug must not silently strand this worker's requests
                 log.exception("step_loop_failed", worker=replica.name)
                 self._lost(replica, f"gateway error in the step loop: {exc!r}")
+            if not self.replacing:
+                return
             while True:
                 self._spawn_if_needed(replica)
                 try:

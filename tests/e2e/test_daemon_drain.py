@@ -91,6 +91,19 @@ def test_stop_signal_lets_running_streams_finish(tmp_path: Path, signum: signal.
     assert daemon.events("drained") and not daemon.events("drain_timed_out")
 
 
+def test_a_stop_signal_to_the_whole_process_group_replaces_no_worker(tmp_path: Path) -> None:
+    """`kill -TERM -- -PGID` (a supervisor that signals the group) ends the workers with the gateway:
+    the gateway drains and exits without spawning a worker that would load the model only to exit."""
+    daemon = start_daemon(tmp_path, new_session=True)
+    try:
+        daemon.wait_ready()
+        os.killpg(daemon.process.pid, signal.SIGTERM)
+        assert daemon.wait_exit() == 0, daemon.tail()
+    finally:
+        daemon.stop()
+    assert len(daemon.events("model_loading")) == len(daemon.events("worker_spawned")), daemon.tail()
+
+
 def test_drain_timeout_ends_unfinished_streams_with_an_error_event(tmp_path: Path) -> None:
     with streaming_daemon(tmp_path, "1", max_tokens=2000) as (daemon, streams):
         daemon.process.send_signal(signal.SIGTERM)

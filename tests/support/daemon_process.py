@@ -113,8 +113,12 @@ class Daemon:
             self.process.wait(30)
 
 
-def start_daemon(tmp_path: Path, *serve_args: str, global_args: tuple[str, ...] = (), env: dict[str, str] | None = None, port: int | None = None) -> Daemon:
-    """`pagedd [global_args] serve --port PORT [serve_args]`, logging JSON to tmp_path/pagedd.log."""
+def start_daemon(
+    tmp_path: Path, *serve_args: str, global_args: tuple[str, ...] = (), env: dict[str, str] | None = None, port: int | None = None,
+    new_session: bool = False,
+) -> Daemon:
+    """`pagedd [global_args] serve --port PORT [serve_args]`, logging JSON to tmp_path/pagedd.log; with
+    `new_session`, in a process group of its own (which a test may signal whole)."""
     port = port or free_port()
     log_path = tmp_path / "pagedd.log"
     process_env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
@@ -123,7 +127,7 @@ def start_daemon(tmp_path: Path, *serve_args: str, global_args: tuple[str, ...] 
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             pagedd_command("--log-json", *global_args, "serve", "--port", str(port), *serve_args),
-            cwd=PROJECT_ROOT, env=process_env, stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=PROJECT_ROOT, env=process_env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=new_session,
         )  # fmt: skip
     return Daemon(process, port, log_path)
 
