@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -140,4 +141,10 @@ def build_admin_app(
         Route("/v1/log-level", handlers.log_level, methods=["POST"]),
     ]
     middleware = [Middleware(TokenMiddleware, token=token)] if token else []
-    return Starlette(routes=routes, middleware=middleware)
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: _routing_error})
+
+
+async def _routing_error(request: Request, exc: Exception) -> Response:
+    """An unknown path (404) or method (405) answers in the API's error shape, not starlette's plain text."""
+    assert isinstance(exc, HTTPException)
+    return _error(f"{request.method} {request.url.path}: {exc.detail}", exc.status_code)

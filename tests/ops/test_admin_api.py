@@ -112,6 +112,10 @@ async def test_read_endpoints_report_the_scheduler(engine: AsyncEngine) -> None:
             response = await http.get(path)
             assert response.status_code == 404 and "error" in response.json()
         assert (await http.post("/v1/requests/nope/abort")).status_code == 404
+        # Unknown paths and methods answer in the same shape, not starlette's plain text.
+        for method, path, code in (("GET", "/v1/nope", 404), ("GET", "/v1/drain", 405)):
+            response = await http.request(method, path)
+            assert response.status_code == code and path in response.json()["error"], response.text
 
 
 async def test_actions_drain_resume_flush_and_log_level(engine: AsyncEngine) -> None:
