@@ -95,7 +95,7 @@ def request(client: AdminClient, as_json: bool, request_id: str) -> None:
     if as_json:
         return _print_json(payload)
     lines = [
-        f"seq {seq['index']} ({seq['status']}, {seq['computed']}/{seq['tokens']} tokens computed) "
+        f"seq {seq['index']} ({seq['status']}, {seq['tokens']} tokens, {seq['computed']} computed or in flight) "
         f"{'host blocks' if seq['swapped'] else 'blocks'}: {seq['block_table']}"
         for seq in payload["seqs"]
     ]

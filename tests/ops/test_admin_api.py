@@ -208,7 +208,7 @@ async def test_pagedctl_over_the_unix_socket(engine: AsyncEngine, admin: AdminSe
         (["status"], "test-served"),
         (["status"], "KV pool not thrashing"),
         (["requests"], "req-a"),
-        (["request", "req-a"], "blocks: ["),
+        (["request", "req-a"], "computed or in flight) blocks: ["),
         (["cache"], "hit rate"),
         (["top", "--iterations", "2", "--interval", "0.05"], "req-a"),
     ):
