@@ -88,7 +88,10 @@ def load_model(
     ops = get_attention_ops(attention_backend)
     if model_dir is None:
         torch_dtype = resolve_dtype(dtype, BUILTIN_ARCH.torch_dtype, torch_device)
-        model = build_builtin_model(ops, seed).to(device=torch_device, dtype=torch_dtype)
+        model = build_builtin_model(ops, seed).to(torch_device)
+        # The weights take the dtype, as on the checkpoint path below; a cast of the whole module would
+        # also round the rotary tables, which stay float32 (exact, and what the fused CPU rotary reads).
+        model.load_state_dict({name: tensor.to(torch_dtype) for name, tensor in model.state_dict().items()}, assign=True)
         _use_native_layers(model, ops, torch_device, torch_dtype)
         log.info("model_loaded", progress=f"model loaded ({str(torch_dtype).removeprefix('torch.')})", model="builtin", seed=seed, dtype=str(torch_dtype), device=str(torch_device))
         return LoadedModel(model.requires_grad_(False).eval(), BUILTIN_ARCH, torch_dtype, torch_device, None)

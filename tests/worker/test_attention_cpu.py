@@ -138,12 +138,32 @@ def test_rejects_bad_metadata_before_reading_pages() -> None:
         bad = AttentionMetadata(meta.slot_mapping, query_start_loc, seq_lens, block_tables, 1, int(seq_lens.max()))
         with pytest.raises(ValueError, match="outside"):
             cpu_ops.paged_attention(batch.query, batch.k_cache, batch.v_cache, bad, batch.scale)
+    # Checked once per forward pass, but against the pool it is read from: a smaller one is refused too.
+    run_native(batch)
+    smaller = int(meta.block_tables.max())
+    with pytest.raises(ValueError, match="outside"):
+        cpu_ops.paged_attention(batch.query, batch.k_cache[:smaller], batch.v_cache[:smaller], meta, batch.scale)
 
 
 def test_rejects_mismatched_heads() -> None:
     batch = make_batch([0], [2], num_q_heads=8, num_kv_heads=4)
     with pytest.raises(ValueError, match="query heads"):
         cpu_ops.paged_attention(batch.query[:, :6], batch.k_cache, batch.v_cache, batch.meta, batch.scale)
+
+
+def test_rejects_tensors_the_kernel_would_misread() -> None:
+    """Raw pointers go to native code: a query whose head_dim is not the cache's (reads and writes past
+    its rows) or a value cache of another dtype or device (read as the key cache's dtype) is refused."""
+    batch = make_batch([10, 30], [1, 3], head_dim=64)
+    query, k_cache, v_cache = batch.query, batch.k_cache, batch.v_cache
+    for bad_query, bad_v_cache in (
+        (query[..., :32].contiguous(), v_cache),
+        (query.reshape(len(query), -1), v_cache),
+        (query, v_cache.half()),
+        (query, v_cache.to("meta")),
+    ):
+        with pytest.raises((TypeError, ValueError)):
+            cpu_ops.paged_attention(bad_query, k_cache, bad_v_cache, batch.meta, batch.scale)
 
 
 @st.composite

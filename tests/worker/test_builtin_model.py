@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from paged.shared.tokenizer import load_tokenizer
+from paged.worker.attention.backend import AttentionBackendName
 from paged.worker.attention.metadata import AttentionMetadata
 from paged.worker.model_loader import load_model
 
 
-def first_token_logits(seed: int) -> torch.Tensor:
-    loaded = load_model(None, seed=seed)
+def first_token_logits(seed: int, dtype: str = "auto", attention_backend: AttentionBackendName = "torch") -> torch.Tensor:
+    loaded = load_model(None, dtype=dtype, attention_backend=attention_backend, seed=seed)
     ids = torch.tensor(load_tokenizer(None).encode("hello"))
     arch = loaded.arch
     shape = (1, 16, arch.num_kv_heads, arch.head_dim)
-    kv_caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(arch.num_layers)]
+    kv_caches = [(torch.zeros(shape, dtype=loaded.dtype), torch.zeros(shape, dtype=loaded.dtype)) for _ in range(arch.num_layers)]
     meta = AttentionMetadata(
         slot_mapping=torch.arange(len(ids)),
         query_start_loc=torch.tensor([0, len(ids)], dtype=torch.int32),
@@ -38,6 +40,18 @@ def test_builtin_model_shapes() -> None:
     assert first_token_logits(0).shape == (1, loaded.arch.vocab_size)
     assert loaded.arch.max_model_len == 2048
     assert load_model(None, dtype="bfloat16").model.model.norm.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_builtin_model_on_the_native_backend(dtype: str) -> None:
+    """Casting the model casts its weights, not the rotary tables: they stay float32, which the fused
+    rotary of the native CPU backend reads (a bf16 table made every forward pass raise there)."""
+    loaded = load_model(None, dtype=dtype, attention_backend="cpu")
+    assert loaded.model.model.rotary_emb.cos.dtype == torch.float32
+    assert loaded.model.model.norm.weight.dtype == getattr(torch, dtype)
+    native = first_token_logits(0, dtype, "cpu")
+    torch.testing.assert_close(native, first_token_logits(0, dtype, "torch"), atol=0.01, rtol=0)
+    torch.testing.assert_close(native, first_token_logits(0), atol=0.01, rtol=0)
 
 
 def test_builtin_model_writes_printable_ascii() -> None:

@@ -92,3 +92,29 @@ def test_silu_mul_matches_torch(dtype: torch.dtype, cols: int) -> None:
 def test_rejects_mixed_dtypes() -> None:
     with pytest.raises(TypeError):
         FUSED.silu_mul(torch.zeros(2, 16), torch.zeros(2, 16, dtype=torch.bfloat16))
+
+
+def test_rejects_arguments_it_would_misread() -> None:
+    """Raw pointers go to native code: sizes that disagree (a weight shorter than the rows, a delta of
+    another shape, rotary tables narrower than half the head or with too few positions, a sin table of
+    another dtype, a key with fewer tokens) are refused instead of read past."""
+    x, weight = torch.zeros(4, 64), torch.ones(64)
+    rotary = RotaryEmbedding(64, 16, 10000.0, None)
+    query, key, positions = torch.zeros(3, 4, 64), torch.zeros(3, 2, 64), torch.tensor([0, 1, 2])
+    narrow = RotaryEmbedding(32, 16, 10000.0, None)
+    calls = [
+        lambda: FUSED.rms_norm(x, weight[:32], 1e-5),
+        lambda: FUSED.add_rms_norm(x.clone(), torch.zeros(4, 32), weight, 1e-5),
+        lambda: FUSED.add_rms_norm(x.clone(), torch.zeros(2, 64), weight, 1e-5),
+        lambda: FUSED.add_rms_norm(x.clone(), x, weight[:32], 1e-5),
+        lambda: FUSED.rotary(torch.tensor([0, 1, 16]), query, key, rotary.cos, rotary.sin),
+        lambda: FUSED.rotary(torch.tensor([0, -1, 2]), query, key, rotary.cos, rotary.sin),
+        lambda: FUSED.rotary(positions, query, key, narrow.cos, narrow.sin),
+        lambda: FUSED.rotary(positions, query, key, rotary.cos, rotary.sin.double()),
+        lambda: FUSED.rotary(positions, query, key[:2], rotary.cos, rotary.sin),
+        lambda: FUSED.rotary(positions[:2], query, key, rotary.cos, rotary.sin),
+    ]
+    for number, call in enumerate(calls):
+        with pytest.raises((TypeError, ValueError)):
+            call()
+            pytest.fail(f"call {number} was not refused")

@@ -76,11 +76,14 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of the new tokens ([T, Hq, D]) over their sequences' cached K/V; returns [T, Hq, D].
     `library`: another build of the kernel (load_kernel) instead of this package's."""
-    if query.dtype != k_cache.dtype or k_cache.dtype not in DTYPE_CODES or query.device.type != "cpu":
-        raise TypeError(f"query {query.dtype} and cache {k_cache.dtype} must be CPU tensors of one float32/bfloat16/float16 dtype")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and query.stride(-1) == 1 and k_cache.shape == v_cache.shape):
-        raise ValueError("the caches must be contiguous and of one shape, and the query's head_dim dense")
+    tensors = (query, k_cache, v_cache)
+    if k_cache.dtype not in DTYPE_CODES or any(t.dtype != k_cache.dtype or t.device.type != "cpu" for t in tensors):
+        raise TypeError(f"query and caches must be CPU tensors of one float32/bfloat16/float16 dtype, got {[t.dtype for t in tensors]}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dim() == 4 and k_cache.shape == v_cache.shape):
+        raise ValueError("the caches must be contiguous [num_blocks, block_size, num_kv_heads, head_dim] tensors of one shape")
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    if query.dim() != 3 or query.shape[2] != head_dim or query.stride(2) != 1:
+        raise ValueError(f"the query must be [tokens, heads, {head_dim}] with dense head rows, got {list(query.shape)}")
     block_tables, query_start_loc, seq_lens = _checked_tables(meta, num_blocks, block_size, query.shape[0])
     out = torch.empty_like(query)
     status = (library or load()).paged_attention(
@@ -127,9 +130,12 @@ def shared_prefix_groups(meta: AttentionMetadata, num_q_heads: int, k_cache: tor
 
 
 def _checked_tables(meta: AttentionMetadata, num_blocks: int, block_size: int, num_tokens: int) -> tuple[torch.Tensor, ...]:
-    """The int32 tables the kernel reads, checked once per forward pass (the first layer) so that bad
-    metadata raises here instead of making native code read outside the pool."""
-    tables = meta.derived.get("cpu")
+    """The int32 tables the kernel reads, checked once per forward pass (the first layer; again if a
+    call brings another pool or query) so that bad metadata raises here instead of making native code
+    read outside the pool."""
+    checked_against = (num_blocks, block_size, num_tokens)
+    checked = meta.derived.get("cpu")
+    tables = checked[1] if checked is not None and checked[0] == checked_against else None
     if tables is None:
         block_tables, query_start_loc, seq_lens = (
             tensor.to(torch.int32).contiguous() for tensor in (meta.block_tables, meta.query_start_loc, meta.seq_lens)
@@ -146,5 +152,6 @@ def _checked_tables(meta: AttentionMetadata, num_blocks: int, block_size: int, n
             or (block_tables.numel() and not 0 <= int(block_tables.min()) <= int(block_tables.max()) < num_blocks)
         ):
             raise ValueError("attention metadata points outside the block tables or the page pool")
-        tables = meta.derived["cpu"] = (block_tables, query_start_loc, seq_lens)
+        tables = (block_tables, query_start_loc, seq_lens)
+        meta.derived["cpu"] = (checked_against, tables)
     return tables

@@ -29,7 +29,7 @@ class FusedOps:
         signatures = {
             "rms_norm": [pointer] * 3 + [i64] * 4 + [f32, i32, i32],
             "add_rms_norm": [pointer] * 4 + [i64] * 3 + [f32, i32, i32],
-            "rotary": [pointer] * 5 + [i64] * 8 + [i32, i32],
+            "rotary": [pointer] * 5 + [i64] * 9 + [i32, i32],
             "silu_mul": [pointer] * 3 + [i64] * 4 + [i32, i32],
         }
         for name, argtypes in signatures.items():
@@ -55,8 +55,14 @@ class FusedOps:
         if status != 0:
             raise ValueError(f"native {name} rejected its arguments")
 
+    @staticmethod
+    def _check_weight(weight: torch.Tensor, hidden: int) -> None:
+        if weight.shape != (hidden,) or weight.stride(0) != 1:
+            raise ValueError(f"the norm weight must be a dense [{hidden}] tensor, got {list(weight.shape)}")
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """weight * x / sqrt(mean(x^2) + eps) over the last dimension."""
+        self._check_weight(weight, x.shape[-1])
         rows = x.reshape(-1, x.shape[-1])
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
@@ -72,8 +78,9 @@ class FusedOps:
     def add_rms_norm(self, residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(residual + delta), residual + delta); the sum is written into `residual`, which must be
         a dense [rows, hidden] tensor the caller owns (the decoder's running hidden state)."""
-        if not residual.is_contiguous() or delta.stride(-1) != 1 or residual.dim() != 2:
-            raise ValueError("add_rms_norm needs a dense 2-D residual and a delta with dense rows")
+        if not residual.is_contiguous() or delta.stride(-1) != 1 or residual.dim() != 2 or delta.shape != residual.shape:
+            raise ValueError("add_rms_norm needs a dense 2-D residual and a delta of its shape with dense rows")
+        self._check_weight(weight, residual.shape[1])
         out = torch.empty_like(residual)
         status = self._lib.add_rms_norm(
             residual.data_ptr(), delta.data_ptr(), weight.data_ptr(), out.data_ptr(), residual.shape[0], residual.shape[1],
@@ -83,13 +90,22 @@ class FusedOps:
         return out, residual
 
     def rotary(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate query [T, Hq, D] and key [T, Hkv, D] in place by the float32 half-width tables' rows at `positions`."""
-        if query.stride(-1) != 1 or key.stride(-1) != 1 or cos.dtype != torch.float32 or not cos.is_contiguous():
-            raise ValueError("rotary needs dense head rows and contiguous float32 tables")
+        """Rotate query [T, Hq, D] and key [T, Hkv, D] in place by the float32 half-width tables' rows at
+        `positions` (each must be a row of the tables: the kernel checks)."""
+        tokens, _, head_dim = query.shape
+        if key.dim() != 3 or key.shape[0] != tokens or key.shape[2] != head_dim or positions.shape != (tokens,):
+            shapes = [list(t.shape) for t in (query, key, positions)]
+            raise ValueError(f"rotary needs query [T, Hq, D], key [T, Hkv, D] and positions [T], got {shapes}")
+        if query.stride(-1) != 1 or key.stride(-1) != 1:
+            raise ValueError("rotary needs dense head rows")
+        if any(t.dtype != torch.float32 or not t.is_contiguous() or t.shape != cos.shape for t in (cos, sin)):
+            raise ValueError("rotary needs contiguous float32 tables of one shape")
+        if cos.dim() != 2 or 2 * cos.shape[1] != head_dim:
+            raise ValueError(f"rotary tables {list(cos.shape)} do not cover half of head_dim {head_dim}")
         positions = positions.to(torch.int64).contiguous()
         status = self._lib.rotary(
-            query.data_ptr(), key.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), query.shape[0],
-            query.shape[1], key.shape[1], query.shape[2], query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+            query.data_ptr(), key.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), cos.shape[0], tokens,
+            query.shape[1], key.shape[1], head_dim, query.stride(0), query.stride(1), key.stride(0), key.stride(1),
             self._dtype(query, key), torch.get_num_threads(),
         )  # fmt: skip
         self._check(status, "rotary")

@@ -158,7 +158,8 @@ void silu_mul_rows(const void* gate_, const void* up_, void* out_, int64_t rows,
 }  // namespace
 
 // dtype: 0 float32, 1 bfloat16, 2 float16, for every tensor argument but the float32 rotary tables.
-// Each returns 0, or -1 for an unknown dtype. Strides are in elements; rows' last dimension is dense.
+// Each returns 0, or -1 for an unknown dtype (rotary: or a position outside its tables). Strides are in
+// elements; rows' last dimension is dense.
 #define DISPATCH(dtype, call)               \
     switch (dtype) {                        \
         case 0: call(float); return 0;      \
@@ -184,9 +185,12 @@ int add_rms_norm(void* residual, const void* delta, const void* weight, void* ou
 #undef CALL
 }
 
-int rotary(void* query, void* key, const float* cos, const float* sin, const int64_t* positions, int64_t tokens,
-           int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t query_stride_token,
+// cos, sin: [max_positions, head_dim / 2]; positions: [tokens], each in [0, max_positions).
+int rotary(void* query, void* key, const float* cos, const float* sin, const int64_t* positions, int64_t max_positions,
+           int64_t tokens, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t query_stride_token,
            int64_t query_stride_head, int64_t key_stride_token, int64_t key_stride_head, int dtype, int num_threads) {
+    for (int64_t t = 0; t < tokens; ++t)
+        if (positions[t] < 0 || positions[t] >= max_positions) return -1;
 #define CALL(T)                                                                                                   \
     rotary_tokens<T>(query, key, cos, sin, positions, tokens, num_q_heads, num_kv_heads, head_dim, query_stride_token, \
               query_stride_head, key_stride_token, key_stride_head, num_threads)
