@@ -99,9 +99,11 @@ class Scheduler:
         worker_name: str = "0",
         context_cost: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        figures: SchedulerFigures | None = None,
     ) -> None:
         """`store_index`: the host KV store this worker attached (None: none); `worker_name` names the
-        replica to it; `context_cost` weighs depth in the depth eviction policy (from the registration)."""
+        replica to it; `context_cost` weighs depth in the depth eviction policy (from the registration);
+        `figures`: what the schedulers of the worker's earlier sessions counted and learned."""
         self.config = scheduler_config
         self.cache_config = cache_config
         self.max_model_len = max_model_len
@@ -111,7 +113,7 @@ class Scheduler:
         self._store_index = store_index if uses_kv_store(cache_config) else None
         self._context_cost = context_cost
         self.handoff: HandoffHooks | None = None
-        self.figures = SchedulerFigures(worker_name, clock)  # outlives a lost worker's session
+        self.figures = figures or SchedulerFigures(worker_name, clock)  # outlives a lost worker's session
         self._start_empty()
 
     def _start_empty(self) -> None:
