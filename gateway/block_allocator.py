@@ -162,8 +162,9 @@ class BlockAllocator(Protocol):
         """Forget every cached-free block's content; returns how many were evicted."""
         ...
 
-    def forget_blocks(self, blocks: list[int]) -> None:
-        """Drop these blocks' content from the prefix cache: a load into them failed."""
+    def forget_blocks(self, blocks: list[int]) -> list[int]:
+        """Drop these blocks' content from the prefix cache: a load into them failed. Returns the
+        ones that still cached it: whoever holds them reads content that never arrived."""
         ...
 
     # Allocation

@@ -41,7 +41,7 @@ class BlockPool:
         self.num_filled_slots = 0
         self.num_cached_free = 0
         self.num_shared = 0  # blocks with ref_count > 1
-        self.num_evictions = 0
+        self.num_evictions = 0  # cached blocks taken for reuse (a flush or unregister is not one)
         self.num_refetched = 0  # evicted blocks whose content an admission needed again
         self._evicted: OrderedDict[BlockHash, None] = OrderedDict()  # recently evicted, oldest first
         self.cached_since = [0.0] * num_blocks  # monotonic time a cached block became free (its age, for the admin)
@@ -83,8 +83,8 @@ class BlockPool:
         self.block_hashes[block] = None
         del self._cache[block_hash]  # type: ignore[arg-type]  # tracked: has a hash
         self.num_cached_free -= 1
-        self.num_evictions += 1
         if notify:  # evicted for reuse (not flushed): what the cache threw out, maybe about to be used
+            self.num_evictions += 1
             self._remember_eviction(block_hash)  # type: ignore[arg-type]
             if self.on_evict is not None:
                 self.on_evict(block, block_hash, parent, depth)  # type: ignore[arg-type]

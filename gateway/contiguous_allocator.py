@@ -106,8 +106,8 @@ class ContiguousAllocator(BlockTables):
     def evict_cached_free(self) -> int:
         return 0
 
-    def forget_blocks(self, blocks: list[int]) -> None:
-        pass  # nothing is cached
+    def forget_blocks(self, blocks: list[int]) -> list[int]:
+        return []  # nothing is cached
 
     def admit(self, seq: Sequence, hit: CacheHit, num_new_tokens: int, reserve_blocks: int, num_children: int = 0) -> bool:
         length = self._blocks_for(seq.max_num_tokens)

@@ -24,6 +24,7 @@ from paged.gateway.request import Request
 from paged.gateway.request_streams import TrackedRequest
 from paged.gateway.router import route
 from paged.gateway.scheduler import Scheduler, uses_kv_store
+from paged.gateway.scheduler_stats import SchedulerFigures
 from paged.gateway.stats import KVStoreStats, TransferStats, WorkerStats
 from paged.gateway.step_pipeline import DEFAULT_DEPTH
 from paged.gateway.supervisor import Supervisor
@@ -232,7 +233,9 @@ class AsyncEngine:
 
     # --- workers --------------------------------------------------------------------------------
 
-    def _make_scheduler(self, name: str, registration: WorkerRegistration, max_model_len: int) -> Scheduler:
+    def _make_scheduler(
+        self, name: str, registration: WorkerRegistration, max_model_len: int, figures: SchedulerFigures | None
+    ) -> Scheduler:
         store = None
         if uses_kv_store(self.cache_config):
             store = self.supervisor.kv_stores.for_store(
@@ -240,7 +243,7 @@ class AsyncEngine:
             )
         scheduler = Scheduler(
             self.scheduler_config, self.cache_config, registration.num_blocks, max_model_len, registration.num_host_blocks,
-            store_index=store, worker_name=name, context_cost=registration.block_context_cost,
+            store_index=store, worker_name=name, context_cost=registration.block_context_cost, figures=figures,
         )  # fmt: skip
         scheduler.handoff = self.handoff
         return scheduler

@@ -150,10 +150,14 @@ class KVCacheManager(BlockTables):
             self.pool.register(record.table[index], hashes[index], hashes[index - 1] if index else None, index)
         record.num_registered = num_full
 
-    def forget_blocks(self, blocks: list[int]) -> None:
-        """Drop these blocks' content from the prefix cache: a load into them failed."""
-        for block in blocks:
-            self.pool.unregister(block)
+    def forget_blocks(self, blocks: list[int]) -> list[int]:
+        """Drop these blocks' content from the prefix cache: a load into them failed. Returns the
+        ones still caching it (the rest were evicted and taken for new content since)."""
+        pool = self.pool
+        forgotten = [block for block in blocks if pool.block_hashes[block] is not None]
+        for block in forgotten:
+            pool.unregister(block)
+        return forgotten
 
     # Allocation ---------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from paged.gateway.scheduler import Scheduler
+from paged.gateway.scheduler_stats import SchedulerFigures
 from paged.gateway.stats import WorkerStats, extend
 from paged.gateway.worker_link import ChildProcess, WorkerLink
 from paged.shared.config import WorkerRole
@@ -53,6 +54,8 @@ class Replica:
         self.spec = spec
         self.link = link
         self.scheduler: Scheduler | None = None  # while registered
+        # What its schedulers count and learn, carried from one worker session to the next.
+        self.figures: SchedulerFigures | None = None
         self.registration: WorkerRegistration | None = None
         self.wakeup = asyncio.Event()  # set when its scheduler has news for the step loop
         self.step_stats = StepLoopStats()
@@ -89,6 +92,7 @@ class Replica:
         """A (re)registered worker: a fresh scheduler over its empty pool."""
         self.registration = registration
         self.scheduler = scheduler
+        self.figures = scheduler.figures
         self.step_stats = StepLoopStats()
         self.wakeup.set()
 

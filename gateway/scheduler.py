@@ -99,9 +99,11 @@ class Scheduler:
         worker_name: str = "0",
         context_cost: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        figures: SchedulerFigures | None = None,
     ) -> None:
         """`store_index`: the host KV store this worker attached (None: none); `worker_name` names the
-        replica to it; `context_cost` weighs depth in the depth eviction policy (from the registration)."""
+        replica to it; `context_cost` weighs depth in the depth eviction policy (from the registration);
+        `figures`: what the schedulers of the worker's earlier sessions counted and learned."""
         self.config = scheduler_config
         self.cache_config = cache_config
         self.max_model_len = max_model_len
@@ -111,7 +113,7 @@ class Scheduler:
         self._store_index = store_index if uses_kv_store(cache_config) else None
         self._context_cost = context_cost
         self.handoff: HandoffHooks | None = None
-        self.figures = SchedulerFigures(worker_name, clock)  # outlives a lost worker's session
+        self.figures = figures or SchedulerFigures(worker_name, clock)  # outlives a lost worker's session
         self._start_empty()
 
     def _start_empty(self) -> None:
@@ -294,16 +296,29 @@ class Scheduler:
 
     def update(self, step: StepInput, output: StepOutput) -> list[RequestOutput]:
         """Apply a step's results (in step order). Returns one RequestOutput per request with news."""
+        unloaded: list[int] = []
         if self.store is not None:
             failed_loads = self.store.step_done(step, output, sent=not is_empty(step))
             if failed_loads:
-                self.kv.forget_blocks(failed_loads)
+                unloaded = self.kv.forget_blocks(failed_loads)
         outputs, running_finished = self.processor.process(step, output, self.kv)
+        if unloaded:
+            outputs += self._fail_readers(unloaded)
         if running_finished:
             self.queues.drop_finished_running()
         if self.handoff is not None:
             self.handoff.after_update(self, step, output)
         return outputs
+
+    def _fail_readers(self, blocks: list[int]) -> list[RequestOutput]:
+        """End the requests still holding blocks whose store load failed. The step that loaded them
+        failed its own sequences; these took the blocks as prefix hits in a step built before its
+        output came back (overlapped), so their KV reads content that never arrived."""
+        unloaded = set(blocks)
+        readers = [
+            seq_id for seq_id, record in self.kv.seqs.items() if not record.swapped and not unloaded.isdisjoint(record.table)
+        ]
+        return self.fail_sequences(dict.fromkeys(readers, "its cached prompt blocks failed to load from the host KV store"))
 
     # Statistics (scheduler_stats.py) and audit -------------------------------------------------
 

@@ -1,7 +1,8 @@
 """What one scheduler counts and learns over its whole life, and the statistics snapshot it reports.
 
 When a worker is lost, its scheduler starts its allocator, queues and step parts afresh
-(Scheduler.take_all_requests); these carry on: the running totals (`SchedulerCounters`, kept by
+(Scheduler.take_all_requests; the server makes a new Scheduler for the worker's next session and
+hands it these figures, gateway/supervisor.py); these carry on: the running totals (`SchedulerCounters`, kept by
 the parts that count), the output lengths predictive admission learns (output_lengths.py), the
 admission margin (admission.py) and the thrash detector's sliding window (thrash_detector.py), which
 the scheduler samples every step. `snapshot` assembles the `SchedulerStats` (stats.py) that

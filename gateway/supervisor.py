@@ -21,6 +21,7 @@ from paged.gateway.outputs import RequestOutput
 from paged.gateway.replica import Replica, WorkerSpec
 from paged.gateway.replica_step_loop import run_step_loop
 from paged.gateway.scheduler import Scheduler
+from paged.gateway.scheduler_stats import SchedulerFigures
 from paged.gateway.worker_link import ChildProcess, RegistrationError, WorkerLink, WorkerLost
 from paged.shared.config import CacheConfig
 from paged.shared.logging import get_logger
@@ -36,7 +37,7 @@ class Supervisor:
         self,
         workers: Sequence[WorkerSpec],
         cache_config: CacheConfig,
-        make_scheduler: Callable[[str, WorkerRegistration, int], Scheduler],
+        make_scheduler: Callable[[str, WorkerRegistration, int, SchedulerFigures | None], Scheduler],
         dispatch: Callable[[list[RequestOutput]], None],
         on_lost: Callable[[Replica, Scheduler, str], None],
         *,
@@ -44,7 +45,8 @@ class Supervisor:
         steps_in_flight: int,
     ) -> None:
         self.cache_config = cache_config
-        self.make_scheduler = make_scheduler  # (replica name, registration, max_model_len) -> a fresh scheduler
+        # (replica name, registration, max_model_len, the figures of its earlier sessions) -> a fresh scheduler
+        self.make_scheduler = make_scheduler
         self.dispatch = dispatch
         self.on_lost = on_lost
         self.registration_timeout = registration_timeout
@@ -120,7 +122,7 @@ class Supervisor:
 
     def attach(self, replica: Replica, registration: WorkerRegistration) -> None:
         self.model = self.model or registration.model
-        replica.attach(registration, self.make_scheduler(replica.name, registration, self.max_model_len))
+        replica.attach(registration, self.make_scheduler(replica.name, registration, self.max_model_len, replica.figures))
 
     def _spawn_if_needed(self, replica: Replica) -> None:
         process = replica.link.process

@@ -122,6 +122,21 @@ def test_reusing_a_cached_block_tells_the_eviction_hook_but_a_flush_does_not() -
     assert pool.evict_cached_free() == 1 and len(heard) == 1
 
 
+def test_only_evictions_for_reuse_are_counted() -> None:
+    """`num_evictions` is the denominator of the refetch share (only content taken for reuse can be
+    refetched): a flush or forgetting untrusted content drops cached content but evicts nothing."""
+    pool = BlockPool(4)
+    a, b, c, d = pool.allocate(4)
+    for block, block_hash in zip((a, b, c, d), (10, 11, 12, 13), strict=True):
+        pool.register(block, block_hash)
+    pool.free([d, c, b])
+    pool.allocate(1)  # takes d, the least recently freed: one eviction for reuse
+    pool.unregister(c)  # cached-free
+    pool.unregister(a)  # held
+    assert pool.evict_cached_free() == 1  # b
+    assert pool.num_evictions == 1
+
+
 def test_unregistering_forgets_content_held_or_cached() -> None:
     pool = BlockPool(2)
     a, b = pool.allocate(2)

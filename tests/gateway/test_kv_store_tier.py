@@ -20,7 +20,7 @@ from paged.gateway.scheduler import Scheduler
 from paged.gateway.step_builder import is_empty
 from paged.gateway.step_pipeline import StepPipeline
 from paged.ops.sim_worker import ProtocolViolation, SimulatedWorker
-from paged.shared.protocol import StepInput, StepOutput
+from paged.shared.protocol import SeqError, StepInput, StepOutput
 from support.scheduler_steps import BS, ORDERS, host_store, loop_for, make, req, run
 
 SYSTEM_PROMPTS = [[100 + p * 10 + i for i in range(3 * BS)] for p in range(6)]  # three blocks each
@@ -172,6 +172,31 @@ def test_a_failed_step_drops_its_saves_and_the_blocks_it_loaded() -> None:
     assert stats.pinned_slots == 0 and stats.saving_slots == 0
     loaded = [copy.dst for copy in step.store_loads]
     assert all(scheduler.kv.pool.block_hashes[block] is None for block in loaded)  # type: ignore[attr-defined]
+    assert_block_accounting(scheduler)
+
+
+def test_a_failed_load_fails_the_requests_that_hit_its_blocks_in_the_next_step() -> None:
+    """Overlapped: the step after the one that loads is built before the load's output is back, and a
+    request admitted there hits the loaded blocks in the pool. When the load fails, those blocks
+    never held the prefix: that request fails too instead of decoding from garbage, and nothing it
+    computed over them joins the prefix cache."""
+    index, arena = host_store(64)
+    scheduler = make(6, store_index=index)
+    loop = loop_for(scheduler, overlapped=False, store=arena)
+    serve_one_by_one(scheduler, loop, [prompt(0, 1), SYSTEM_PROMPTS[1] + list(range(7, 14))], "a", 1)
+    scheduler.add_request(req("c", prompt(0, 2), max_tokens=4, ignore_eos=True))
+    loading = scheduler.schedule()
+    loaded = {copy.dst for copy in loading.store_loads}
+    assert loaded
+    scheduler.add_request(req("d", prompt(0, 3), max_tokens=4, ignore_eos=True))
+    scheduler.schedule()  # step N+1: "d" is admitted over the blocks "c" loads
+    d = scheduler.requests["d"].seqs[0]
+    assert loaded <= set(scheduler.kv.block_table(d.seq_id))
+    errors = [SeqError(item.seq_id, "block copy/swap failed: injected") for item in loading.scheduled]
+    outputs = scheduler.update(loading, StepOutput(loading.step_id, errors=errors, page_moves_failed=True))
+    assert {output.request_id: output.finished and output.error is not None for output in outputs} == {"c": True, "d": True}
+    assert "c" not in scheduler.requests and "d" not in scheduler.requests
+    assert not scheduler.kv.holds(d)
     assert_block_accounting(scheduler)
 
 
