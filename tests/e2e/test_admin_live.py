@@ -157,10 +157,14 @@ def test_memmap_shows_exactly_the_block_tables_and_agrees_with_metrics(server: D
     survivor = requests[1]["id"]
     flushed = ctl(admin_socket, "flush-cache")["flushed_blocks"]
     after = ctl(admin_socket, "memmap")
-    assert flushed > 0 and after["figures"]["cached"] == 0
-    held_before = {b["id"] for b in memory["blocks"] if b["state"] == "held"}
-    held_after = {b["id"] for b in after["blocks"] if b["state"] == "held"}
-    assert held_before <= held_after and all(b["holders"] == [survivor] for b in after["blocks"] if b["state"] == "held")
+    assert flushed > 0
+    # The survivor's 370 tokens take about a second: on a loaded box it can finish during the admin
+    # calls above (its blocks then turn cached-free). Still listed after the map: it held them throughout.
+    if any(r["id"] == survivor for r in ctl(admin_socket, "requests")):
+        held_before = {b["id"] for b in memory["blocks"] if b["state"] == "held"}
+        held_after = {b["id"] for b in after["blocks"] if b["state"] == "held"}
+        assert after["figures"]["cached"] == 0
+        assert held_before <= held_after and all(b["holders"] == [survivor] for b in after["blocks"] if b["state"] == "held")
     ctl(admin_socket, "abort", survivor)
     assert first.ended.wait(WAIT_S) and second.ended.wait(WAIT_S)
 
