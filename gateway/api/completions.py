@@ -20,6 +20,7 @@ from paged.gateway.api.state import ApiState
 from paged.gateway.api.validation import (
     check_cache_salt,
     check_choices,
+    check_echo,
     check_max_tokens,
     check_model,
     fit_to_context,
@@ -39,6 +40,7 @@ async def _complete(state: ApiState, body: CompletionRequest) -> Response:
     check_model(body.model, state.served_model_name)
     state.check_ready()
     check_cache_salt(body)
+    check_echo(body.echo)
     defaults = state.generation_defaults
     params = sampling_params(body, body.logprobs, state.tokenizer.vocab_size, defaults=defaults)
     check_max_tokens(body.max_tokens)

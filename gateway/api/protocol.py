@@ -55,6 +55,7 @@ class CompletionRequest(SamplingRequest, kw_only=True):
     # tell list[str] from list[int] in a union, so the element type is checked in validation.py.
     prompt: str | list[str | WireInt | list[WireInt]]
     logprobs: WireInt | None = None  # number of top alternatives; None: no logprobs
+    echo: bool = False  # repeating the prompt (and its logprobs) is not offered: true is refused
 
 
 class ContentPart(msgspec.Struct, kw_only=True):

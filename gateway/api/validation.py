@@ -49,6 +49,13 @@ def check_cache_salt(request: SamplingRequest) -> None:
         raise APIError(400, message, param="cache_salt")
 
 
+def check_echo(echo: bool) -> None:
+    """A client that asks for the prompt back (scoring harnesses read its logprobs) must not get a
+    completion without it as if it were the answer."""
+    if echo:
+        raise APIError(400, "echo is not supported: the completion does not repeat the prompt or score its tokens", param="echo", code="invalid_value")
+
+
 def check_choices(num_prompts: int, n: int, limit: int) -> None:
     """One request may not ask for more than `limit` choices (prompts × n): each is a sequence to
     schedule, detokenize and stream, and thousands of them would stall the server for everyone."""

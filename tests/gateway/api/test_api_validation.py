@@ -179,3 +179,11 @@ async def test_out_of_range_values_have_code_invalid_value(
     own range checks (the wire's integer limits) already are."""
     assert assert_400(await client.post("/v1/completions", json={"prompt": "x", **fields}), param)["code"] == "invalid_value"
     assert engine.submitted == []
+
+
+async def test_echo_is_refused_rather_than_ignored(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    """A scoring client that sends echo would read a completion without its prompt as the answer."""
+    error = assert_400(await client.post("/v1/completions", json={"prompt": "x", "echo": True, "logprobs": 1}), "echo")
+    assert error["code"] == "invalid_value" and "not supported" in error["message"]
+    assert engine.submitted == []
+    assert (await client.post("/v1/completions", json={"prompt": "x", "echo": False, "max_tokens": 2})).status_code == 200
