@@ -301,10 +301,11 @@ class Scheduler:
         if not self.kv.enable_prefix_caching:
             return
         size = self.kv.block_size
+        seqs = self._seqs
         for seq_id, scheduled in step.scheduled.items():
             end = scheduled.start + scheduled.num_tokens
-            if end // size != scheduled.start // size:
-                self.kv.announce_computing(step.step_id, self._seqs[seq_id], scheduled.start, end)
+            if end // size != scheduled.start // size and seq_id in seqs:
+                self.kv.announce_computing(step.step_id, seqs[seq_id], scheduled.start, end)
 
     def update(self, step: StepInput, output: StepOutput) -> list[RequestOutput]:
         """Apply a step's results (in step order). Returns one RequestOutput per request with news."""
