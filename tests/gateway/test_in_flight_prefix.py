@@ -5,6 +5,11 @@ slot a sequence reads holds the right token, so a hit on a block not yet written
 
 from __future__ import annotations
 
+import os
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from paged.gateway.block_accounting import assert_block_accounting
 from paged.ops.sim_worker import SimulatedWorker
 from paged.shared.protocol import SeqError, SeqResult, StepOutput
@@ -97,3 +102,56 @@ def test_a_request_waiting_for_blocks_in_this_step_lets_the_next_one_in(overlapp
     run(loop)
     b = [o for o in loop.outputs if o.request_id == "b" and o.deltas]
     assert b[0].num_cached_tokens == 12
+
+
+SYSTEMS = [SYSTEM, list(range(20, 29)), SYSTEM[:8]]  # 3, 2 and 2 full blocks; the third a prefix of the first
+
+
+@settings(max_examples=int(os.environ.get("PAGED_HYPOTHESIS_EXAMPLES", "60")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(
+    actions=st.lists(
+        st.one_of(
+            st.tuples(st.just("arrive"), st.integers(0, len(SYSTEMS) - 1), st.lists(st.integers(30, 60), min_size=1, max_size=6),
+                      st.integers(1, 10), st.sampled_from([1, 1, 2])),  # fmt: skip
+            st.tuples(st.just("step")),
+            st.tuples(st.just("abort"), st.integers(0, 50)),
+        ),
+        min_size=3,
+        max_size=40,
+    ),
+    preemption=st.sampled_from(["recompute", "swap"]),
+    num_blocks=st.integers(8, 30),
+    budget=st.integers(4, 40),
+)
+def test_bursts_over_steps_in_flight_read_only_written_blocks(
+    actions: list[tuple], preemption: str, num_blocks: int, budget: int
+) -> None:
+    """Requests sharing system prompts arrive one step at a time while the pipeline keeps a step in
+    flight, on pools tight enough to preempt (recompute or swap) and with aborts: the simulated
+    worker fails the run if any sequence reads a slot its step order has not written, and every
+    request that was not aborted finishes with its tokens."""
+    scheduler = make(num_blocks, max_model_len=48, host_blocks=8, preemption_mode=preemption, max_num_batched_tokens=budget)
+    loop = loop_for(scheduler, overlapped=True)
+    admitted: dict[str, int] = {}
+    aborted: set[str] = set()
+    for index, action in enumerate(actions):
+        if action[0] == "arrive":
+            _, system, suffix, max_tokens, n = action
+            prompt = SYSTEMS[system] + suffix
+            if len(prompt) + max_tokens > 48 or n * ((len(prompt) + max_tokens) // BS + 1) > num_blocks:
+                continue
+            scheduler.add_request(req(f"r{index}", prompt, max_tokens=max_tokens, n=n, ignore_eos=True))
+            admitted[f"r{index}"] = max_tokens
+        elif action[0] == "step":
+            loop.step()
+            assert_block_accounting(scheduler)
+        elif admitted:
+            request_id = sorted(admitted)[action[1] % len(admitted)]
+            if scheduler.abort_request(request_id):
+                aborted.add(request_id)
+    run(loop)
+    tokens = texts(loop.outputs)
+    for request_id, max_tokens in admitted.items():
+        if request_id not in aborted:
+            assert all(len(t) == max_tokens for t in tokens[request_id].values()), request_id
