@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
+from paged.gateway.block_hash import BlockHash
 from paged.gateway.request import Sequence
 from paged.gateway.stats import PoolStats
 from paged.shared.protocol import BlockCopy
@@ -157,6 +158,18 @@ class BlockAllocator(Protocol):
     def match_prefix(self, token_ids: list[int], cache_salt: str | None) -> int: ...
 
     def cache_computed(self, seq: Sequence, num_tokens: int) -> None: ...
+
+    def completed_hashes(self, seq: Sequence, start: int, end: int) -> list[BlockHash]:
+        """The hashes of the full blocks that computing tokens [start, end) of `seq` completes."""
+        ...
+
+    def announce_computing(self, step_id: int, seq: Sequence, start: int, end: int) -> None:
+        """A planned step computes tokens [start, end) of `seq`: later steps may hit the blocks it completes."""
+        ...
+
+    def settle_step(self, step_id: int, failed_seq_ids: set[int]) -> list[int]:
+        """A step's output is in; returns the blocks its failed items were to complete."""
+        ...
 
     def evict_cached_free(self) -> int:
         """Forget every cached-free block's content; returns how many were evicted."""

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 from paged.gateway.block_accounting import AccountingReport
 from paged.gateway.block_allocator import BlockInfo, BlockTables, CacheHit, SeqBlocks, holders_by_block
+from paged.gateway.block_hash import BlockHash
 from paged.gateway.request import Sequence
 from paged.gateway.stats import PoolStats
 from paged.shared.protocol import BlockCopy
@@ -102,6 +103,15 @@ class ContiguousAllocator(BlockTables):
 
     def cache_computed(self, seq: Sequence, num_tokens: int) -> None:
         pass
+
+    def completed_hashes(self, seq: Sequence, start: int, end: int) -> list[BlockHash]:
+        return []
+
+    def announce_computing(self, step_id: int, seq: Sequence, start: int, end: int) -> None:
+        pass
+
+    def settle_step(self, step_id: int, failed_seq_ids: set[int]) -> list[int]:
+        return []
 
     def evict_cached_free(self) -> int:
         return 0

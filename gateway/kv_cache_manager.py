@@ -19,6 +19,7 @@ from paged.gateway.block_allocator import BlockInfo, BlockTables, CacheHit, SeqB
 from paged.gateway.block_hash import BlockHash, extend_block_hashes, hash_block
 from paged.gateway.block_pool import BlockPool
 from paged.gateway.eviction_policy import make_policy
+from paged.gateway.in_flight_blocks import InFlightBlocks
 from paged.gateway.kv_store_session import KVStoreSession
 from paged.gateway.kv_store_tier import StoreTier
 from paged.gateway.request import Sequence
@@ -50,6 +51,7 @@ class KVCacheManager(BlockTables):
         self.host_pool = BlockPool(num_host_blocks)
         self.store_tier = StoreTier(self.pool, store, block_size) if store is not None else None
         self.incoming = TransferHolds(self.pool)  # blocks held for KV transfers from other workers
+        self.in_flight = InFlightBlocks()  # full blocks steps in flight complete (gateway/in_flight_blocks.py)
 
     @property
     def num_blocks(self) -> int:
@@ -99,8 +101,8 @@ class KVCacheManager(BlockTables):
 
     def probe(self, seq: Sequence) -> CacheHit:
         """The longest chain of cached blocks matching the sequence's known tokens, leaving at least
-        one token to compute (its logits are needed): each link from the pool, else from the store.
-        No side effects on either tier."""
+        one token to compute (its logits are needed): each link from the pool, else from the store;
+        without a store, continued by blocks a step in flight completes. No side effects."""
         if not self.enable_prefix_caching:
             return CacheHit()
         max_blocks = (len(seq.token_ids) - 1) // self.block_size
@@ -112,6 +114,8 @@ class KVCacheManager(BlockTables):
         if self.store_tier is not None:
             return self.store_tier.probe(hashes, max_blocks)
         blocks = self.pool.cached_run(hashes[:max_blocks])
+        if self.in_flight:
+            blocks += self.in_flight.extend_hit(hashes, blocks, max_blocks, self.seqs)
         return CacheHit(blocks, len(blocks) * self.block_size)
 
     def match_prefix(self, token_ids: list[int], cache_salt: str | None) -> int:
@@ -149,6 +153,37 @@ class KVCacheManager(BlockTables):
         for index in range(record.num_registered, num_full):
             self.pool.register(record.table[index], hashes[index], hashes[index - 1] if index else None, index)
         record.num_registered = num_full
+
+    def completed_hashes(self, seq: Sequence, start: int, end: int) -> list[BlockHash]:
+        """The hashes of the sequence's full blocks that computing tokens [start, end) completes
+        (blocks of known tokens only: a sampled token's id is unknown until its step is back).
+        None with a store tier, whose probe does not look at blocks in flight."""
+        if not self.enable_prefix_caching or self.store_tier is not None:
+            return []
+        num_full = min(end, len(seq.token_ids)) // self.block_size
+        first = start // self.block_size
+        if num_full <= first:
+            return []
+        hashes = seq.block_hashes
+        extend_block_hashes(hashes, seq.token_ids, num_full * self.block_size, self.block_size, seq.request.cache_salt)
+        return hashes[first:num_full]
+
+    def announce_computing(self, step_id: int, seq: Sequence, start: int, end: int) -> None:
+        """Step `step_id` (planned, not yet run) computes tokens [start, end) of the sequence: later
+        steps may take the full blocks it completes as prefix hits (gateway/in_flight_blocks.py)."""
+        record = self.seqs.get(seq.seq_id)
+        if record is None or record.swapped:
+            return
+        completed = self.completed_hashes(seq, start, min(end, record.num_slots))
+        if completed:
+            first = start // self.block_size
+            chain = seq.block_hashes[: first + len(completed)]
+            self.in_flight.announce(step_id, seq.seq_id, record.table, max(first, record.num_registered), chain)
+
+    def settle_step(self, step_id: int, failed_seq_ids: set[int]) -> list[int]:
+        """Step `step_id`'s output is in: its announcements end (the blocks of live sequences join
+        the prefix cache proper). Returns the blocks its failed items were to complete."""
+        return self.in_flight.step_done(step_id, failed_seq_ids)
 
     def forget_blocks(self, blocks: list[int]) -> list[int]:
         """Drop these blocks' content from the prefix cache: a load into them failed. Returns the

@@ -54,7 +54,7 @@ from paged.gateway.request import Request, Sequence, SequenceStatus
 from paged.gateway.sequence_groups import SequenceGroups, fork_again_if_nothing_sampled, reset_for_recompute
 from paged.gateway.scheduler_stats import SchedulerFigures
 from paged.gateway.stats import SchedulerStats
-from paged.gateway.step_builder import WorkerMirror, is_empty
+from paged.gateway.step_builder import StepBuilder, WorkerMirror, is_empty
 from paged.gateway.step_planner import StepPlanner
 from paged.gateway.transfer_items import TransferItems
 from paged.shared.config import CacheConfig, SchedulerConfig
@@ -274,6 +274,7 @@ class Scheduler:
         figures = self.figures
         self.predictive.tightened = figures.thrash.thrashing
         self.planner.plan(step, self.config)
+        self._announce_computing(step)
         counters = figures.counters
         counters.computed_tokens += step.num_computed
         counters.recomputed_tokens += step.num_recomputed
@@ -294,8 +295,21 @@ class Scheduler:
         self.transfers.fill(step_input)
         return step_input
 
+    def _announce_computing(self, step: StepBuilder) -> None:
+        """Let the next steps take the full blocks this one completes as prefix hits, before its
+        output is back (gateway/in_flight_blocks.py)."""
+        if not self.kv.enable_prefix_caching:
+            return
+        size = self.kv.block_size
+        seqs = self._seqs
+        for seq_id, scheduled in step.scheduled.items():
+            end = scheduled.start + scheduled.num_tokens
+            if end // size != scheduled.start // size and seq_id in seqs:
+                self.kv.announce_computing(step.step_id, seqs[seq_id], scheduled.start, end)
+
     def update(self, step: StepInput, output: StepOutput) -> list[RequestOutput]:
         """Apply a step's results (in step order). Returns one RequestOutput per request with news."""
+        unwritten = self.kv.settle_step(step.step_id, {error.seq_id for error in output.errors})
         unloaded: list[int] = []
         if self.store is not None:
             failed_loads = self.store.step_done(step, output, sent=not is_empty(step))
@@ -303,22 +317,25 @@ class Scheduler:
                 unloaded = self.kv.forget_blocks(failed_loads)
         outputs, running_finished = self.processor.process(step, output, self.kv)
         if unloaded:
-            outputs += self._fail_readers(unloaded)
+            outputs += self._fail_readers(unloaded, "its cached prompt blocks failed to load from the host KV store")
+        if unwritten:
+            outputs += self._fail_readers(unwritten, "its cached prompt blocks were never computed: the sequence computing them failed")
         if running_finished:
             self.queues.drop_finished_running()
         if self.handoff is not None:
             self.handoff.after_update(self, step, output)
         return outputs
 
-    def _fail_readers(self, blocks: list[int]) -> list[RequestOutput]:
-        """End the requests still holding blocks whose store load failed. The step that loaded them
-        failed its own sequences; these took the blocks as prefix hits in a step built before its
-        output came back (overlapped), so their KV reads content that never arrived."""
+    def _fail_readers(self, blocks: list[int], message: str) -> list[RequestOutput]:
+        """End the requests still holding blocks a failed step item was to fill (a store load, or
+        a prompt chunk whose blocks were announced in flight). That step failed its own sequences;
+        these took the blocks as prefix hits in a step built before its output came back
+        (overlapped), so their KV reads content that never arrived."""
         unloaded = set(blocks)
         readers = [
             seq_id for seq_id, record in self.kv.seqs.items() if not record.swapped and not unloaded.isdisjoint(record.table)
         ]
-        return self.fail_sequences(dict.fromkeys(readers, "its cached prompt blocks failed to load from the host KV store"))
+        return self.fail_sequences(dict.fromkeys(readers, message))
 
     # Statistics (scheduler_stats.py) and audit -------------------------------------------------
 

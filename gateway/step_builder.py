@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from paged.gateway.block_allocator import BlockAllocator
+from paged.gateway.block_hash import BlockHash
 from paged.gateway.request import Sequence
 from paged.shared.protocol import BlockCopy, NewSequence, ScheduledSeq, StepInput
 
@@ -58,12 +59,17 @@ class StepBuilder:
     preempted: bool = False
     num_computed: int = 0  # tokens the worker computes in this step
     num_recomputed: int = 0  # of which computed before, by a sequence since preempted by recompute
+    # Hashes of the full blocks this step's items complete: a waiting request whose prompt continues
+    # with one of them waits for the next step, where it is a prefix hit (step_planner.py).
+    completing: set[BlockHash] = field(default_factory=set)
 
     def emit(self, allocator: BlockAllocator, seq: Sequence, num_new: int, copies: list[BlockCopy]) -> None:
         """Schedule `num_new` tokens of `seq` (its blocks already taken): the table delta, a
         NewSequence if the worker does not know it, and the placeholder of a sampled token."""
         start = seq.num_computed
         computed = seq.num_computed = start + num_new
+        if num_new > 1:  # a prompt chunk (a decode's block is no other prompt's prefix worth waiting for)
+            self.completing.update(allocator.completed_hashes(seq, start, computed))
         self.num_computed += num_new
         if start < seq.computed_high_water:
             self.num_recomputed += min(computed, seq.computed_high_water) - start

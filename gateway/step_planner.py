@@ -19,6 +19,11 @@ blocks fit now (above the watermark), which over-commits the pool: running seque
 of blocks and are preempted. predictive (the default) also asks PredictiveAdmission
 (gateway/admission.py) whether the pool is expected to hold the running sequences' growth and the
 request's own for their whole run, and backfills a smaller request past a head that does not fit.
+
+Shared prompts: a waiting request whose prompt continues its prefix hit with a block this step
+computes for another sequence waits for the next step (the requests behind it go first), where that
+block is a hit even before this step's output is back (gateway/in_flight_blocks.py). A burst of
+requests with one system prompt so computes it once, not once per request admitted meanwhile.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ from paged.shared.config import SchedulerConfig
 # MAX_BYPASSES times, then waits for room itself, so it is never starved.
 BACKFILL_DEPTH = 8
 MAX_BYPASSES = 64
+# A waiting request whose prompt continues a prefix hit with blocks this step computes for another
+# waits one step, to take them as hits then, instead of computing them again in its own blocks: as
+# many requests as this are looked past for one that does not wait.
+MAX_LOOK_PAST = 64
 
 
 class StepPlanner:
@@ -136,7 +145,9 @@ class StepPlanner:
     def _admit_waiting(self, step: StepBuilder, config: SchedulerConfig) -> None:
         queues = self.queues
         while queues.waiting and step.budget > 0:
-            request = queues.waiting[0]
+            request = self._next_waiting(step)
+            if request is None:
+                return
             seqs = request.live_seqs()
             if not may_take_seats(request, seqs, self.groups.seats_taken(), config):
                 return
@@ -156,6 +167,22 @@ class StepPlanner:
                 self._blocked_backfill = (request, free, step.budget)
                 return
 
+    def _next_waiting(self, step: StepBuilder) -> Request | None:
+        """The head of the waiting queue, or when the head awaits blocks this step completes (a
+        burst of requests with one system prompt), the first request behind it that does not."""
+        if not step.completing:
+            return self.queues.waiting[0]
+        for request in self.queues.waiting[:MAX_LOOK_PAST]:
+            if not self._awaits_completing(request, step):
+                return request
+        return None
+
+    def _awaits_completing(self, request: Request, step: StepBuilder) -> bool:
+        seq = request.live_seqs()[0]
+        num_hit = self.allocator.probe(seq).num_tokens // self.allocator.block_size
+        # The probe hashed every block a hit may cover (the one holding the last token never is).
+        return num_hit < (len(seq.token_ids) - 1) // self.allocator.block_size and seq.block_hashes[num_hit] in step.completing
+
     def _still_blocked(self, blocked: tuple[Request, int, int] | None, head: Request, free: int, step: StepBuilder) -> bool:
         """Nothing has changed for the head since an admission attempt past it failed: no block was
         freed and the token budget is no larger."""
@@ -174,9 +201,12 @@ class StepPlanner:
         if head.times_bypassed >= MAX_BYPASSES:
             return False
         waiting = self.queues.waiting
-        for candidate in waiting[1 : 1 + BACKFILL_DEPTH]:
+        after = waiting.index(head) + 1
+        for candidate in waiting[after : after + BACKFILL_DEPTH]:
             if candidate.order[0] != head.order[0]:
                 break
+            if step.completing and self._awaits_completing(candidate, step):
+                continue
             seqs = candidate.live_seqs()
             if may_take_seats(candidate, seqs, self.groups.seats_taken(), config) and self._admit(candidate, seqs, step, config):
                 head.times_bypassed += 1
