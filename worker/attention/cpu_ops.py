@@ -21,9 +21,9 @@ from paged.worker.attention.metadata import AttentionMetadata
 from paged.worker.layers.fused_cpu import FusedOps
 from paged.worker.layers.linear_cpu import NativeLinear
 from paged.worker.native.compiler import load_library
+from paged.worker.native.dtypes import dtype_code
 
 SOURCE = Path(__file__).resolve().parent.parent / "native" / "paged_attention.cpp"
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 # The pages are written in place by index_copy_ on the cache's [slots, H, D] view: nothing to gain natively.
 write_kv = torch_ops.write_kv
@@ -76,9 +76,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of the new tokens ([T, Hq, D]) over their sequences' cached K/V; returns [T, Hq, D].
     `library`: another build of the kernel (load_kernel) instead of this package's."""
-    tensors = (query, k_cache, v_cache)
-    if k_cache.dtype not in DTYPE_CODES or any(t.dtype != k_cache.dtype or t.device.type != "cpu" for t in tensors):
-        raise TypeError(f"query and caches must be CPU tensors of one float32/bfloat16/float16 dtype, got {[t.dtype for t in tensors]}")
+    code = dtype_code("query and caches", query, k_cache, v_cache)
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dim() == 4 and k_cache.shape == v_cache.shape):
         raise ValueError("the caches must be contiguous [num_blocks, block_size, num_kv_heads, head_dim] tensors of one shape")
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
@@ -105,7 +103,7 @@ def paged_attention(
         out.stride(0),
         out.stride(1),
         scale,
-        DTYPE_CODES[query.dtype],
+        code,
         torch.get_num_threads(),
     )
     if status != 0:

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from paged.worker.native.compiler import load_library
+from paged.worker.native.dtypes import dtype_code
 
 SOURCE = Path(__file__).resolve().parent.parent / "native" / "fused_ops.cpp"
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class FusedOps:
@@ -45,10 +45,7 @@ class FusedOps:
 
     @staticmethod
     def _dtype(*tensors: torch.Tensor) -> int:
-        dtype = tensors[0].dtype
-        if dtype not in DTYPE_CODES or any(t.dtype != dtype or t.device.type != "cpu" for t in tensors):
-            raise TypeError(f"fused CPU ops take CPU tensors of one float32/bfloat16/float16 dtype, got {[t.dtype for t in tensors]}")
-        return DTYPE_CODES[dtype]
+        return dtype_code("the fused CPU ops' tensors", *tensors)
 
     @staticmethod
     def _check(status: int, name: str) -> None:
