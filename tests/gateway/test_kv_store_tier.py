@@ -158,11 +158,18 @@ def test_a_lost_workers_saves_are_quarantined_until_its_next_session_answers() -
     assert_block_accounting(again)
 
 
-def test_a_failed_step_drops_its_saves_and_the_blocks_it_loaded() -> None:
+def prompt_0_in_the_store(num_blocks: int) -> tuple[KVStoreIndex, Scheduler]:
+    """A pool of `num_blocks` whose store holds prompt 0's system prompt: served, then evicted by
+    serving prompt 1."""
     index, arena = host_store(64)
-    scheduler = make(5, store_index=index)
+    scheduler = make(num_blocks, store_index=index)
     loop = loop_for(scheduler, overlapped=False, store=arena)
     serve_one_by_one(scheduler, loop, [prompt(0, 1), SYSTEM_PROMPTS[1] + list(range(7, 14))], "a", 1)
+    return index, scheduler
+
+
+def test_a_failed_step_drops_its_saves_and_the_blocks_it_loaded() -> None:
+    index, scheduler = prompt_0_in_the_store(5)
     scheduler.add_request(req("c", prompt(0, 2), max_tokens=2, ignore_eos=True))
     step = scheduler.schedule()
     assert step.store_loads and step.store_saves  # loads prompt 0, saves prompt 1 on the way
@@ -180,10 +187,7 @@ def test_a_failed_load_fails_the_requests_that_hit_its_blocks_in_the_next_step()
     request admitted there hits the loaded blocks in the pool. When the load fails, those blocks
     never held the prefix: that request fails too instead of decoding from garbage, and nothing it
     computed over them joins the prefix cache."""
-    index, arena = host_store(64)
-    scheduler = make(6, store_index=index)
-    loop = loop_for(scheduler, overlapped=False, store=arena)
-    serve_one_by_one(scheduler, loop, [prompt(0, 1), SYSTEM_PROMPTS[1] + list(range(7, 14))], "a", 1)
+    _, scheduler = prompt_0_in_the_store(6)
     scheduler.add_request(req("c", prompt(0, 2), max_tokens=4, ignore_eos=True))
     loading = scheduler.schedule()
     loaded = {copy.dst for copy in loading.store_loads}
