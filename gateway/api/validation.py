@@ -52,8 +52,7 @@ def check_cache_salt(request: SamplingRequest) -> None:
 def check_echo(echo: bool) -> None:
     """A client that asks for the prompt back (scoring harnesses read its logprobs) must not get a
     completion without it as if it were the answer."""
-    if echo:
-        raise APIError(400, "echo is not supported: the completion does not repeat the prompt or score its tokens", param="echo", code="invalid_value")
+    _require(not echo, "echo", "echo is not supported: the completion does not repeat the prompt or score its tokens")
 
 
 def check_choices(num_prompts: int, n: int, limit: int) -> None:
