@@ -14,7 +14,8 @@ victim whichever costs less (`cheaper_mode`).
 
 Preemption is the last resort. Predictive admission (gateway/admission.py) stops admitting before
 the pool runs short; a sequence that needs a block first takes a free one, then a cached-free one
-(evicting its content: BlockPool.allocate), and only when neither is left is the tail preempted.
+(evicting its content: BlockPool.allocate); when neither is left it waits a few steps for a finishing
+sequence to free some (predictive admission: step_planner.py), and only then is the tail preempted.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Preemption:
         can_swap = mode == "swap" and not step.swap_in and all(seq.on_worker and seq.seq_id not in step.scheduled for seq in seqs)
         for seq in seqs:
             step.unschedule(seq)
+            seq.block_waits = 0
         copies = self.allocator.swap_out(seqs) if can_swap else None
         if copies is not None:
             step.swap_out.extend(copies)

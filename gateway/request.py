@@ -43,6 +43,7 @@ class Sequence:
     num_tokens: int
     max_num_tokens: int = 0  # min(prompt + max_tokens, max_model_len); set on admission to a scheduler
     num_computed: int = 0  # tokens whose KV is in the cache or being computed by a step in flight
+    block_waits: int = 0  # steps in a row it waited for a free block (step_planner.py)
     computed_high_water: int = 0  # most tokens computed before its last recompute preemption: below it, work is done again
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None

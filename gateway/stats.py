@@ -50,6 +50,7 @@ class SchedulerStats(PoolStats, kw_only=True):
     store_hits_tokens: int = 0  # of those, loaded from the host KV store
     store_misses_tokens: int = 0  # tokens of full prompt blocks in neither tier (with a KV store)
     preemptions: int = 0
+    block_waits: int = 0  # steps a running sequence waited for a free block instead of preempting
     swaps_out: int = 0  # blocks copied device -> host
     swaps_in: int = 0  # blocks copied host -> device
     kv_transfers_in_flight: int = 0  # KV hand-offs this worker sends or receives now (docs/disaggregation.md)
@@ -147,6 +148,7 @@ class SchedulerCounters(msgspec.Struct):
     computed_tokens: int = 0  # tokens the worker was asked to compute (prefix-cache hits are not computed)
     recomputed_tokens: int = 0  # of which computed again after a recompute preemption
     preemptions: int = 0
+    block_waits: int = 0
     swaps_out: int = 0
     swaps_in: int = 0
 

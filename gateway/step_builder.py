@@ -57,11 +57,17 @@ class StepBuilder:
     swap_out: list[BlockCopy] = field(default_factory=list)
     swap_in: list[BlockCopy] = field(default_factory=list)
     preempted: bool = False
+    short_of_blocks: bool = False  # a running sequence waits for a block this step (step_planner.py)
     num_computed: int = 0  # tokens the worker computes in this step
     num_recomputed: int = 0  # of which computed before, by a sequence since preempted by recompute
     # Hashes of the full blocks this step's items complete: a waiting request whose prompt continues
     # with one of them waits for the next step, where it is a prefix hit (step_planner.py).
     completing: set[BlockHash] = field(default_factory=set)
+
+    @property
+    def out_of_blocks(self) -> bool:
+        """The pool ran short this step: nothing new is admitted or swapped in."""
+        return self.preempted or self.short_of_blocks
 
     def emit(self, allocator: BlockAllocator, seq: Sequence, num_new: int, copies: list[BlockCopy]) -> None:
         """Schedule `num_new` tokens of `seq` (its blocks already taken): the table delta, a

@@ -73,12 +73,14 @@ def pressure_table(workers: list[dict[str, Any]]) -> Columns:
     """Is the pool thrashing: per worker, over the thrash detector's sliding window, the share of
     computed tokens computed for the first time (goodput), preemptions and cached-block evictions
     per second, the share of evicted blocks needed again (refetch), the prefix-cache hit rate; the
-    recomputed-token total and the admission margin."""
-    table = Columns(["worker", "thrashing", "goodput", "recomputed", "preempt/s", "evict/s", "refetch", "hits", "window", "margin"])
+    recomputed-token and block-wait totals and the admission margin."""
+    table = Columns(
+        ["worker", "thrashing", "goodput", "recomputed", "block waits", "preempt/s", "evict/s", "refetch", "hits", "window", "margin"]
+    )
     for w in workers:
         table.rows.append([
             w["name"], "YES" if w.get("kv_thrashing") else "no", pct(w.get("goodput", 1.0)), str(w.get("recomputed_tokens", 0)),
-            f"{w.get('preemptions_per_s', 0.0):.2f}", f"{w.get('evictions_per_s', 0.0):.1f}", pct(w.get("refetch_share", 0.0)),
+            str(w.get("block_waits", 0)), f"{w.get('preemptions_per_s', 0.0):.2f}", f"{w.get('evictions_per_s', 0.0):.1f}", pct(w.get("refetch_share", 0.0)),
             pct(w.get("window_prefix_hit_rate", 0.0)), f"{w.get('window_s', 0.0):.0f}s", f"{w.get('admission_margin', 0.0):.2f}",
         ])  # fmt: skip
     return table

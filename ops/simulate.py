@@ -13,7 +13,7 @@ Configurations run in parallel processes (--jobs); wall_s and cpu_s are per conf
 Besides memory (KV utilization: token slots holding tokens / slots reserved; pool used: blocks
 held / all blocks) and speed (steps to finish everything), it reports the work thrown away:
 preemptions and the tokens computed again after them (recomputed, and their share of all
-computed tokens). The scheduler's clock is virtual, SIMULATED_STEP_S per step, so rates and the
+computed tokens), and the steps running sequences waited for a block instead (block waits). The scheduler's clock is virtual, SIMULATED_STEP_S per step, so rates and the
 thrash detector's window are in simulated seconds and a run is deterministic.
 """
 
@@ -156,6 +156,7 @@ def simulate(
         "steps": steps,
         "prefix_hit_rate": stats.prefix_hit_rate,
         "preemptions": stats.preemptions,
+        "block_waits": stats.block_waits,
         "evictions": stats.evictions,
         "swapped_out_blocks": stats.swaps_out,
         "tokens_computed": worker.num_tokens_computed,
@@ -197,7 +198,7 @@ def _print_table(workload_info: dict[str, object], results: dict[str, dict[str, 
     table = Table(title=f"paged simulate: {workload_info['num_requests']} requests, pool {workload_info['num_blocks']} "
                   f"blocks x {workload_info['block_size']} tokens")
     for column in ("configuration", "KV util mean", "KV util peak", "pool used mean", "peak seqs", "steps",
-                   "prefix hit rate", "preemptions", "tokens computed", "recomputed", "recompute share",
+                   "prefix hit rate", "preemptions", "block waits", "tokens computed", "recomputed", "recompute share",
                    "wall s", "cpu s"):
         if column == "configuration":
             table.add_column(column, no_wrap=True, min_width=16)
@@ -213,6 +214,7 @@ def _print_table(workload_info: dict[str, object], results: dict[str, dict[str, 
             str(row["steps"]),
             f"{row['prefix_hit_rate']:.1%}",
             str(row["preemptions"]),
+            str(row["block_waits"]),
             str(row["tokens_computed"]),
             str(row["recomputed_tokens"]),
             f"{row['recompute_share']:.2%}",

@@ -59,6 +59,7 @@ WORKER_COUNTERS = (
     ("paged_prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache", "prefix_queries_tokens"),
     ("paged_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache", "prefix_hits_tokens"),
     ("paged_preemptions", "Requests preempted (all sequences of an n > 1 request at once: one preemption)", "preemptions"),
+    ("paged_block_waits", "Steps a running sequence waited for a free block instead of preempting", "block_waits"),
     ("paged_evictions", "Cached blocks evicted for reuse", "evictions"),
     ("paged_refetched_blocks", "Evicted cached blocks whose content an admission needed again soon after", "refetched_blocks"),
     ("paged_swaps_out", "Blocks swapped out to host memory", "swaps_out"),

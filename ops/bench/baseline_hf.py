@@ -91,7 +91,7 @@ def run_hf_static(model_dir: Path, specs: list[RequestSpec], shape: LoadShape, b
     stats = ServerStats(
         kv_utilization_mean=sum(seconds * u for seconds, u in utilization) / busy,
         kv_utilization_peak=max(u for _, u in utilization),
-        peak_concurrency=peak_sequences, prefix_hit_rate=0.0, preemptions=0, recomputed_tokens=0, recompute_share=0.0,
-        thrashing_share=0.0,
+        peak_concurrency=peak_sequences, prefix_hit_rate=0.0, preemptions=0, block_waits=0, recomputed_tokens=0,
+        recompute_share=0.0, thrashing_share=0.0,
     )
     return results, clock - arrivals[0], stats

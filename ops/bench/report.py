@@ -42,6 +42,7 @@ FIGURES: list[tuple[str, Callable[[Summary], float | None], str]] = [
     ("prefix-cache hit rate", _field("prefix_hit_rate"), "{:.1%}"),
     ("of which KV store", _field("store_hit_rate"), "{:.1%}"),
     ("preemptions", _field("preemptions"), "{:.0f}"),
+    ("block waits", _field("block_waits"), "{:.0f}"),
     ("KV transfers (prefill → decode)", _field("kv_transfers"), "{:.0f}"),
     ("KV transfer mean (ms)", _field("kv_transfer_mean_ms"), "{:.1f}"),
     ("recomputed tokens", _field("recomputed_tokens"), "{:.0f}"),

@@ -1,6 +1,6 @@
 """Samples the server's Prometheus /metrics during a run: KV utilization over time, peak running
 sequences and the share of samples in which the pool thrashed from the gauges; prefix-cache hit
-rate, preemptions, recomputed tokens (and their share of computed tokens) and KV hand-offs between
+rate, preemptions, block waits, recomputed tokens (and their share of computed tokens) and KV hand-offs between
 prefill and decode workers from counter deltas over this run (the counters are cumulative since the
 server started, so only differences describe the run)."""
 
@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 # Counters read at the start and the end of a run.
 COUNTERS = (
     "paged_prefix_cache_queries_tokens_total", "paged_prefix_cache_hits_tokens_total", "paged_preemptions_total",
-    "paged_kv_store_hits_tokens_total",
+    "paged_block_waits_total", "paged_kv_store_hits_tokens_total",
     "paged_kv_transfers_completed_total", "paged_kv_transfer_seconds_sum",
     "paged_computed_tokens_total", "paged_recomputed_tokens_total",
 )  # fmt: skip
@@ -35,6 +35,7 @@ class ServerStats:
     prefix_hit_rate: float | None = None  # prompt tokens served by either tier of the prefix cache
     store_hit_rate: float | None = None  # of which by the host KV store (its share of all prompt tokens)
     preemptions: int | None = None
+    block_waits: int | None = None  # steps running sequences waited for a free block instead of preempting
     kv_transfers: int | None = None  # hand-offs from prefill to decode workers completed
     kv_transfer_mean_ms: float | None = None  # their mean latency (None without any)
     recomputed_tokens: int | None = None
@@ -136,6 +137,7 @@ class MetricsSampler:
             prefix_hit_rate=delta["paged_prefix_cache_hits_tokens_total"] / queries if queries else 0.0,
             store_hit_rate=delta["paged_kv_store_hits_tokens_total"] / queries if queries else 0.0,
             preemptions=int(delta["paged_preemptions_total"]),
+            block_waits=int(delta["paged_block_waits_total"]),
             kv_transfers=int(transfers),
             kv_transfer_mean_ms=delta["paged_kv_transfer_seconds_sum"] / transfers * 1e3 if transfers else None,
             recomputed_tokens=int(recomputed),

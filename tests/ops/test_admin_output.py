@@ -102,7 +102,7 @@ def test_without_prefill_or_decode_workers_status_looks_as_before() -> None:
 
 
 def test_top_shows_a_thrashing_pool_and_its_rates_within_the_width() -> None:
-    thrashing = {**WORKER, "name": "1", "kv_thrashing": True, "goodput": 0.62, "recomputed_tokens": 91234,
+    thrashing = {**WORKER, "name": "1", "kv_thrashing": True, "goodput": 0.62, "recomputed_tokens": 91234, "block_waits": 4077,
                  "preemptions_per_s": 3.25, "evictions_per_s": 120.5, "window_prefix_hit_rate": 0.12, "window_s": 10.0,
                  "admission_margin": 2.5}  # fmt: skip
     status = {**STATUS, "workers": [WORKER, thrashing]}
@@ -112,7 +112,7 @@ def test_top_shows_a_thrashing_pool_and_its_rates_within_the_width() -> None:
         text = buffer.getvalue()
         assert all(len(line) <= width for line in text.splitlines()), text
         assert "KV THRASHING on worker 1" in text
-        for value in ("62.0%", "91234", "3.25", "120.5", "12.0%", "2.50", "YES"):
+        for value in ("62.0%", "91234", "4077", "3.25", "120.5", "12.0%", "2.50", "YES"):
             assert value in text, (value, text)
     output, buffer = terminal(200)
     output.print(*_view(STATUS, [REQUEST], None))

@@ -22,7 +22,7 @@ LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms")
 TOP_LEVEL_KEYS = (
     "requests_sent", "requests_completed", "requests_failed", "requests_rejected", "request_throughput",
     "input_tokens_per_s", "output_tokens_per_s", *LATENCY_KEYS, "kv_utilization_mean", "kv_utilization_peak",
-    "peak_concurrency", "prefix_hit_rate", "store_hit_rate", "preemptions", "recomputed_tokens", "recompute_share", "thrashing_share",
+    "peak_concurrency", "prefix_hit_rate", "store_hit_rate", "preemptions", "block_waits", "recomputed_tokens", "recompute_share", "thrashing_share",
 )
 MODEL = ModelInfo(name="m", token_ids=tuple(range(3, 500)), max_model_len=512)
 

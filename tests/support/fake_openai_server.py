@@ -59,6 +59,8 @@ def build_app(max_model_len: int, stall_every: int | None) -> Starlette:
             f'paged_prefix_cache_hits_tokens_total{{worker="0"}} {state.prefix_hits}',
             "# TYPE paged_preemptions counter",
             'paged_preemptions_total{worker="0"} 0',
+            "# TYPE paged_block_waits counter",
+            'paged_block_waits_total{worker="0"} 0',
             "# TYPE paged_computed_tokens counter",
             f'paged_computed_tokens_total{{worker="0"}} {state.prefix_queries - state.prefix_hits}',
             "# TYPE paged_recomputed_tokens counter",

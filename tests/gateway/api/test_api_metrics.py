@@ -11,8 +11,8 @@ from support.fake_engine import FakeEngine
 PER_WORKER = [
     "paged_requests_running", "paged_requests_waiting", "paged_kv_blocks_total", "paged_kv_blocks_used",
     "paged_kv_blocks_free", "paged_kv_blocks_cached", "paged_kv_utilization", "paged_prefix_cache_queries_tokens_total",
-    "paged_prefix_cache_hits_tokens_total", "paged_preemptions_total", "paged_evictions_total", "paged_swaps_out_total",
-    "paged_swaps_in_total", "paged_computed_tokens_total", "paged_recomputed_tokens_total", "paged_kv_thrashing",
+    "paged_prefix_cache_hits_tokens_total", "paged_preemptions_total", "paged_block_waits_total", "paged_evictions_total",
+    "paged_swaps_out_total", "paged_swaps_in_total", "paged_computed_tokens_total", "paged_recomputed_tokens_total", "paged_kv_thrashing",
     "paged_goodput_ratio", "paged_preemptions_per_second", "paged_evictions_per_second", "paged_refetch_ratio", "paged_refetched_blocks_total", "paged_prefix_cache_hit_rate",
     "paged_admission_margin", "paged_expected_output_share",
 ]
