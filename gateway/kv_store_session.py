@@ -70,7 +70,7 @@ class KVStoreSession:
             else:
                 index.saved(copy.dst)
         for copy in loads:
-            index.unpin(copy.src)
+            index.unpin(copy.src, loaded=not failed)
         if failed:
             return [copy.dst for copy in loads]
         if saves:
@@ -87,11 +87,11 @@ class KVStoreSession:
             for copy in saves:
                 index.abandon(copy.dst, self.worker)
             for copy in loads:
-                index.unpin(copy.src)
+                index.unpin(copy.src, loaded=False)
         for copy in self._saves:
             index.abandon(copy.dst, None)
         for copy in self._loads:
-            index.unpin(copy.src)
+            index.unpin(copy.src, loaded=False)
         self._in_flight.clear()
         self._saves, self._loads = [], []
         index.sessions.discard(self)
