@@ -20,8 +20,14 @@ from paged.shared.config import CacheConfig, MiB, ModelConfig
 from paged.shared.protocol import NewSequence, ScheduledSeq, StepInput
 from paged.worker.attention import cpu_ops
 from paged.worker.attention.metadata import AttentionMetadata
+from paged.worker.native.compiler import NativeBuildError
 from paged.worker.worker import Worker
 from support.worker_steps import GREEDY, BlockAllocator, SeqPlan, run_plans
+
+try:
+    cpu_ops.load()
+except NativeBuildError as exc:  # pragma: no cover - machines with a compiler run these tests
+    pytest.skip(f"the native kernel cannot be built here: {exc}", allow_module_level=True)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
