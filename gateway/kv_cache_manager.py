@@ -134,7 +134,15 @@ class KVCacheManager(BlockTables):
 
     def num_cached(self, block_hashes: list[BlockHash]) -> int:
         """How many leading blocks of a chain the pool caches (what a transfer here would not send)."""
-        return len(self.pool.cached_run(block_hashes))
+        return len(self._transfer_hits(block_hashes))
+
+    def _transfer_hits(self, block_hashes: list[BlockHash]) -> list[int]:
+        """The leading blocks of a chain a transfer here may skip: cached in the pool with their
+        content in. A block whose store load is still in flight is not (nor any after it): the
+        load may fail, and nothing would then fail the transfer's request before it decodes from
+        that block here; the block travels instead."""
+        hits = self.pool.cached_run(block_hashes)
+        return self.store_tier.loaded_run(hits) if self.store_tier is not None else hits
 
     def evict_cached_free(self) -> int:
         return self.pool.evict_cached_free()
@@ -339,7 +347,7 @@ class KVCacheManager(BlockTables):
         blocks this pool already caches (`block_hashes`: the full ones' hashes; at least the last
         block always travels), then fresh blocks for the rest, if that leaves `reserve_blocks` free.
         Nothing is registered in the prefix cache until the pages are in (adopt_transfer)."""
-        hits = self.pool.cached_run(block_hashes[: num_blocks - 1]) if self.enable_prefix_caching else []
+        hits = self._transfer_hits(block_hashes[: num_blocks - 1]) if self.enable_prefix_caching else []
         return self.incoming.hold(transfer_id, hits, num_blocks - len(hits), reserve_blocks)
 
     def adopt_transfer(self, transfer_id: int, seqs: list[Sequence], num_slots: int) -> None:

@@ -52,7 +52,10 @@ class KVStoreIndex:
         self._slots: list[StoreEntry | None] = [None] * num_slots
         self._free = list(range(num_slots - 1, -1, -1))  # a stack: slot 0 first
         self._quarantine: dict[str, list[int]] = {}  # by the worker that may still write them
-        self.saves = self.loads = self.evictions = self.dropped_saves = 0
+        # Saves and loads count the copies that ran (their step came back); failed ones, the copies
+        # ordered that never will be confirmed (their step's page moves failed, or its worker was lost).
+        self.saves = self.loads = self.failed_saves = self.failed_loads = 0
+        self.evictions = self.dropped_saves = 0
         self.save_seconds = Histogram(STORE_SECONDS_BUCKETS)
         self.load_seconds = Histogram(STORE_SECONDS_BUCKETS)
         # The worker sessions using this store (a session dropped without being lost leaves by itself).
@@ -89,7 +92,6 @@ class KVStoreIndex:
         entry = StoreEntry(block_hash, slot)
         self._entries[block_hash] = self._slots[slot] = entry
         self.policy.track(slot, block_hash, parent, depth)
-        self.saves += 1
         return slot
 
     def saved(self, slot: int) -> None:
@@ -98,6 +100,7 @@ class KVStoreIndex:
         assert entry is not None and not entry.ready, f"slot {slot} was not saving"
         entry.ready = True
         self.policy.release(slot)
+        self.saves += 1
 
     def abandon(self, slot: int, writer: str | None) -> None:
         """The save into `slot` will not be confirmed. `writer`: the lost worker that may still
@@ -105,6 +108,7 @@ class KVStoreIndex:
         entry = self._slots[slot]
         assert entry is not None and not entry.ready, f"slot {slot} was not saving"
         self._drop(slot)
+        self.failed_saves += 1
         if writer is None:
             self._free.append(slot)
         else:
@@ -123,13 +127,17 @@ class KVStoreIndex:
         entry.pins += 1
         self.policy.hold(slot)
         self.policy.hit(slot)
-        self.loads += 1
 
-    def unpin(self, slot: int) -> None:
-        """A load from `slot` ran (or never will)."""
+    def unpin(self, slot: int, loaded: bool) -> None:
+        """A load from `slot` ran (`loaded`), or never will (its step's page moves failed, its worker
+        was lost, or it was never sent)."""
         entry = self._slots[slot]
         assert entry is not None and entry.pins > 0, f"slot {slot} was not pinned"
         entry.pins -= 1
+        if loaded:
+            self.loads += 1
+        else:
+            self.failed_loads += 1
         if not entry.pins:
             self.policy.release(slot)
 
@@ -165,6 +173,8 @@ class KVStoreIndex:
             quarantined_slots=sum(len(slots) for slots in self._quarantine.values()),
             saves=self.saves,
             loads=self.loads,
+            failed_saves=self.failed_saves,
+            failed_loads=self.failed_loads,
             evictions=self.evictions,
             dropped_saves=self.dropped_saves,
             save_seconds=self.save_seconds.copy(),

@@ -70,7 +70,7 @@ class KVStoreSession:
             else:
                 index.saved(copy.dst)
         for copy in loads:
-            index.unpin(copy.src)
+            index.unpin(copy.src, loaded=not failed)
         if failed:
             return [copy.dst for copy in loads]
         if saves:
@@ -87,18 +87,26 @@ class KVStoreSession:
             for copy in saves:
                 index.abandon(copy.dst, self.worker)
             for copy in loads:
-                index.unpin(copy.src)
+                index.unpin(copy.src, loaded=False)
         for copy in self._saves:
             index.abandon(copy.dst, None)
         for copy in self._loads:
-            index.unpin(copy.src)
+            index.unpin(copy.src, loaded=False)
         self._in_flight.clear()
         self._saves, self._loads = [], []
         index.sessions.discard(self)
 
+    def _unconfirmed_loads(self) -> list[BlockCopy]:
+        """Loads ordered (in the step being planned or in flight) whose step has not come back."""
+        return [*self._loads, *(copy for _, loads in self._in_flight.values() for copy in loads)]
+
+    def loading_blocks(self) -> set[int]:
+        """Device blocks an unconfirmed load fills: their content is not in yet, and the load may fail."""
+        return {copy.dst for copy in self._unconfirmed_loads()}
+
     def pins(self) -> dict[int, int]:
         """Loads ordered and not yet confirmed, per slot (for the index's audit)."""
         pins: dict[int, int] = {}
-        for copy in [*self._loads, *(copy for _, loads in self._in_flight.values() for copy in loads)]:
+        for copy in self._unconfirmed_loads():
             pins[copy.src] = pins.get(copy.src, 0) + 1
         return pins

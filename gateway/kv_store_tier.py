@@ -67,3 +67,12 @@ class StoreTier:
             table.append(block)
         table.extend(fresh)
         return table
+
+    def loaded_run(self, blocks: list[int]) -> list[int]:
+        """The leading `blocks` whose content is in the pool: up to the first one a load not yet
+        confirmed fills."""
+        loading = self._session.loading_blocks()
+        if not loading:
+            return blocks
+        end = next((index for index, block in enumerate(blocks) if block in loading), len(blocks))
+        return blocks[:end]

@@ -170,8 +170,10 @@ class KVStoreStats(msgspec.Struct, kw_only=True):
     ready_slots: int  # loadable; of these, pinned ones have loads in flight
     pinned_slots: int
     quarantined_slots: int  # saves in flight on a lost worker: unusable until it is known to be done
-    saves: int = 0  # counters from here on
+    saves: int = 0  # counters from here on; saves and loads that ran (their step came back)
     loads: int = 0
+    failed_saves: int = 0  # ordered, never confirmed: their step's page moves failed, or the worker was lost
+    failed_loads: int = 0
     evictions: int = 0  # ready entries dropped for a new save
     dropped_saves: int = 0  # evicted pool blocks not saved: every slot was saving or pinned
     save_seconds: Histogram = msgspec.field(default_factory=lambda: Histogram(STORE_SECONDS_BUCKETS))  # per step with saves

@@ -140,13 +140,13 @@ def store_tier_table(summaries: list[dict[str, Any]]) -> Columns | None:
         return None
     table = Columns([
         "store", "workers", "policy", "slots", "ready", "pinned", "saving", "quarantined", "free", "used",
-        "saves", "loads", "evictions", "dropped", "save ms", "load ms",
+        "saves", "loads", "failed saves", "failed loads", "evictions", "dropped", "save ms", "load ms",
     ])  # fmt: skip
     for store_id, s in stores.items():
         table.rows.append([
             store_id[:12], ",".join(workers[store_id]), s["policy"], str(s["num_slots"]), str(s["ready_slots"]),
             str(s["pinned_slots"]), str(s["saving_slots"]), str(s["quarantined_slots"]), str(s["free_slots"]),
-            _bytes(s["bytes_used"]), str(s["saves"]), str(s["loads"]), str(s["evictions"]), str(s["dropped_saves"]),
-            _mean_ms(s["save_seconds"]), _mean_ms(s["load_seconds"]),
+            _bytes(s["bytes_used"]), str(s["saves"]), str(s["loads"]), str(s["failed_saves"]), str(s["failed_loads"]),
+            str(s["evictions"]), str(s["dropped_saves"]), _mean_ms(s["save_seconds"]), _mean_ms(s["load_seconds"]),
         ])  # fmt: skip
     return table

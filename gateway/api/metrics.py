@@ -77,8 +77,10 @@ STORE_GAUGES = (
 )
 STORE_SLOT_STATES = ("free", "saving", "ready", "pinned", "quarantined")
 STORE_COUNTERS = (
-    ("paged_kv_store_saves", "Blocks saved to the host KV store as the pool evicted them", "saves"),
-    ("paged_kv_store_loads", "Blocks loaded from the host KV store for prefix hits", "loads"),
+    ("paged_kv_store_saves", "Blocks saved to the host KV store as the pool evicted them (saves that ran)", "saves"),
+    ("paged_kv_store_loads", "Blocks loaded from the host KV store for prefix hits (loads that ran)", "loads"),
+    ("paged_kv_store_failed_saves", "KV store saves never confirmed: their step's page moves failed or their worker was lost", "failed_saves"),
+    ("paged_kv_store_failed_loads", "KV store loads never confirmed: their step's page moves failed or their worker was lost", "failed_loads"),
     ("paged_kv_store_evictions", "KV store entries dropped for new saves", "evictions"),
     ("paged_kv_store_dropped_saves", "Evicted blocks not saved because every store slot was busy", "dropped_saves"),
 )

@@ -68,6 +68,8 @@ def test_a_served_store_serves_evicted_prefixes_and_is_cleaned_up(tmp_path: Path
         metrics = scrape(daemon.url)
         assert total(metrics, "paged_kv_store_saves_total") > 0
         assert total(metrics, "paged_kv_store_loads_total") > 0
+        for failed in ("paged_kv_store_failed_saves_total", "paged_kv_store_failed_loads_total"):
+            assert any(key.startswith(failed) for key in metrics) and total(metrics, failed) == 0
         assert total(metrics, "paged_kv_store_hits_tokens_total") >= SYSTEM_PROMPTS * 64 // 2
         assert len([key for key in metrics if key.startswith("paged_kv_store_slots_total")]) == 1  # one store, two workers
         status = CliRunner().invoke(pagedctl, ["status", "--socket", str(tmp_path / "first" / "admin.sock")])

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from paged.gateway.request import SequenceStatus
-from paged.shared.protocol import StepInput, StepOutput
+from paged.shared.protocol import SeqError, StepInput, StepOutput
 from support.handoff_steps import PAGE_BYTES, Cluster, sim_token
-from support.scheduler_steps import BS, EOS, ORDERS, finishes, req, texts
+from support.scheduler_steps import BS, EOS, ORDERS, finishes, host_store, req, run, texts
 
 
 def prompt(length: int, start: int = 3) -> list[int]:
@@ -239,6 +239,36 @@ def test_transferring_sequences_are_not_scheduled_on_the_prefill_worker() -> Non
     cluster.link.release_held()
     cluster.run()
     assert cluster.handed_over == {"r": "1"} and cluster.all_free()
+
+
+def test_a_hold_takes_no_prefix_hit_whose_store_load_is_still_in_flight() -> None:
+    """The decode worker's step loading a prompt's prefix from the host KV store is out when a
+    hand-off of another request with that prefix is planned; then the load fails. Had the hold taken
+    the loaded blocks as prefix hits (not sent), the request would decode on the decode worker from
+    pages that never arrived: its verifying worker would read the wrong tokens."""
+    cluster = Cluster(["prefill", "decode"], num_blocks=8, store=host_store(64))
+    prefill, decode = cluster.nodes
+    assert prefill.scheduler is not None and decode.scheduler is not None
+    system = prompt(3 * BS, 60)
+    # The decode worker computes the system prompt, then serves others until it is evicted to the store.
+    for name, tokens in [("w0", system + [1, 2, 3]), ("w1", prompt(19, 20)), ("w2", prompt(19, 40))]:
+        decode.scheduler.add_request(req(name, tokens, max_tokens=1, ignore_eos=True))
+        run(decode.loop)
+    decode.scheduler.add_request(req("loads", system + [4, 5, 6], max_tokens=4, ignore_eos=True))
+    loading = decode.loop.pipeline.schedule()  # sent, not answered yet
+    loaded = {copy.dst for copy in loading.store_loads}
+    assert len(loaded) == 3
+    cluster.add(req("handed", system + [7, 8, 9], max_tokens=6, ignore_eos=True))
+    prefill.loop.step()  # its prompt's last chunk: the hand-off is planned, its blocks held on the decode worker
+    assert cluster.handoff.num_in_flight == 1
+    (held,) = decode.scheduler.kv.incoming.tables()  # type: ignore[attr-defined]
+    assert loaded.isdisjoint(held)
+    errors = [SeqError(item.seq_id, "block copy/swap failed: injected") for item in loading.scheduled]
+    cluster.outputs += decode.loop.pipeline.complete(StepOutput(loading.step_id, errors=errors, page_moves_failed=True))
+    cluster.run()
+    assert any(output.request_id == "loads" and output.error is not None for output in cluster.outputs)
+    assert len(texts(cluster.outputs)["handed"][0]) == 6 and cluster.handed_over == {"handed": "1"}
+    assert cluster.handoff.stats.blocks_skipped == 0 and cluster.all_free()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -34,7 +34,7 @@ def test_a_full_store_evicts_by_its_policy_but_never_a_pinned_or_saving_slot() -
     assert index.lookup(11) is None and index.stats().evictions == 1
     assert index.reserve(14, None, 0) is None  # nothing left to evict: the content is dropped
     assert index.stats().dropped_saves == 1
-    index.unpin(slots[0])  # type: ignore[arg-type]
+    index.unpin(slots[0], loaded=True)  # type: ignore[arg-type]
     assert index.reserve(14, None, 0) == slots[0]
 
 
@@ -47,6 +47,23 @@ def test_quarantined_slots_wait_for_their_writer() -> None:
     assert index.stats().quarantined_slots == 1
     index.release_quarantine("worker-a")
     assert index.stats().free_slots == 2 and index.audit() == []
+
+
+def test_saves_and_loads_count_once_their_step_confirms_them() -> None:
+    """An operator's saves and loads are copies that ran; ordered ones that never will are failed."""
+    index = index_of(4)
+    slots = [index.reserve(block_hash, None, 0) for block_hash in (10, 11, 12)]
+    assert (index.stats().saves, index.stats().failed_saves) == (0, 0)  # ordered, not run yet
+    index.saved(slots[0])  # type: ignore[arg-type]
+    index.saved(slots[1])  # type: ignore[arg-type]
+    index.abandon(slots[2], None)  # type: ignore[arg-type]  # its step's page moves failed
+    index.pin(slots[0])  # type: ignore[arg-type]
+    index.pin(slots[1])  # type: ignore[arg-type]
+    assert (index.stats().loads, index.stats().failed_loads) == (0, 0)
+    index.unpin(slots[0], loaded=True)  # type: ignore[arg-type]
+    index.unpin(slots[1], loaded=False)  # type: ignore[arg-type]
+    stats = index.stats()
+    assert (stats.saves, stats.failed_saves, stats.loads, stats.failed_loads) == (2, 1, 1, 1)
 
 
 def test_flush_forgets_what_no_load_reads() -> None:

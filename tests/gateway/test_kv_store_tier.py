@@ -110,8 +110,9 @@ def test_a_save_is_not_loadable_before_its_step_comes_back() -> None:
         a.step()
     # A prompt of five blocks: its admission evicts system prompt 0 and its tail block, all saved.
     first.add_request(req("a-1", SYSTEM_PROMPTS[1] + list(range(7, 14)), max_tokens=1, ignore_eos=True))
+    saves_before = index.stats().saves
     a.step()  # the step that saves them: sent, not run yet
-    assert index.stats().saving_slots == 4
+    assert index.stats().saving_slots == 4 and index.stats().saves == saves_before  # ordered, not done
     second.add_request(req("b-0", prompt(0, 2), max_tokens=2, ignore_eos=True))
     while b.busy():
         b.step()  # were the saving slots loadable, b's worker would read blocks never written
@@ -119,6 +120,7 @@ def test_a_save_is_not_loadable_before_its_step_comes_back() -> None:
     while a.busy():
         a.step()
     assert index.stats().saving_slots == 0 and index.stats().ready_slots == 4
+    assert index.stats().saves == saves_before + 4
     third = make(16, store_index=index, worker_name="c")
     c = DeferredLoop(third, SimulatedWorker(16, BS, store=arena))
     third.add_request(req("c-0", prompt(0, 3), max_tokens=2, ignore_eos=True))
@@ -142,6 +144,7 @@ def test_a_lost_workers_saves_are_quarantined_until_its_next_session_answers() -
     requests = first.take_all_requests()
     stats = index.stats()
     assert (stats.quarantined_slots, stats.saving_slots, stats.free_slots) == (4, 0, 2)
+    assert stats.failed_saves == 4  # they may still run, but nothing will ever confirm them
     # The worker comes back: its old steps run first (here: now), then its new session's first output
     # frees the quarantine.
     again = make(5, store_index=index, worker_name="a")
@@ -170,6 +173,7 @@ def prompt_0_in_the_store(num_blocks: int) -> tuple[KVStoreIndex, Scheduler]:
 
 def test_a_failed_step_drops_its_saves_and_the_blocks_it_loaded() -> None:
     index, scheduler = prompt_0_in_the_store(5)
+    before = index.stats()
     scheduler.add_request(req("c", prompt(0, 2), max_tokens=2, ignore_eos=True))
     step = scheduler.schedule()
     assert step.store_loads and step.store_saves  # loads prompt 0, saves prompt 1 on the way
@@ -177,6 +181,9 @@ def test_a_failed_step_drops_its_saves_and_the_blocks_it_loaded() -> None:
     scheduler.update(step, failed)
     stats = index.stats()
     assert stats.pinned_slots == 0 and stats.saving_slots == 0
+    # The counters say what ran: none of this step's copies did.
+    assert (stats.saves, stats.loads) == (before.saves, before.loads)
+    assert (stats.failed_saves, stats.failed_loads) == (len(step.store_saves), len(step.store_loads))
     loaded = [copy.dst for copy in step.store_loads]
     assert all(scheduler.kv.pool.block_hashes[block] is None for block in loaded)  # type: ignore[attr-defined]
     assert_block_accounting(scheduler)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from paged.ops.admin_output import Output
-from paged.ops.admin_tables import requests_table, workers_table
+from paged.ops.admin_tables import requests_table, store_tier_table, workers_table
 from paged.ops.admin_top import _view
 
 WORKER = {
@@ -122,8 +122,17 @@ def test_top_shows_a_thrashing_pool_and_its_rates_within_the_width() -> None:
 STORE = {
     "store_id": "9c1b3f2a77e04d5e", "policy": "lfu", "num_slots": 4096, "page_bytes": 16384, "free_slots": 1000,
     "saving_slots": 0, "ready_slots": 3090, "pinned_slots": 6, "quarantined_slots": 0, "saves": 5000, "loads": 812,
-    "evictions": 904, "dropped_saves": 0, "bytes_used": 3096 * 16384,
+    "evictions": 904, "dropped_saves": 0, "failed_saves": 3, "failed_loads": 1, "bytes_used": 3096 * 16384,
+    "save_seconds": {"sum": 0.5, "count": 100}, "load_seconds": {"sum": 0.0, "count": 0},
 }  # fmt: skip
+
+
+def test_the_store_tier_table_counts_saves_and_loads_that_ran_and_failed() -> None:
+    table = store_tier_table([{"worker": "0", "store": STORE}, {"worker": "1", "store": STORE}])
+    assert table is not None
+    (row,) = (dict(zip(table.headers, row, strict=True)) for row in table.rows)
+    assert (row["workers"], row["saves"], row["loads"], row["failed saves"], row["failed loads"]) == ("0,1", "5000", "812", "3", "1")
+    assert (row["save ms"], row["load ms"]) == ("5.000", "-")
 
 
 @pytest.mark.parametrize("width", [60, 200])

@@ -142,7 +142,8 @@ class FakeEngine:
     def store_stats(self) -> list[KVStoreStats]:
         store = KVStoreStats(
             store_id="host", policy="lru", num_slots=100, page_bytes=1024, free_slots=60, saving_slots=2,
-            ready_slots=38, pinned_slots=1, quarantined_slots=0, saves=50, loads=12, evictions=3,
+            ready_slots=38, pinned_slots=1, quarantined_slots=0, saves=50, loads=12, evictions=3, failed_saves=2,
+            failed_loads=1,
         )  # fmt: skip
         store.load_seconds.observe(0.0002)
         return [store]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from paged.gateway.block_accounting import assert_block_accounting
 from paged.gateway.handoff import HandoffCoordinator, HandoffNode
+from paged.gateway.kv_store_index import KVStoreIndex
 from paged.gateway.outputs import RequestOutput
 from paged.gateway.request import Request
 from paged.gateway.router import route
@@ -50,10 +51,20 @@ class LocalNode:
 
 
 class Cluster:
-    def __init__(self, roles: list[WorkerRole], num_blocks: int = 64, *, overlapped: bool = False, **config: object) -> None:
+    def __init__(
+        self,
+        roles: list[WorkerRole],
+        num_blocks: int = 64,
+        *,
+        overlapped: bool = False,
+        store: tuple[KVStoreIndex, list[list[int | None]]] | None = None,
+        **config: object,
+    ) -> None:
+        """`store`: a host KV store every worker attaches (support.scheduler_steps.host_store)."""
         self.link = SimulatedKVLink()
         self.num_blocks = num_blocks
         self.overlapped = overlapped
+        self.store_index, self.arena = store if store is not None else (None, None)
         self.config = config
         self.choose_token = sim_token
         self.handoff = HandoffCoordinator(lambda: self.nodes, self._moved)
@@ -67,9 +78,11 @@ class Cluster:
 
     def _start(self, node: LocalNode) -> None:
         """A fresh (or respawned) worker: an empty scheduler and simulated worker."""
-        scheduler = make(self.num_blocks, **self.config)  # type: ignore[arg-type]
+        scheduler = make(self.num_blocks, store_index=self.store_index, worker_name=node.name, **self.config)  # type: ignore[arg-type]
         scheduler.handoff = self.handoff
-        worker = SimulatedWorker(self.num_blocks, BS, choose_token=lambda s, p: self.choose_token(s, p), kv_link=self.link)
+        worker = SimulatedWorker(
+            self.num_blocks, BS, choose_token=lambda s, p: self.choose_token(s, p), store=self.arena, kv_link=self.link
+        )
         node.scheduler, node.loop, node.ready = scheduler, StepLoop(scheduler, worker, overlapped=self.overlapped), True
 
     def _moved(self, request: Request, node: HandoffNode) -> None:

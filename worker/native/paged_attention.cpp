@@ -395,6 +395,7 @@ int paged_attention(const void* query, void* out, const void* k_cache, const voi
 
 // The groups paged_attention's shared-prefix pass forms for these tables (for tests and benchmarks):
 // group_of[b] is the index of sequence b's group or -1, shared_keys[b] the keys the group shares (or 0).
+// Read from the pass-1 items of the kernel's own plan, so a plan that stops grouping shows here.
 int paged_attention_shared_groups(const int32_t* block_tables, const int32_t* query_start_loc, const int32_t* seq_lens,
                                   int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads, int64_t block_size,
                                   int64_t block_table_stride, int32_t* group_of, int64_t* shared_keys) {
@@ -410,11 +411,16 @@ int paged_attention_shared_groups(const int32_t* block_tables, const int32_t* qu
     pb.block_table_stride = block_table_stride;
     std::fill(group_of, group_of + num_seqs, -1);
     std::fill(shared_keys, shared_keys + num_seqs, 0);
-    const std::vector<SharedGroup> groups = find_groups(pb);
-    for (size_t g = 0; g < groups.size(); ++g) {
-        for (const int32_t seq : groups[g].members) {
-            group_of[seq] = int32_t(g);
-            shared_keys[seq] = groups[g].shared_keys;
+    const Plan plan = make_plan(pb, 1);
+    // A group's items read the shared keys through its first member's table: that member names it.
+    std::vector<int32_t> index_of(num_seqs, -1);
+    int32_t num_groups = 0;
+    for (const WorkItem& item : plan.shared_items) {
+        int32_t& index = index_of[item.table_seq];
+        if (index < 0) index = num_groups++;
+        for (int32_t span = item.span_begin; span < item.span_end; ++span) {
+            group_of[plan.spans[span].seq] = index;
+            shared_keys[plan.spans[span].seq] = item.key_end;
         }
     }
     return 0;

@@ -64,6 +64,7 @@ async def test_kv_store_metrics_per_store(client: httpx.AsyncClient, engine: Fak
     assert one["paged_kv_store_slots_total"] == 100 and one["paged_kv_store_capacity_bytes"] == 100 * 1024
     assert one["paged_kv_store_bytes"] == 40 * 1024  # slots not free
     assert (one["paged_kv_store_saves_total"], one["paged_kv_store_loads_total"], one["paged_kv_store_evictions_total"]) == (50, 12, 3)
+    assert (one["paged_kv_store_failed_saves_total"], one["paged_kv_store_failed_loads_total"]) == (2, 1)
     slots = {labels["state"]: value for labels, value in samples["paged_kv_store_slots"]}
     assert slots == {"free": 60, "saving": 2, "ready": 38, "pinned": 1, "quarantined": 0}
     load = {labels["le"]: value for labels, value in samples["paged_kv_store_load_seconds_bucket"]}
