@@ -148,8 +148,13 @@ class BlockAllocator(Protocol):
         """Each sequence's device blocks that no other table holds: what it frees when it ends."""
         ...
 
-    def num_held(self, blocks: list[int]) -> int:
-        """How many of these blocks are held by some table (the rest are free or cached-free)."""
+    def num_shared(self, blocks: list[int]) -> int:
+        """How many of these blocks two or more tables hold: the end of no one of them frees it."""
+        ...
+
+    def will_copy_on_write(self, seq: Sequence) -> bool:
+        """Its next write lands in a partly filled block another table shares (the n sequences of a
+        request after the fork): it takes a copy of that block first."""
         ...
 
     # Prefix cache

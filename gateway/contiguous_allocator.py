@@ -53,8 +53,11 @@ class ContiguousAllocator(BlockTables):
             exclusive.append(len(record.table) + reserved if record is not None else 0)
         return exclusive
 
-    def num_held(self, blocks: list[int]) -> int:
+    def num_shared(self, blocks: list[int]) -> int:
         return 0  # no prefix hits
+
+    def will_copy_on_write(self, seq: Sequence) -> bool:
+        return False  # a child copies its parent's run into its own at the fork
 
     # Runs ---------------------------------------------------------------------------------------
 

@@ -124,11 +124,15 @@ class DemandForecast:
         generated = np.asarray(rows.generated, dtype=np.float64)
         max_output = np.maximum(np.asarray(rows.max_output, dtype=np.float64), 1.0)
         steps = grid.astype(np.float64)
-        np.add(generated[:, None], np.maximum(steps - RESULT_LAG_STEPS, 0.0)[None, :], out=later)  # output tokens by then
+        lagged = steps - RESULT_LAG_STEPS
+        np.add(generated[:, None], np.maximum(lagged, 0.0)[None, :], out=later)  # output tokens by then
+        # A sequence that runs to its limit still holds its blocks RESULT_LAG_STEPS steps after the
+        # step that samples its last token, also when that step is the one being planned (g = m).
+        to_limit = (max_output - generated)[:, None]
         lengths = self.lengths
         table = lengths.survival(rows.used_shares() if lengths.needs_refresh() else None)
         if table is None:  # nothing learned yet: every sequence may use all of max_tokens
-            np.less(later, max_output[:, None], out=alive)
+            np.less(lagged[None, :], to_limit, out=alive)
         else:
             resolution = lengths.resolution
             per_token = resolution / max_output  # table points per output token
@@ -137,10 +141,12 @@ class DemandForecast:
             np.minimum(alive, resolution, out=alive)
             index[...] = alive
             np.take(table, index, out=alive)
-            survived = now > 0
+            # Past every length seen so far nothing is known: it may run to its limit. At its limit
+            # (the step being planned samples its last token) it ends for sure.
+            survived = (now > 0) & (generated < max_output)
             alive /= np.where(survived, now, 1.0)[:, None]
-            if not survived.all():  # past every length seen so far nothing is known: it may run to its limit
-                alive[~survived] = later[~survived] < max_output[~survived, None]
+            if not survived.all():
+                alive[~survived] = lagged[None, :] < to_limit[~survived]
         tokens = np.asarray(rows.tokens, dtype=np.float64)
         freed = np.asarray(rows.freed, dtype=np.float64)
         # KV for every token but the last, which is sampled and never computed.
@@ -168,7 +174,8 @@ def running_rows(running: list[Sequence], awaiting: list[Request], allocator: Bl
         request = seq.request
         prompt_len = request.num_prompt_tokens
         record = tables.get(seq.seq_id)
-        table_blocks = len(record.table) if record is not None else 0
+        # A shared partly filled block it will copy before writing is not one it keeps.
+        table_blocks = len(record.table) - allocator.will_copy_on_write(seq) if record is not None else 0
         rows.add(seq.num_tokens - prompt_len, seq.max_num_tokens - prompt_len, seq.num_tokens, table_blocks, freed)
         if seq.index == 0 and not request.forked:
             _add_children(rows, request, seq, allocator)
@@ -183,14 +190,16 @@ def running_rows(running: list[Sequence], awaiting: list[Request], allocator: Bl
 def request_rows(
     request: Request, seqs: list[Sequence], hits: list[CacheHit], awaiting: list[Sequence], allocator: BlockAllocator
 ) -> DemandRows:
-    """A waiting request about to be admitted: `seqs` take blocks now (their prefix hits on blocks
-    others hold cost nothing), `awaiting` will share its recomputed prompt, and an unforked n > 1
-    request will fork its children."""
+    """A waiting request about to be admitted: `seqs` take blocks now, `awaiting` will share its
+    recomputed prompt, and an unforked n > 1 request will fork its children. A prefix hit on a block
+    two or more tables hold costs nothing (no end frees it); one on a block a single running
+    sequence holds costs the block, since that sequence's row counts it as freed at its end; one on
+    a cached-free block costs it too."""
     rows = DemandRows()
     prompt_len = request.num_prompt_tokens
     for seq, hit in zip(seqs, hits, strict=True):
-        held_by_others = allocator.num_held(hit.blocks)
-        rows.add(seq.num_tokens - prompt_len, seq.max_num_tokens - prompt_len, seq.num_tokens, held_by_others, 0)
+        kept_anyway = allocator.num_shared(hit.blocks)
+        rows.add(seq.num_tokens - prompt_len, seq.max_num_tokens - prompt_len, seq.num_tokens, kept_anyway, 0)
     shared = allocator.shared_prompt_blocks(prompt_len)
     for seq in awaiting:
         rows.add(seq.num_tokens - prompt_len, seq.max_num_tokens - prompt_len, seq.num_tokens, shared, 0)

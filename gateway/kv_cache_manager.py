@@ -93,9 +93,15 @@ class KVCacheManager(BlockTables):
                 exclusive.append(sum(1 for block in table if ref_counts[block] == 1))
         return exclusive
 
-    def num_held(self, blocks: list[int]) -> int:
+    def num_shared(self, blocks: list[int]) -> int:
         ref_counts = self.pool.ref_counts
-        return sum(1 for block in blocks if ref_counts[block])
+        return sum(1 for block in blocks if ref_counts[block] > 1)
+
+    def will_copy_on_write(self, seq: Sequence) -> bool:
+        record = self.seqs.get(seq.seq_id)
+        if record is None or record.swapped or not record.num_slots % self.block_size:
+            return False
+        return self.pool.ref_counts[record.table[record.num_slots // self.block_size]] > 1
 
     # Prefix cache -----------------------------------------------------------------------------
 

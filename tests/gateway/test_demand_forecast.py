@@ -34,6 +34,21 @@ def test_a_sequence_that_runs_to_its_limit_grows_then_frees_everything() -> None
     assert curve.peak(3.0) == max(expected)
 
 
+@pytest.mark.parametrize("learned", [False, True], ids=["nothing-learned", "learned"])
+def test_a_sequence_whose_last_token_is_being_sampled_holds_its_blocks_until_the_result(learned: bool) -> None:
+    # The step being planned samples its last token (generated = max_output): its blocks are freed
+    # only when that step's result is applied, RESULT_LAG_STEPS steps on. Counting them as freed at
+    # once let a request admitted in the same step find no block for its first decode.
+    model = OutputLengthModel(min_samples=1)
+    if learned:
+        for _ in range(8):
+            model.observe(6, 6)  # every sequence so far ran to its limit
+    rows = DemandRows()
+    rows.add(generated=6, max_output=6, tokens=12, table_blocks=3, freed=3)
+    curve = DemandForecast(model, BS).curve(rows, np.arange(5))
+    assert curve.mean.tolist() == [0.0 if t < RESULT_LAG_STEPS else -3.0 for t in range(5)]
+
+
 def test_the_curve_is_the_mean_and_variance_of_simulated_runs() -> None:
     rng = random.Random(1)
     model = OutputLengthModel(min_samples=1, resolution=100)
@@ -81,13 +96,19 @@ def test_blocks_another_table_holds_are_not_counted_as_freed() -> None:
     (other,) = second.seqs
     hit = kv.probe(other)
     assert hit.num_tokens == 12
-    # Before b runs: its hit costs nothing (a holds those blocks); its own block is new.
+    # Before b runs, a alone holds the blocks b hits, and a's row counts them as freed when a ends:
+    # b keeps them held then, so its hit costs them (none of its blocks is already in a table it keeps).
     (row,) = zip(*vars_of(request_rows(second, [other], [hit], [], kv)), strict=True)
-    assert row == (0, 8, 15, 3, 0)
+    assert row == (0, 8, 15, 0, 0)
     assert kv.admit(other, hit, 3, 0)
     seq.num_tokens = other.num_tokens = 15
     rows = running_rows([seq, other], [], kv)
     assert rows.freed == [0, 1]  # the three shared blocks stay held when either ends
+    # Once two tables hold them, a third request's hit on them costs nothing.
+    third = _request("c", list(range(1, 13)) + [60])
+    (late,) = third.seqs
+    (row,) = zip(*vars_of(request_rows(third, [late], [kv.probe(late)], [], kv)), strict=True)
+    assert row == (0, 8, 13, 3, 0)
 
 
 def test_children_of_an_unforked_request_count_before_the_fork() -> None:
