@@ -30,6 +30,8 @@ requests with one system prompt so computes it once, not once per request admitt
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from paged.gateway.admission import PredictiveAdmission, may_take_seats, reserve_blocks
 from paged.gateway.block_allocator import BlockAllocator, CacheHit
 from paged.gateway.policy_queues import PolicyQueues
@@ -51,12 +53,27 @@ MAX_BYPASSES = 64
 # row for a finishing sequence to free some, before the tail is preempted. Under predictive admission
 # the pool runs short when the forecast's margin was not enough: briefly, until one of the many running
 # sequences ends. Waiting costs a few sequences a step each; preempting costs a whole request its KV
-# (in the simulator, at the default margin: 94 -> 62 preemptions, and 0.1% fewer steps).
+# (the simulator's figures are in docs/admission.md).
 MAX_BLOCK_WAIT_STEPS = 4
+# A head that did not fit is probed again after this many steps even if no block was freed: the
+# demand forecast moves with time (running sequences draw nearer their ends, so a request admitted
+# later overlaps less of their growth). Without it, a small pool whose running sequences end
+# together drains before the next one is admitted; probing every step admits at the margin more
+# often, with learned lengths (docs/admission.md).
+REPROBE_STEPS = 4
 # A waiting request whose prompt continues a prefix hit with blocks this step computes for another
 # waits one step, to take them as hits then, instead of computing them again in its own blocks: as
 # many requests as this are looked past for one that does not wait.
 MAX_LOOK_PAST = 64
+
+
+class BlockedAt(NamedTuple):
+    """An admission attempt that failed: for whom, and the pool, budget and step it saw."""
+
+    head: Request
+    free_blocks: int
+    budget: int
+    step_id: int
 
 
 class StepPlanner:
@@ -77,9 +94,9 @@ class StepPlanner:
         self.counters = counters
         self.watermark_blocks = watermark_blocks
         self.predictive = predictive
-        # (head of waiting, free blocks, token budget) when it, or backfilling past it, last failed
-        self._blocked_head: tuple[Request, int, int] | None = None
-        self._blocked_backfill: tuple[Request, int, int] | None = None
+        # When the head of waiting, or backfilling past it, last failed to be admitted.
+        self._blocked_head: BlockedAt | None = None
+        self._blocked_backfill: BlockedAt | None = None
 
     def plan(self, step: StepBuilder, config: SchedulerConfig) -> None:
         self.predictive.begin_step()
@@ -179,11 +196,12 @@ class StepPlanner:
             if not may_take_seats(request, seqs, self.groups.seats_taken(), config):
                 return
             free = self.allocator.num_free_blocks
-            # A head that did not fit is not probed again until blocks are freed or its chunk shrinks.
-            if not self._still_blocked(self._blocked_head, request, free, step):
+            # A head that did not fit is not probed again until blocks are freed, its chunk shrinks or
+            # REPROBE_STEPS pass.
+            if not self._still_blocked(self._blocked_head, request, free, step, reprobe=True):
                 if self._admit(request, seqs, step, config):
                     continue
-                self._blocked_head = (request, free, step.budget)
+                self._blocked_head = BlockedAt(request, free, step.budget, step.step_id)
             if self.preemption.may_preempt_for(request):
                 self.preemption.preempt(self.preemption.victim(), step, config.preemption_mode)
                 self.predictive.begin_step()  # the forecast counted the victim
@@ -191,7 +209,7 @@ class StepPlanner:
             if config.admission_policy != "predictive" or self._still_blocked(self._blocked_backfill, request, free, step):
                 return
             if not self._backfill(request, step, config):
-                self._blocked_backfill = (request, free, step.budget)
+                self._blocked_backfill = BlockedAt(request, free, step.budget, step.step_id)
                 return
 
     def _next_waiting(self, step: StepBuilder) -> Request | None:
@@ -210,14 +228,19 @@ class StepPlanner:
         # The probe hashed every block a hit may cover (the one holding the last token never is).
         return num_hit < (len(seq.token_ids) - 1) // self.allocator.block_size and seq.block_hashes[num_hit] in step.completing
 
-    def _still_blocked(self, blocked: tuple[Request, int, int] | None, head: Request, free: int, step: StepBuilder) -> bool:
+    def _still_blocked(
+        self, blocked: BlockedAt | None, head: Request, free: int, step: StepBuilder, reprobe: bool = False
+    ) -> bool:
         """Nothing has changed for the head since an admission attempt past it failed: no block was
-        freed and the token budget is no larger."""
+        freed, the token budget is no larger and, with `reprobe`, fewer than REPROBE_STEPS steps have
+        passed. (Backfilling is probed again only when blocks are freed: a probe there costs a forecast
+        per candidate, and in the simulator probing it on time as well gained nothing.)"""
         return (
             blocked is not None
-            and blocked[0] is head
-            and free <= blocked[1]
-            and step.budget >= blocked[2]
+            and blocked.head is head
+            and free <= blocked.free_blocks
+            and step.budget >= blocked.budget
+            and (not reprobe or step.step_id - blocked.step_id < REPROBE_STEPS)
             and bool(self.queues.running)
         )
 

@@ -203,3 +203,37 @@ def test_an_over_committed_pool_thrashes_and_predictive_admission_keeps_it_from_
     calm, calm_preemptions, calm_logs = thrash_run("predictive")
     assert calm == 0.0 and calm_preemptions == 0
     assert not [log for log in calm_logs if log["event"] == "kv_thrashing"]
+
+
+@ORDERS
+@pytest.mark.parametrize("reprobe", [True, False], ids=["reprobe", "frozen"])
+def test_a_blocked_head_is_probed_again_as_the_forecast_moves(
+    overlapped: bool, reprobe: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 8 blocks of 4 tokens: a and b (4-token prompts, 8 tokens out) peak at 3 blocks each, and so does
+    # c. Admitted next to them at once, c's growth would overlap theirs (9 blocks); a few steps later it
+    # no longer does, although no block has been freed meanwhile. Without probing it again (frozen),
+    # c waits until a finishes.
+    if not reprobe:
+        monkeypatch.setattr(step_planner, "REPROBE_STEPS", 10**9)
+    scheduler = predictive(8, kv_admission_cap=1.0)
+    for request_id, first in (("a", 1), ("b", 30), ("c", 60)):
+        scheduler.add_request(req(request_id, list(range(first, first + 4)), max_tokens=8, ignore_eos=True))
+    loop = loop_for(scheduler, overlapped)
+    admitted_at: dict[str, int] = {}
+    finished_at: dict[str, int] = {}
+
+    def check(step: StepInput) -> None:
+        assert_block_accounting(scheduler)
+        for request_id in ("a", "b", "c"):
+            request = scheduler.requests.get(request_id)
+            if request is not None and request.first_scheduled_time is not None:
+                admitted_at.setdefault(request_id, step.step_id)
+            elif request is None:
+                finished_at.setdefault(request_id, step.step_id)
+
+    loop.run(500, after_step=check)
+    assert scheduler.stats().preemptions == 0
+    assert all(len(tokens[0]) == 8 for tokens in texts(loop.outputs).values())
+    first_end = min(finished_at["a"], finished_at["b"])
+    assert (admitted_at["c"] < first_end) is reprobe
