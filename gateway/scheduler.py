@@ -158,10 +158,16 @@ class Scheduler:
         queues.push_waiting(request)
 
     def abort_request(self, request_id: str) -> bool:
-        """Drop a request and free its blocks now; the next step tells the worker."""
+        """Drop a request and free its blocks now; the next step tells the worker. A running
+        sequence's output length counts for admission's model like any other end: a stop string
+        (matched on text, in the API layer) and a client that leaves both end it here, and when
+        blocks are freed is what the model forecasts."""
         request = self.requests.get(request_id)
         if request is None:
             return False
+        for seq in request.live_seqs():
+            if seq.status is RUNNING:
+                self._observe_length(seq)
         self._finish_request(request, "abort")
         return True
 
@@ -190,12 +196,14 @@ class Scheduler:
     def _end_seq(self, seq: Sequence, reason: str) -> SequenceStatus:
         """A sequence stopped (output processing); its request ends with its last sequence."""
         was = seq.status
-        prompt_len = seq.request.num_prompt_tokens
-        self.figures.lengths.observe(seq.num_output_tokens, seq.max_num_tokens - prompt_len)
+        self._observe_length(seq)
         self._finish_seq(seq, reason)
         if seq.request.finished:
             self._forget_request(seq.request, was)
         return was
+
+    def _observe_length(self, seq: Sequence) -> None:
+        self.figures.lengths.observe(seq.num_output_tokens, seq.max_num_tokens - seq.request.num_prompt_tokens)
 
     def _finish_seq(self, seq: Sequence, reason: str) -> None:
         seq.status = FINISHED

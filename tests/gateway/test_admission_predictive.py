@@ -237,3 +237,25 @@ def test_a_blocked_head_is_probed_again_as_the_forecast_moves(
     assert all(len(tokens[0]) == 8 for tokens in texts(loop.outputs).values())
     first_end = min(finished_at["a"], finished_at["b"])
     assert (admitted_at["c"] < first_end) is reprobe
+
+
+def test_sequences_ended_by_an_abort_teach_the_length_model_and_waiting_ones_do_not() -> None:
+    # A stop string is matched on text in the API layer, which then aborts the request: how long the
+    # sequence ran is as real a length as an EOS. A request aborted before it ran says nothing.
+    scheduler = predictive(80, max_num_seqs=4)
+    for index in range(6):
+        scheduler.add_request(req(f"r{index}", [1 + index, 2, 3, 4], max_tokens=60))
+    loop = loop_for(scheduler, overlapped=False, choose_token=lambda seq_id, position: 5)
+    for _ in range(4):
+        loop.step()
+    running = [request_id for request_id, request in scheduler.requests.items() if request.first_scheduled_time is not None]
+    waiting = [request_id for request_id in scheduler.requests if request_id not in running]
+    assert len(running) == 4 and len(waiting) == 2
+    for request_id in [*running, *waiting]:
+        assert scheduler.abort_request(request_id)
+    lengths = scheduler.figures.lengths
+    assert lengths.num_samples == 4
+    assert all(0 < share < 0.1 for share in lengths._finished)  # a few of 60 tokens each
+    loop.run(100)
+    assert_block_accounting(scheduler)
+    assert scheduler.stats().used_blocks == 0
