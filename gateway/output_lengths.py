@@ -70,7 +70,9 @@ class OutputLengthModel:
             return None
         if self.needs_refresh():
             censored = running_shares if running_shares is not None else np.empty(0)
-            self._table = kaplan_meier(np.fromiter(self._finished, float, len(self._finished)), censored, self._points)
+            table = kaplan_meier(np.fromiter(self._finished, float, len(self._finished)), censored, self._points)
+            table[-1] = 0.0  # P(R > 1): none, though sequences censored at their limit leave KM above 0 there
+            self._table = table
             self._new_since_refresh = 0
         return self._table
 

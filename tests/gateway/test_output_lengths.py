@@ -74,3 +74,13 @@ def test_the_table_is_refreshed_when_a_sixteenth_of_the_window_is_new() -> None:
     model.observe(1, 8)
     assert model.needs_refresh()
     assert model.survival()[1] < 1.0  # type: ignore[index]
+
+
+def test_no_sequence_outlives_its_max_tokens() -> None:
+    # Sequences running at their limit are censored at R = 1, which leaves Kaplan-Meier's survival
+    # above 0 there; but R <= 1, so P(R > 1) is 0 and the forecast lets every sequence end by its limit.
+    model = OutputLengthModel(min_samples=1, resolution=10)
+    for share in (1, 1, 1, 5):
+        model.observe(share, 10)
+    table = model.survival(np.array([1.0, 1.0, 1.0]))
+    assert table is not None and table[-1] == 0.0 and table[-2] > 0.0
