@@ -108,3 +108,18 @@ def test_a_sequence_whose_last_token_is_in_flight_is_waited_for(overlapped: bool
     stats = scheduler.stats()
     assert stats.preemptions == 0 and stats.recomputed_tokens == 0
     assert stats.block_waits == (1 if overlapped else 0)
+
+
+@ORDERS
+def test_a_request_moved_off_a_lost_worker_waits_afresh(overlapped: bool) -> None:
+    # The steps a sequence waited on a worker that was lost say nothing of the pool it moves to: it
+    # may wait its MAX_BLOCK_WAIT_STEPS steps there too.
+    scheduler = over_optimistic(13)
+    for offset, request_id in enumerate(LENGTHS):
+        scheduler.add_request(req(request_id, [10 * offset + 1, 2, 3, 4, 5, 6], max_tokens=40))
+    loop = loop_for(scheduler, overlapped, choose_token=lambda seq_id, position: 5)
+    while not any(seq.block_waits for seq in scheduler.queues.running):
+        loop.step()
+        assert loop.num_steps < 200
+    taken = scheduler.take_all_requests()
+    assert [seq.block_waits for request in taken for seq in request.seqs] == [0] * len(LENGTHS)
