@@ -9,6 +9,7 @@ queue_full 429, unavailable 503).
 from __future__ import annotations
 
 import enum
+from collections import Counter
 
 from paged.gateway.block_allocator import BlockAllocator, CacheHit
 from paged.gateway.demand_forecast import DemandCurve, DemandForecast, DemandRows, request_rows, running_rows
@@ -137,10 +138,14 @@ class PredictiveAdmission:
         self._rows: DemandRows | None = None  # running set plus requests admitted this step
         self._curve: DemandCurve | None = None
         self._used = 0  # blocks held when the running curve was built
-        self._candidate: tuple[DemandRows, DemandCurve] | None = None
+        # References the requests admitted since then took on prefix-hit blocks, by block: their
+        # rows count those blocks as their own (demand_forecast.request_rows).
+        self._taken: Counter[int] = Counter()
+        self._candidate: tuple[DemandRows, DemandCurve, list[CacheHit]] | None = None
 
     def begin_step(self) -> None:
         self._rows = self._curve = self._candidate = None
+        self._taken.clear()
 
     def cap(self, config: SchedulerConfig) -> float:
         return max(config.kv_admission_cap - (THRASH_TIGHTENING if self.tightened else 0.0), 0.0)
@@ -160,7 +165,7 @@ class PredictiveAdmission:
             self._candidate = None
             return True
         allocator = self.allocator
-        candidate = request_rows(request, seqs, hits, awaiting, allocator)
+        candidate = request_rows(request, seqs, hits, awaiting, allocator, self._taken)
         rows, curve = self._rows, self._curve
         if rows is None:
             rows = self._rows = running_rows(running, awaiting_requests, allocator)
@@ -172,12 +177,14 @@ class PredictiveAdmission:
         if self._used + total.peak(self.margin.z) > self.cap(config) * allocator.num_blocks:
             self._candidate = None
             return False
-        self._candidate = (candidate, total)
+        self._candidate = (candidate, total, hits)
         return True
 
     def admitted(self) -> None:
         """The request fits() accepted last was admitted: its curve joins the running set's."""
         if self._candidate is not None and self._rows is not None:
-            rows, self._curve = self._candidate
+            rows, self._curve, hits = self._candidate
             self._rows.extend(rows)
+            for hit in hits:
+                self._taken.update(hit.blocks)
         self._candidate = None

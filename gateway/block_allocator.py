@@ -148,8 +148,9 @@ class BlockAllocator(Protocol):
         """Each sequence's device blocks that no other table holds: what it frees when it ends."""
         ...
 
-    def num_shared(self, blocks: list[int]) -> int:
-        """How many of these blocks two or more tables hold: the end of no one of them frees it."""
+    def num_shared(self, blocks: list[int], taken: Mapping[int, int]) -> int:
+        """How many of these blocks two or more tables hold, not counting the references in `taken`
+        (by block): the end of no one of them frees it."""
         ...
 
     def will_copy_on_write(self, seq: Sequence) -> bool:

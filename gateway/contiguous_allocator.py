@@ -53,7 +53,7 @@ class ContiguousAllocator(BlockTables):
             exclusive.append(len(record.table) + reserved if record is not None else 0)
         return exclusive
 
-    def num_shared(self, blocks: list[int]) -> int:
+    def num_shared(self, blocks: list[int], taken: Mapping[int, int]) -> int:
         return 0  # no prefix hits
 
     def will_copy_on_write(self, seq: Sequence) -> bool:

@@ -27,6 +27,7 @@ step and each admitted request's curve is added to it (gateway/admission.py).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -188,17 +189,24 @@ def running_rows(running: list[Sequence], awaiting: list[Request], allocator: Bl
 
 
 def request_rows(
-    request: Request, seqs: list[Sequence], hits: list[CacheHit], awaiting: list[Sequence], allocator: BlockAllocator
+    request: Request,
+    seqs: list[Sequence],
+    hits: list[CacheHit],
+    awaiting: list[Sequence],
+    allocator: BlockAllocator,
+    taken: Mapping[int, int],
 ) -> DemandRows:
     """A waiting request about to be admitted: `seqs` take blocks now, `awaiting` will share its
     recomputed prompt, and an unforked n > 1 request will fork its children. A prefix hit on a block
-    two or more tables hold costs nothing (no end frees it); one on a block a single running
-    sequence holds costs the block, since that sequence's row counts it as freed at its end; one on
-    a cached-free block costs it too."""
+    two or more tables held when the running rows were built costs nothing (no end frees it); one on
+    a block a single running sequence held then costs the block, since that sequence's row counts it
+    as freed at its end; one on a cached-free block costs it too. `taken`: the references on hit
+    blocks that requests admitted since the running rows were built took (by block), whose rows
+    count those blocks as their own and so free them at their ends."""
     rows = DemandRows()
     prompt_len = request.num_prompt_tokens
     for seq, hit in zip(seqs, hits, strict=True):
-        kept_anyway = allocator.num_shared(hit.blocks)
+        kept_anyway = allocator.num_shared(hit.blocks, taken)
         rows.add(seq.num_tokens - prompt_len, seq.max_num_tokens - prompt_len, seq.num_tokens, kept_anyway, 0)
     shared = allocator.shared_prompt_blocks(prompt_len)
     for seq in awaiting:

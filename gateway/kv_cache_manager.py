@@ -93,9 +93,9 @@ class KVCacheManager(BlockTables):
                 exclusive.append(sum(1 for block in table if ref_counts[block] == 1))
         return exclusive
 
-    def num_shared(self, blocks: list[int]) -> int:
+    def num_shared(self, blocks: list[int], taken: Mapping[int, int]) -> int:
         ref_counts = self.pool.ref_counts
-        return sum(1 for block in blocks if ref_counts[block] > 1)
+        return sum(1 for block in blocks if ref_counts[block] - taken.get(block, 0) > 1)
 
     def will_copy_on_write(self, seq: Sequence) -> bool:
         record = self.seqs.get(seq.seq_id)

@@ -30,6 +30,7 @@ def reset_for_recompute(seq: Sequence) -> None:
     seq.num_computed = 0
     seq.num_tokens = len(seq.token_ids)
     seq.on_worker = False
+    seq.block_waits = 0
 
 
 def fork_again_if_nothing_sampled(request: Request) -> None:

@@ -127,14 +127,19 @@ class StepPlanner:
         grow = self.allocator.grow
         may_wait = config.admission_policy == "predictive" and self.allocator.grows_on_demand
         waited: list[Sequence] = []
+        ending = False  # a step in flight samples a sequence's last token: its result frees blocks
         index = 0
         while index < len(running) and step.budget > 0:
             seq = running[index]
             index += 1
             num_tokens = seq.num_tokens
             num_new = num_tokens - seq.num_computed
-            # Nothing to compute, or a final token already in flight that needs no KV.
-            if num_new <= 0 or num_tokens >= seq.max_num_tokens or seq.seq_id in scheduled:
+            # A final token already in flight needs no KV.
+            if num_tokens >= seq.max_num_tokens:
+                ending = True
+                continue
+            # Nothing to compute.
+            if num_new <= 0 or seq.seq_id in scheduled:
                 continue
             if num_new > step.budget:
                 num_new = step.budget
@@ -155,8 +160,9 @@ class StepPlanner:
             step.emit(self.allocator, seq, num_new, copies)
         if not waited:
             return
-        if not scheduled:
-            # Nothing progresses, so nothing would finish and free blocks: waiting cannot help.
+        if not scheduled and not ending:
+            # Nothing progresses and no step in flight ends a sequence, so nothing would free
+            # blocks: waiting cannot help.
             for seq in waited:
                 seq.block_waits = MAX_BLOCK_WAIT_STEPS
             self._schedule_running(step, config)

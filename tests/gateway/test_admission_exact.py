@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from paged.gateway.block_accounting import assert_block_accounting
 from paged.gateway.engine_client import AdmissionError
 from paged.shared.protocol import StepInput
-from support.scheduler_steps import loop_for, make, req
+from support.scheduler_steps import ORDERS, loop_for, make, req
 
 SYSTEM_PROMPTS = [list(range(1, 11)), list(range(11, 17)), []]
 EXAMPLES = int(os.environ.get("PAGED_HYPOTHESIS_EXAMPLES", "60"))
@@ -75,3 +75,27 @@ def test_exact_lengths_never_wait_or_preempt(
         assert step < 5000
     finished = {output.request_id for output in loop.outputs if output.finished}
     assert finished == accepted
+
+
+@ORDERS
+def test_requests_admitted_in_one_step_hitting_a_block_one_running_sequence_holds(overlapped: bool) -> None:
+    # 7 blocks of 4 tokens; a holds the system prompt's block alone (its row frees it when a ends).
+    # c and d arrive together and both hit it. c is admitted first and counts the block as its own
+    # (it frees it at its end, at once). When d is probed two tables hold the block, but both rows
+    # that count it end long before d: d's hit must cost the block, or d and e (which grow to their
+    # peaks together) are one block short and a sequence waits.
+    system = [1, 2, 3, 4]
+    scheduler = make(7, admission_policy="predictive", kv_admission_cap=1.0, max_num_seqs=8)
+    loop = loop_for(scheduler, overlapped)
+    scheduler.add_request(req("a", system + [5], max_tokens=2, ignore_eos=True))
+    scheduler.add_request(req("e", [50, 51, 52, 53], max_tokens=10, ignore_eos=True))
+    loop.step()
+    c = req("c", system + [6], max_tokens=1, ignore_eos=True)
+    scheduler.add_request(c)
+    scheduler.add_request(req("d", system + [7], max_tokens=9, ignore_eos=True))
+    loop.step()
+    assert c.first_scheduled_time is not None  # d was probed after c took its hit
+    loop.run(500, after_step=lambda step: assert_block_accounting(scheduler))
+    stats = scheduler.stats()
+    assert stats.preemptions == 0 and stats.block_waits == 0
+    assert {output.request_id for output in loop.outputs if output.finished} == {"a", "c", "d", "e"}

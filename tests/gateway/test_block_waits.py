@@ -1,6 +1,7 @@
 """A running sequence that finds no free block waits for a finishing one to free some, instead of
 preempting (predictive admission): counted in paged_block_waits_total, bounded to
-MAX_BLOCK_WAIT_STEPS steps in a row, and never when nothing else progresses."""
+MAX_BLOCK_WAIT_STEPS steps in a row, and never when nothing else progresses (no step in flight
+ending a sequence either)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,36 @@ def test_greedy_admission_preempts_without_waiting() -> None:
     out, _ = run_lengths(scheduler, overlapped=True)
     assert {request_id: len(tokens[0]) for request_id, tokens in out.items()} == LENGTHS
     assert scheduler.stats().block_waits == 0 and scheduler.stats().preemptions >= 1
+
+
+@ORDERS
+def test_a_sequence_whose_last_token_is_in_flight_is_waited_for(overlapped: bool) -> None:
+    # 5 blocks of 4 tokens. "ends" (8-token prompt, 5 out) holds 3 blocks and samples its last token
+    # in step 4; "grows" (4-token prompt, up to 16 out) needs its third block in step 5. Overlapped,
+    # step 5 is planned before step 4's result frees "ends": nothing else is scheduled in step 5, but
+    # a step in flight ends a sequence, so "grows" waits a step instead of preempting itself.
+    scheduler = over_optimistic(5)
+    scheduler.add_request(req("ends", list(range(1, 9)), max_tokens=5, ignore_eos=True))
+    scheduler.add_request(req("grows", list(range(20, 24)), max_tokens=16, ignore_eos=True))
+    loop = loop_for(scheduler, overlapped)
+    loop.run(1000, after_step=lambda step: assert_block_accounting(scheduler))
+    out = texts(loop.outputs)
+    assert len(out["ends"][0]) == 5 and len(out["grows"][0]) == 16
+    stats = scheduler.stats()
+    assert stats.preemptions == 0 and stats.recomputed_tokens == 0
+    assert stats.block_waits == (1 if overlapped else 0)
+
+
+@ORDERS
+def test_a_request_moved_off_a_lost_worker_waits_afresh(overlapped: bool) -> None:
+    # The steps a sequence waited on a worker that was lost say nothing of the pool it moves to: it
+    # may wait its MAX_BLOCK_WAIT_STEPS steps there too.
+    scheduler = over_optimistic(13)
+    for offset, request_id in enumerate(LENGTHS):
+        scheduler.add_request(req(request_id, [10 * offset + 1, 2, 3, 4, 5, 6], max_tokens=40))
+    loop = loop_for(scheduler, overlapped, choose_token=lambda seq_id, position: 5)
+    while not any(seq.block_waits for seq in scheduler.queues.running):
+        loop.step()
+        assert loop.num_steps < 200
+    taken = scheduler.take_all_requests()
+    assert [seq.block_waits for request in taken for seq in request.seqs] == [0] * len(LENGTHS)

@@ -98,7 +98,7 @@ def test_blocks_another_table_holds_are_not_counted_as_freed() -> None:
     assert hit.num_tokens == 12
     # Before b runs, a alone holds the blocks b hits, and a's row counts them as freed when a ends:
     # b keeps them held then, so its hit costs them (none of its blocks is already in a table it keeps).
-    (row,) = zip(*vars_of(request_rows(second, [other], [hit], [], kv)), strict=True)
+    (row,) = zip(*vars_of(request_rows(second, [other], [hit], [], kv, {})), strict=True)
     assert row == (0, 8, 15, 0, 0)
     assert kv.admit(other, hit, 3, 0)
     seq.num_tokens = other.num_tokens = 15
@@ -107,15 +107,20 @@ def test_blocks_another_table_holds_are_not_counted_as_freed() -> None:
     # Once two tables hold them, a third request's hit on them costs nothing.
     third = _request("c", list(range(1, 13)) + [60])
     (late,) = third.seqs
-    (row,) = zip(*vars_of(request_rows(third, [late], [kv.probe(late)], [], kv)), strict=True)
+    (row,) = zip(*vars_of(request_rows(third, [late], [kv.probe(late)], [], kv, {})), strict=True)
     assert row == (0, 8, 13, 3, 0)
+    # Unless b was admitted after a's row was built (in the step being planned): a's row frees
+    # them at a's end and b's counts them as its own, so no row keeps them for c.
+    taken = dict.fromkeys(hit.blocks, 1)
+    (row,) = zip(*vars_of(request_rows(third, [late], [kv.probe(late)], [], kv, taken)), strict=True)
+    assert row == (0, 8, 13, 0, 0)
 
 
 def test_children_of_an_unforked_request_count_before_the_fork() -> None:
     kv = KVCacheManager(32, BS)
     request = _request("n3", list(range(1, 11)), n=3)
     (seq,) = request.live_seqs()
-    rows = request_rows(request, [seq], [kv.probe(seq)], [], kv)
+    rows = request_rows(request, [seq], [kv.probe(seq)], [], kv, {})
     # The parent takes the prompt's 3 blocks; each child shares the 2 full ones and needs its own.
     assert rows.table_blocks == [0, 2, 2] and rows.generated == [0, 0, 0]
     curve = DemandForecast(OutputLengthModel(), BS).curve(rows, np.array([0, 1]))
