@@ -76,9 +76,9 @@ class OutputLengthModel:
             self._new_since_refresh = 0
         return self._table
 
-    def mean_share(self) -> float | None:
-        """The expected used share E[R] under the current table (for the admin views), or None."""
-        table = self._table
-        if table is None or len(self._finished) < self._min_samples:
-            return None
-        return float(table[:-1].mean())
+    def mean_share(self, running_shares: np.ndarray | None = None) -> float | None:
+        """The expected used share E[R] (for the admin views), or None while too few sequences have
+        finished. The table is refreshed first when it is due, as in survival(): without that the
+        figure would wait for the next admission decision, and an idle pool would show a stale one."""
+        table = self.survival(running_shares)
+        return None if table is None else float(table[:-1].mean())

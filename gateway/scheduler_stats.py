@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import msgspec
+import numpy as np
 
 from paged.gateway.admission import AdmissionMargin
 from paged.gateway.block_allocator import BlockAllocator
 from paged.gateway.output_lengths import OutputLengthModel
 from paged.gateway.policy_queues import PolicyQueues
+from paged.gateway.request import Sequence
 from paged.gateway.stats import PoolStats, SchedulerCounters, SchedulerStats, extend
 from paged.gateway.thrash_detector import ThrashDetector, WorkTotals
 from paged.shared.config import SchedulerConfig
@@ -84,7 +86,8 @@ class SchedulerFigures:
     def snapshot(self, pool: PoolStats, queues: PolicyQueues, kv_transfers_in_flight: int) -> SchedulerStats:
         """The pool's figures plus the queues, the counters, the window's and what admission learned."""
         window = self.thrash.figures
-        share = self.lengths.mean_share()
+        lengths = self.lengths
+        share = lengths.mean_share(_used_shares(queues.running) if lengths.needs_refresh() else None)
         return extend(
             pool,
             SchedulerStats,
@@ -106,3 +109,13 @@ class SchedulerFigures:
             admission_margin=self.margin.z,
             expected_output_share=1.0 if share is None else share,
         )
+
+
+def _used_shares(running: list[Sequence]) -> np.ndarray:
+    """Each running sequence's used share of its max_tokens so far: censored observations."""
+    shares = []
+    for seq in running:
+        prompt_len = seq.request.num_prompt_tokens
+        if seq.max_num_tokens > prompt_len:
+            shares.append((seq.num_tokens - prompt_len) / (seq.max_num_tokens - prompt_len))
+    return np.array(shares, dtype=np.float64)

@@ -259,3 +259,16 @@ def test_sequences_ended_by_an_abort_teach_the_length_model_and_waiting_ones_do_
     loop.run(100)
     assert_block_accounting(scheduler)
     assert scheduler.stats().used_blocks == 0
+
+
+def test_the_learned_share_in_the_stats_is_current_when_nothing_waits() -> None:
+    # The table is refreshed for admission decisions, which only run while a request waits; the
+    # admin views' figure must not wait for one.
+    scheduler = predictive(64)
+    lengths = scheduler.figures.lengths
+    for _ in range(40):
+        lengths.observe(30, 60)
+    assert abs(scheduler.stats().expected_output_share - 0.5) < 0.01
+    for _ in range(40):
+        lengths.observe(6, 60)
+    assert abs(scheduler.stats().expected_output_share - 0.3) < 0.01
