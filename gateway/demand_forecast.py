@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from paged.gateway.block_allocator import BlockAllocator, CacheHit
-from paged.gateway.output_lengths import OutputLengthModel
+from paged.gateway.output_lengths import OutputLengthModel, used_shares
 from paged.gateway.request import Request, Sequence
 
 # Grid points over the horizon. With learned lengths the curve is smooth enough that 200 points
@@ -74,7 +74,7 @@ class DemandRows:
 
     def used_shares(self) -> np.ndarray:
         """Each sequence's used share of its max_tokens so far: censored observations for the model."""
-        return np.array([g / m for g, m in zip(self.generated, self.max_output, strict=True) if m > 0], dtype=np.float64)
+        return used_shares(self.generated, self.max_output)
 
 
 @dataclass(slots=True)

@@ -18,12 +18,19 @@ window is new, so its cost (a sort of a few thousand numbers) is paid rarely.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 
 import numpy as np
 
 DEFAULT_WINDOW = 2000
 MIN_SAMPLES = 32  # below this, sequences are assumed to use all of max_tokens
 DEFAULT_RESOLUTION = 1024  # table points: exact per token for max_tokens up to this
+
+
+def used_shares(generated: Iterable[int], max_output: Iterable[int]) -> np.ndarray:
+    """Each running sequence's used share of its max output tokens so far (those with a positive
+    limit): the censored observations the model is refreshed with."""
+    return np.array([g / m for g, m in zip(generated, max_output, strict=True) if m > 0], dtype=np.float64)
 
 
 def kaplan_meier(events: np.ndarray, censored: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 
 from paged.gateway.admission import AdmissionMargin
 from paged.gateway.block_allocator import BlockAllocator
-from paged.gateway.output_lengths import OutputLengthModel
+from paged.gateway.output_lengths import OutputLengthModel, used_shares
 from paged.gateway.policy_queues import PolicyQueues
 from paged.gateway.request import Sequence
 from paged.gateway.stats import PoolStats, SchedulerCounters, SchedulerStats, extend
@@ -87,7 +87,7 @@ class SchedulerFigures:
         """The pool's figures plus the queues, the counters, the window's and what admission learned."""
         window = self.thrash.figures
         lengths = self.lengths
-        share = lengths.mean_share(_used_shares(queues.running) if lengths.needs_refresh() else None)
+        share = lengths.mean_share(_running_shares(queues.running) if lengths.needs_refresh() else None)
         return extend(
             pool,
             SchedulerStats,
@@ -111,11 +111,8 @@ class SchedulerFigures:
         )
 
 
-def _used_shares(running: list[Sequence]) -> np.ndarray:
-    """Each running sequence's used share of its max_tokens so far: censored observations."""
-    shares = []
-    for seq in running:
-        prompt_len = seq.request.num_prompt_tokens
-        if seq.max_num_tokens > prompt_len:
-            shares.append((seq.num_tokens - prompt_len) / (seq.max_num_tokens - prompt_len))
-    return np.array(shares, dtype=np.float64)
+def _running_shares(running: list[Sequence]) -> np.ndarray:
+    return used_shares(
+        (seq.num_tokens - seq.request.num_prompt_tokens for seq in running),
+        (seq.max_num_tokens - seq.request.num_prompt_tokens for seq in running),
+    )
