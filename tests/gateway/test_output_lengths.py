@@ -9,7 +9,14 @@ import random
 import numpy as np
 import pytest
 
-from paged.gateway.output_lengths import OutputLengthModel, kaplan_meier
+from paged.gateway.output_lengths import (
+    TAIL_REACH,
+    OutputLengthModel,
+    fit_log_normal,
+    kaplan_meier,
+    kaplan_meier_steps,
+    log_normal_survival,
+)
 
 
 def test_without_censoring_kaplan_meier_is_the_empirical_survival() -> None:
@@ -84,3 +91,50 @@ def test_no_sequence_outlives_its_max_tokens() -> None:
         model.observe(share, 10)
     table = model.survival(np.array([1.0, 1.0, 1.0]))
     assert table is not None and table[-1] == 0.0 and table[-2] > 0.0
+
+
+def test_the_log_normal_fit_recovers_the_parameters_from_kaplan_meier() -> None:
+    rng = np.random.default_rng(0)
+    events = rng.lognormal(math.log(0.12), 0.8, 4000)
+    fit = fit_log_normal(*kaplan_meier_steps(events[events < 1.0], np.empty(0)))
+    assert fit is not None
+    mu, sigma = fit
+    assert abs(mu - math.log(0.12)) < 0.05 and abs(sigma - 0.8) < 0.05
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_after_a_start_the_tail_follows_a_fitted_log_normal_up_to_its_reach(seed: int) -> None:
+    """200 sequences started together, seen at step 100: the finished ones end before 100 tokens
+    and the running ones are censored there. Kaplan-Meier alone stays flat past the longest one
+    seen to end (all of those still running would run to max_tokens); the fitted tail follows the
+    true survival up to TAIL_REACH times that share, and is flat after it."""
+    rng = random.Random(seed)
+    max_tokens, now = 1024, 100
+    lengths = [min(max_tokens, max(10, round(rng.lognormvariate(math.log(120), 1.0)))) for _ in range(200)]
+    model = OutputLengthModel(resolution=max_tokens)
+    for length in lengths:
+        if length <= now:
+            model.observe(length, max_tokens)
+    running = np.array([now / max_tokens for length in lengths if length > now])
+    table = model.survival(running)
+    assert table is not None
+    last = max(length for length in lengths if length <= now)
+    reach = round(TAIL_REACH * last)
+    flat = kaplan_meier(np.array([length / max_tokens for length in lengths if length <= now]), running,
+                        np.array([reach / max_tokens]))[0]
+    truth = float(log_normal_survival(np.array([float(reach)]), math.log(120), 1.0)[0])
+    assert flat > truth + 0.15  # without the fit: a quarter or more of all sequences assumed to run to the limit
+    assert abs(table[reach] - truth) < 0.08
+    assert np.all(table[reach:-1] == table[reach])  # past the reach: flat, as Kaplan-Meier alone
+    assert np.all(np.diff(table) <= 0.0)
+
+
+def test_traffic_that_ends_at_its_limit_keeps_the_plain_estimate() -> None:
+    model = OutputLengthModel(min_samples=1, resolution=100)
+    used = list(range(5, 25)) + [100] * 5
+    for tokens in used:
+        model.observe(tokens, 100)
+    shares = [tokens / 100 for tokens in used]
+    table = model.survival()
+    assert table is not None
+    assert np.allclose(table[:-1], kaplan_meier(np.array(shares), np.empty(0), np.arange(100) / 100))
