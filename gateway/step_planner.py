@@ -120,8 +120,8 @@ class StepPlanner:
 
     def _schedule_running(self, step: StepBuilder, config: SchedulerConfig) -> None:
         """The token budget over the running batch, in order. A sequence that cannot grow waits for a
-        finishing one to free blocks (predictive admission, up to MAX_BLOCK_WAIT_STEPS steps in a row),
-        else preempts the tail until it can (or is the tail itself)."""
+        finishing one to free blocks (predictive admission, up to MAX_BLOCK_WAIT_STEPS steps in a row,
+        unless the tail is less important), else preempts the tail until it can (or is the tail itself)."""
         running = self.queues.running
         scheduled = step.scheduled
         grow = self.allocator.grow
@@ -144,7 +144,14 @@ class StepPlanner:
             if num_new > step.budget:
                 num_new = step.budget
             copies = grow(seq, num_new)
-            if copies is None and may_wait and seq.block_waits < MAX_BLOCK_WAIT_STEPS:
+            # Under the priority policy a sequence never waits on a less important one's blocks:
+            # that one is preempted at once, as for a waiting request (Preemption.may_preempt_for).
+            if (
+                copies is None
+                and may_wait
+                and seq.block_waits < MAX_BLOCK_WAIT_STEPS
+                and not self.preemption.may_preempt_for(seq.request)
+            ):
                 waited.append(seq)
                 continue
             if copies is None:

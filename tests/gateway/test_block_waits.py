@@ -17,10 +17,12 @@ from support.scheduler_steps import EOS, ORDERS, loop_for, make, req, texts
 LENGTHS = {"a": 12, "b": 14, "c": 20}
 
 
-def over_optimistic(num_blocks: int, max_output: int = 40) -> Scheduler:
+def over_optimistic(num_blocks: int, max_output: int = 40, scheduling_policy: str = "decode-first") -> Scheduler:
     """Predictive admission that has learned that sequences use up to a fifth of max_tokens and keeps
     no margin for error: requests that then run longer over-commit the pool."""
-    scheduler = make(num_blocks, admission_policy="predictive", kv_admission_cap=1.0, max_num_seqs=8)
+    scheduler = make(
+        num_blocks, admission_policy="predictive", kv_admission_cap=1.0, max_num_seqs=8, scheduling_policy=scheduling_policy
+    )
     for index in range(64):
         scheduler.figures.lengths.observe(1 + index % (max_output // 5), max_output)
     margin = scheduler.figures.margin
@@ -83,6 +85,32 @@ def test_nothing_waits_when_no_sequence_could_progress(overlapped: bool) -> None
     assert len(out["early"][0]) == len(out["late"][0]) == 13
     stats = scheduler.stats()
     assert stats.preemptions >= 1 and stats.block_waits == 0
+
+
+@ORDERS
+def test_under_the_priority_policy_an_important_sequence_never_waits_on_a_less_important_one(overlapped: bool) -> None:
+    # The traffic of the first test with one important request: when it finds the pool full it
+    # preempts the less important tail at once, as a waiting request of its priority would.
+    scheduler = over_optimistic(13, scheduling_policy="priority")
+    lengths = {"a": 12, "b": 14, "vip": 20}
+    ends = {}
+    for offset, (request_id, length) in enumerate(lengths.items()):
+        request = req(request_id, [10 * offset + 1, 2, 3, 4, 5, 6], priority=0 if request_id == "vip" else 1, max_tokens=40)
+        scheduler.add_request(request)
+        ends[request.seqs[0].seq_id] = 6 + length - 1
+    vip = request.seqs[0]
+    loop = loop_for(scheduler, overlapped, choose_token=lambda seq_id, position: EOS if position >= ends[seq_id] else 5)
+    vip_waits = 0
+
+    def check(step: StepInput) -> None:
+        nonlocal vip_waits
+        assert_block_accounting(scheduler)
+        vip_waits = max(vip_waits, vip.block_waits)
+
+    loop.run(1000, after_step=check)
+    assert {request_id: len(tokens[0]) for request_id, tokens in texts(loop.outputs).items()} == lengths
+    assert vip_waits == 0 and vip.request.num_preemptions == 0
+    assert scheduler.stats().preemptions >= 1
 
 
 def test_greedy_admission_preempts_without_waiting() -> None:
