@@ -12,7 +12,7 @@ import enum
 from collections import Counter
 
 from paged.gateway.block_allocator import BlockAllocator, CacheHit
-from paged.gateway.demand_forecast import DemandCurve, DemandForecast, DemandRows, request_rows, running_rows
+from paged.gateway.demand_forecast import DemandCurve, DemandForecast, DemandRows, request_rows, running_rows, swapped_rows
 from paged.gateway.request import Request, Sequence
 from paged.shared.config import SchedulerConfig
 
@@ -160,12 +160,30 @@ class PredictiveAdmission:
         awaiting_requests: list[Request],
         config: SchedulerConfig,
     ) -> bool:
-        """Whether the request may be admitted now; call admitted() if it then is."""
+        """Whether the waiting request may be admitted now; call admitted() if it then is."""
+        candidate = request_rows(request, seqs, hits, awaiting, self.allocator, self._taken)
+        return self._fits(candidate, hits, running, awaiting_requests, config)
+
+    def fits_swapped(
+        self, request: Request, seqs: list[Sequence], running: list[Sequence], awaiting_requests: list[Request], config: SchedulerConfig
+    ) -> bool:
+        """Whether the swapped request may come back now (its growth counts as a new request's: swap-in
+        that only checked the blocks it takes now over-committed the pool again); call admitted() if
+        it then does."""
+        return self._fits(swapped_rows(request, seqs, self.allocator), [], running, awaiting_requests, config)
+
+    def _fits(
+        self,
+        candidate: DemandRows,
+        hits: list[CacheHit],
+        running: list[Sequence],
+        awaiting_requests: list[Request],
+        config: SchedulerConfig,
+    ) -> bool:
         if not running and not awaiting_requests:
             self._candidate = None
             return True
         allocator = self.allocator
-        candidate = request_rows(request, seqs, hits, awaiting, allocator, self._taken)
         rows, curve = self._rows, self._curve
         if rows is None:
             rows = self._rows = running_rows(running, awaiting_requests, allocator)
@@ -181,7 +199,7 @@ class PredictiveAdmission:
         return True
 
     def admitted(self) -> None:
-        """The request fits() accepted last was admitted: its curve joins the running set's."""
+        """The request fits() or fits_swapped() accepted last joined: its curve joins the running set's."""
         if self._candidate is not None and self._rows is not None:
             rows, self._curve, hits = self._candidate
             self._rows.extend(rows)

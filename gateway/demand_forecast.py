@@ -216,6 +216,17 @@ def request_rows(
     return rows
 
 
+def swapped_rows(request: Request, seqs: list[Sequence], allocator: BlockAllocator) -> DemandRows:
+    """A swapped request about to come back: every block it holds is new to the pool, the full prompt
+    blocks its sequences share (an n > 1 request) counted once, with the first."""
+    rows = DemandRows()
+    prompt_len = request.num_prompt_tokens
+    shared = allocator.shared_prompt_blocks(prompt_len)
+    for index, seq in enumerate(seqs):
+        rows.add(seq.num_tokens - prompt_len, seq.max_num_tokens - prompt_len, seq.num_tokens, shared if index else 0, 0)
+    return rows
+
+
 def _add_children(rows: DemandRows, request: Request, parent: Sequence, allocator: BlockAllocator) -> None:
     """The n - 1 children of an unforked request: each shares the full prompt blocks and adds its own."""
     prompt_len = request.num_prompt_tokens

@@ -180,17 +180,23 @@ class StepPlanner:
             seq.block_waits += 1
 
     def _swap_in(self, step: StepBuilder, config: SchedulerConfig) -> bool:
-        """Bring swapped requests back, oldest first, while they fit above the watermark."""
+        """Bring swapped requests back, oldest first, while they fit above the watermark and, under
+        predictive admission, in the forecast."""
         queues = self.queues
+        predictive = config.admission_policy == "predictive" and self.allocator.grows_on_demand
         swapped_in = False
         while queues.swapped:
             request = queues.swapped[0]
             seqs = request.live_seqs()
             if not may_take_seats(request, seqs, self.groups.seats_taken(), config):
                 break
+            if predictive and not self.predictive.fits_swapped(request, seqs, queues.running, self.groups.awaiting, config):
+                break
             copies = self.allocator.swap_in(seqs, reserve_blocks(self.watermark_blocks, len(queues.running)))
             if copies is None:
                 break
+            if predictive:
+                self.predictive.admitted()
             queues.swapped.pop(0)
             step.swap_in.extend(copies)
             self.counters.swaps_in += len(copies)

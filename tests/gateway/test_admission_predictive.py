@@ -272,3 +272,36 @@ def test_the_learned_share_in_the_stats_is_current_when_nothing_waits() -> None:
     for _ in range(40):
         lengths.observe(6, 60)
     assert abs(scheduler.stats().expected_output_share - 0.3) < 0.01
+
+
+
+# (prompt tokens, max_tokens) of requests that all run to their limit: found by a random search in
+# which holding swap-in to the forecast swapped 385 times over 400 small pools and traffic mixes,
+# against 521 without, and never more.
+SWAP_TRAFFIC = [(20, 37), (11, 27), (14, 21), (6, 40), (2, 34), (4, 26)]
+
+
+@ORDERS
+def test_a_swapped_request_comes_back_only_when_the_forecast_holds_it(overlapped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Taught that sequences use a tenth of max_tokens, the pool admits requests that then run to
+    # their limit: past every length seen they are expected to run to it, the pool runs short and the
+    # tail is swapped out. Brought back as soon as its blocks were free, a swapped request took blocks
+    # the others' growth needed and the pool swapped again; held to the forecast, it waits for room.
+    def swap_outs(forecast_swap_in: bool) -> int:
+        scheduler = predictive(38, host_blocks=128, preemption_mode="swap", kv_admission_cap=1.0)
+        for index in range(64):
+            scheduler.figures.lengths.observe(1 + index % 4, 40)
+        if not forecast_swap_in:
+            monkeypatch.setattr(scheduler.predictive, "fits_swapped", lambda *args: True)
+        for index, (prompt_len, max_tokens) in enumerate(SWAP_TRAFFIC):
+            prompt = [100 * index + offset + 1 for offset in range(prompt_len)]
+            scheduler.add_request(req(f"r{index}", prompt, max_tokens=max_tokens, ignore_eos=True))
+        loop = loop_for(scheduler, overlapped)
+        loop.run(3000, after_step=lambda step: assert_block_accounting(scheduler))
+        out = texts(loop.outputs)
+        assert [len(out[f"r{index}"][0]) for index in range(len(SWAP_TRAFFIC))] == [m for _, m in SWAP_TRAFFIC]
+        stats = scheduler.stats()
+        assert stats.swaps_out > 0 and stats.recomputed_tokens == 0
+        return stats.preemptions
+
+    assert swap_outs(forecast_swap_in=True) < swap_outs(forecast_swap_in=False)
